@@ -1,0 +1,116 @@
+"""The ``hug-lightning`` command: LightningCLI with the project's defaults.
+
+``hug-lightning fit|validate|test|predict --config <yaml> [--key value ...]`` and
+``python -m hug_lightning ...`` both call :func:`main`, which is also usable from Python and
+notebooks (``main(["fit", "--config", "configs/ufm_hug.yaml"])``).
+
+What it adds to a plain ``LightningCLI``:
+
+* subclass mode for model and data (``class_path`` + ``init_args``), so any subclass of
+  ``LightningModule`` / ``LightningDataModule`` in an importable module can be selected;
+* ``data.num_classes`` linked into ``model.init_args.num_classes`` at instantiation;
+* a ``checkpoint`` group (``ModelCheckpoint`` on ``val/acc`` plus ``last.ckpt``);
+* TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
+  resolved ``config.yaml`` saved next to the events (overwritten when it exists);
+* ``--config NAME`` also finds the YAML files shipped in the package (``hug_lightning.configs``),
+  so an installed copy runs ``hug-lightning fit --config cifar10_ce`` from any folder.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "hug_lightning", "default_hp_metric": False},
+    },
+}
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "checkpoint.monitor": "val/acc",
+    "checkpoint.mode": "max",
+    "checkpoint.save_last": True,
+    "checkpoint.save_top_k": 1,
+    "checkpoint.auto_insert_metric_name": False,
+    "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}-val_acc{val/acc:.4f}",
+}
+
+
+def packaged_config(name: str) -> Path | None:
+    """Path of a YAML shipped in ``hug_lightning.configs`` (``cifar10_ce``, ``configs/debug.yaml``)."""
+    stem = Path(name).name
+    if not stem.endswith((".yaml", ".yml")):
+        stem += ".yaml"
+    try:
+        candidate = resources.files("hug_lightning.configs") / stem
+    except ModuleNotFoundError:
+        return None
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """Replace ``--config X`` values that are not files by the packaged config of that name."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            j, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if value.lstrip().startswith("{") or Path(value).exists():
+            continue
+        found = packaged_config(value)
+        if found is not None:
+            out[j] = str(found) if j != i else f"--config={found}"
+    return out
+
+
+class HUGLightningCLI(LightningCLI):
+    """LightningCLI with the links, callbacks and defaults of hug_lightning."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes",
+                              apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+
+
+def console_main() -> int:
+    """Entry point of the ``hug-lightning`` script and ``python -m hug_lightning``."""
+    main(args=None)
+    return 0
+
+
+def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
+    """Run the command line (``args=None`` reads ``sys.argv``); returns the CLI object.
+
+    Args:
+        args: Arguments as on the command line (list of strings) or a config dict.
+        run: Run the subcommand; ``False`` only instantiates model, data and trainer.
+    """
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    if args is None:
+        import sys
+
+        args = sys.argv[1:]
+    if isinstance(args, (list, tuple)):
+        args = resolve_config_args([str(a) for a in args])
+    return HUGLightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        args=args,
+        run=run,
+    )

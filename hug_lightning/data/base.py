@@ -1,0 +1,119 @@
+"""Base DataModule: loaders, DDP-exact evaluation sharding, and the hooks subclasses fill.
+
+A subclass sets ``self.num_classes`` in ``__init__`` (so LightningCLI can link it to the model
+before anything is loaded) and implements :meth:`build_datasets`, which assigns
+``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``).
+
+Batch size semantics: ``batch_size`` is **per process** (per GPU). Under DDP the global batch
+is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
+
+Under DDP, training batches are sharded by Lightning's ``DistributedSampler`` (shuffled with a
+per-epoch seed). Validation, test and predict loaders use :class:`ShardedEvalSampler`, which
+splits the set without padding, so every sample is counted exactly once in the metrics even
+when the set's size does not divide by the number of processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from hug_lightning.data.samplers import ShardedEvalSampler
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not where the configuration says it is (message says what to do)."""
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Shared loader logic of the image-classification DataModules.
+
+    Args:
+        batch_size: Samples per batch **per process** (global batch = batch_size x world size).
+        eval_batch_size: Batch size of validation/test/predict loaders (default: batch_size).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        pin_memory: Pin host memory for faster copies to the GPU.
+        drop_last: Drop the last incomplete training batch.
+        seed: Seed of everything random in the data (splits, subsets), not of the shuffling
+            (that follows ``seed_everything``).
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.predict_set: Dataset | None = None
+
+    # -------------------------------------------------------------- hooks for subclasses
+    def build_datasets(self, stage: str) -> None:
+        """Assign ``train_set``, ``val_set``, ``test_set`` (and ``predict_set``) for ``stage``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is None and self.test_set is None:
+            self.build_datasets(stage)
+
+    # -------------------------------------------------------------- loaders
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _require(self, name: str) -> Dataset:
+        dataset = getattr(self, name)
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: {name} is not built; call setup() first.")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._require("train_set"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.drop_last,
+            **self._loader_kwargs(),
+        )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = ShardedEvalSampler(dataset, trainer.world_size, trainer.global_rank)
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require("val_set"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require("test_set"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set or self._require("test_set"))

@@ -1,0 +1,200 @@
+"""CIFAR-10 and CIFAR-100 DataModules, from torchvision's format or from image folders.
+
+Two on-disk layouts are accepted under ``root``:
+
+1. torchvision's own: ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``
+   (what ``torchvision.datasets.CIFAR10(root, download=True)`` writes);
+2. image folders: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*``, labels being the
+   indices of the sorted class names (for CIFAR both orders equal the official label order).
+
+Either way the images are decoded once into a uint8 tensor ``(N, 3, 32, 32)`` held in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from hug_lightning.data.arrays import TensorImageDataset
+from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
+from hug_lightning.data.folders import decode_to_tensor, find_classes, scan_class_folders
+from hug_lightning.data.splits import check_label_range, split_indices
+
+
+class _CIFARDataModule(ClassificationDataModule):
+    """Shared implementation of :class:`CIFAR10DataModule` and :class:`CIFAR100DataModule`.
+
+    Args:
+        root: Folder holding torchvision's ``cifar-10-batches-py/`` (``cifar-100-python/``)
+            or ``train/<class>/`` + ``test/<class>/`` image folders. ``None``: ``data/cifar10``
+            (``data/cifar100``).
+        download: Download with torchvision into ``root`` when neither layout is there.
+        val_split: Held-out part of the training set for validation: a count (int) or a
+            fraction (float in (0, 1)), drawn with ``seed``; 0 validates on the test split
+            (then all 50,000 training images are trained on, as in most papers).
+        batch_size: Training batch size **per process** (global = batch_size x world size).
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory.
+        drop_last: Drop the last incomplete training batch.
+        seed: Seed of the validation split.
+        augment: Random crop (4-pixel zero padding) and horizontal flip on training images.
+        on_corrupt: ``raise`` on an unreadable image file (the message names it) or ``skip`` it.
+    """
+
+    name = "CIFAR"
+    tv_class: type[datasets.CIFAR10] = datasets.CIFAR10
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    num_classes = 0
+    default_root = "data/cifar"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = True,
+        val_split: int | float = 0.1,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        augment: bool = True,
+        on_corrupt: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
+        self.root = Path(root if root is not None else self.default_root).expanduser()
+        self.download = bool(download)
+        self.val_split = val_split
+        self.augment = bool(augment)
+        self.on_corrupt = on_corrupt
+
+    # ------------------------------------------------------------------ layout and download
+    @property
+    def tv_dir(self) -> Path:
+        return self.root / self.tv_class.base_folder
+
+    def layout(self) -> Literal["torchvision", "folder"] | None:
+        """Which accepted layout ``root`` holds, or ``None``."""
+        if self.tv_dir.is_dir() and any(self.tv_dir.iterdir()):
+            return "torchvision"
+        if (self.root / "train").is_dir() and (self.root / "test").is_dir():
+            return "folder"
+        return None
+
+    def missing_message(self, cause: BaseException | None = None) -> str:
+        msg = (
+            f"{self.name} data not found in {self.root.resolve()}. Accepted layouts:\n"
+            f"  1. torchvision's format: {self.tv_dir}/ (what torchvision downloads);\n"
+            f"  2. image folders: {self.root / 'train'}/<class>/*.png|jpg and "
+            f"{self.root / 'test'}/<class>/*.png|jpg.\n"
+            "Point --data.init_args.root at such a folder, or set "
+            "--data.init_args.download true to download it (needs network)."
+        )
+        if cause is not None:
+            msg += f"\nThe download failed: {type(cause).__name__}: {cause}"
+        return msg
+
+    def prepare_data(self) -> None:
+        """Download with torchvision (local rank 0 only) when no accepted layout is present."""
+        if self.layout() is not None:
+            return
+        if not self.download:
+            raise DataNotFoundError(self.missing_message())
+        try:
+            for train in (True, False):
+                self.tv_class(str(self.root), train=train, download=True)
+        except Exception as err:  # network errors come in many types (URLError, OSError, ...)
+            raise DataNotFoundError(self.missing_message(err)) from err
+
+    # ------------------------------------------------------------------ loading
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Decode one split into ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` labels."""
+        layout = self.layout()
+        if layout is None:
+            raise DataNotFoundError(self.missing_message())
+        if layout == "torchvision":
+            try:
+                ds = self.tv_class(str(self.root), train=train, download=False)
+            except RuntimeError as err:  # torchvision's integrity (checksum) check failed
+                raise DataNotFoundError(
+                    f"{self.tv_dir} is incomplete or corrupted ({err}). Delete it and run with "
+                    "--data.init_args.download true, or copy a complete download there."
+                ) from err
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = torch.as_tensor(ds.targets, dtype=torch.long)
+            source = str(self.tv_dir)
+        else:
+            split_dir = self.root / ("train" if train else "test")
+            classes = find_classes(split_dir)
+            if len(classes) != self.num_classes:
+                raise DataNotFoundError(
+                    f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
+                    f"{', ...' if len(classes) > 12 else ''}); {self.name} needs "
+                    f"{self.num_classes}. {self.missing_message()}"
+                )
+            _, samples = scan_class_folders(split_dir, classes)
+            if not samples:
+                raise DataNotFoundError(f"No image files under {split_dir}/<class>/. "
+                                        + self.missing_message())
+            images, labels = decode_to_tensor(samples, 32, on_corrupt=self.on_corrupt)
+            source = str(split_dir)
+        check_label_range(labels, self.num_classes, source)
+        return images, labels
+
+    def train_transform(self) -> Callable[[Tensor], Tensor]:
+        """4-pixel padded random crop and horizontal flip, then normalization."""
+        aug = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
+        return v2.Compose([*aug, *self._to_float()])
+
+    def eval_transform(self) -> Callable[[Tensor], Tensor]:
+        """Normalization only."""
+        return v2.Compose(self._to_float())
+
+    def _to_float(self) -> list:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def build_datasets(self, stage: str) -> None:
+        test_images, test_labels = self.load_split(train=False)
+        self.test_set = TensorImageDataset(test_images, test_labels, self.eval_transform())
+        if stage in ("test", "predict"):
+            return
+        images, labels = self.load_split(train=True)
+        full = TensorImageDataset(images, labels)
+        train_idx, val_idx = split_indices(len(full), self.val_split, self.seed)
+        self.train_set = full.subset(train_idx, self.train_transform())
+        self.val_set = full.subset(val_idx, self.eval_transform()) if len(val_idx) else self.test_set
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    """CIFAR-10 (10 classes, 50,000 training and 10,000 test images of 32x32 pixels).
+
+    Arguments: see :class:`_CIFARDataModule`.
+    """
+
+    name = "CIFAR-10"
+    tv_class = datasets.CIFAR10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    num_classes = 10
+    default_root = "data/cifar10"
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    """CIFAR-100 (100 fine classes, 50,000 training and 10,000 test images of 32x32 pixels).
+
+    Arguments: see :class:`_CIFARDataModule`.
+    """
+
+    name = "CIFAR-100"
+    tv_class = datasets.CIFAR100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+    num_classes = 100
+    default_root = "data/cifar100"

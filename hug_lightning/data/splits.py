@@ -1,0 +1,47 @@
+"""Seeded index splits and label checks shared by the DataModules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(n)`` into ``(train, val)`` index tensors.
+
+    Args:
+        n: Number of samples.
+        val_split: Validation size: an int count, or a float fraction in ``[0, 1)``. 0 gives
+            an empty validation part.
+        seed: Seed of the permutation (the same split on every rank and every run).
+    """
+    if isinstance(val_split, bool):
+        raise TypeError("val_split must be an int count or a float fraction, not a bool.")
+    if isinstance(val_split, float) and not float(val_split).is_integer():
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"val_split as a fraction must be in [0, 1), got {val_split}.")
+        n_val = int(round(n * val_split))
+    else:
+        n_val = int(val_split)
+    if not 0 <= n_val < n:
+        raise ValueError(f"val_split={val_split} asks for {n_val} of {n} samples; "
+                         f"use a count in [0, {n}) or a fraction in [0, 1).")
+    if n_val == 0:
+        return torch.arange(n), torch.empty(0, dtype=torch.long)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def check_label_range(labels: Tensor, num_classes: int, source: str) -> None:
+    """Raise a ``ValueError`` naming ``source`` when a label is outside ``[0, num_classes)``."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        where = int(((labels < 0) | (labels >= num_classes)).nonzero()[0])
+        raise ValueError(
+            f"Label {bad} (sample {where}) in {source} is outside [0, {num_classes}); "
+            f"this data set has {num_classes} classes. The data files are inconsistent: "
+            "regenerate or re-download them."
+        )

@@ -1,0 +1,103 @@
+"""Input and numerical guards used by the training loop: labels in range, finite losses.
+
+Both are written to cost nothing on GPUs in the common case: a check that needs the value of a
+device tensor on the host (``.item()``) stalls the CUDA stream, so on accelerators labels are
+checked on the first batches of each run only and the loss one step late.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or Inf and the policy is ``raise``."""
+
+
+def check_labels(labels: Tensor, num_classes: int, stage: str, always: bool = False) -> None:
+    """Raise a clear ``ValueError`` when a label is outside ``[0, num_classes)``.
+
+    On the CPU every batch is checked (free); on accelerators only when ``always`` is set,
+    because reading the minimum back to the host waits for the device.
+    """
+    if labels.device.type != "cpu" and not always:
+        return
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{stage}: label {bad} is outside [0, {num_classes}) (num_classes={num_classes}). "
+            "Check that the data module's num_classes matches its labels, or that the model's "
+            "num_classes is linked from the data (`data.num_classes`)."
+        )
+
+
+class FiniteLossGuard:
+    """Stops (or skips a batch) when the loss is NaN or Inf.
+
+    Args:
+        policy: ``raise`` stops with a message naming epoch, step and loss terms; ``skip``
+            makes the step return ``None`` so no update happens, and counts skips.
+        reduce_max: Optional function taking a tensor flag and returning its maximum over
+            processes; with ``skip`` under DDP all ranks must skip together.
+    """
+
+    def __init__(
+        self,
+        policy: Literal["raise", "skip"] = "raise",
+        reduce_max: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {policy!r}.")
+        self.policy = policy
+        self.reduce_max = reduce_max
+        self.skipped = 0
+        self._pending: tuple[Tensor, dict[str, Tensor], int, int] | None = None
+
+    @staticmethod
+    def _describe(terms: dict[str, Tensor], loss: Tensor) -> str:
+        parts = [f"loss={float(loss):.6g}"] + [f"{k}={float(v):.6g}" for k, v in terms.items()]
+        return ", ".join(parts)
+
+    def _fail(self, loss: Tensor, terms: dict[str, Tensor], epoch: int, step: int) -> None:
+        raise NonFiniteLossError(
+            f"Non-finite training loss at epoch {epoch}, global step {step}: "
+            f"{self._describe(terms, loss)}. Lower the learning rate, check the data for "
+            "NaNs, or set model.init_args.nonfinite_loss=skip to skip such batches."
+        )
+
+    def check(self, loss: Tensor, terms: dict[str, Tensor], epoch: int, step: int) -> bool:
+        """Return ``True`` to proceed with this batch, ``False`` to skip it (or raise)."""
+        loss = loss.detach()
+        if self.policy == "skip":
+            bad = (~torch.isfinite(loss)).to(torch.float32)
+            if self.reduce_max is not None:
+                bad = self.reduce_max(bad)
+            if bool(bad > 0):
+                self.skipped += 1
+                return False
+            return True
+        if loss.device.type == "cpu":
+            if not bool(torch.isfinite(loss)):
+                self._fail(loss, terms, epoch, step)
+            return True
+        # accelerators: look at the previous step's flag (already computed: no stall)
+        if self._pending is not None:
+            prev_loss, prev_terms, prev_epoch, prev_step = self._pending
+            if not bool(torch.isfinite(prev_loss)):
+                self._fail(prev_loss, prev_terms, prev_epoch, prev_step)
+        self._pending = (loss, {k: v.detach() for k, v in terms.items()}, epoch, step)
+        return True
+
+    def flush(self) -> None:
+        """Check the last pending loss (call at the end of an epoch)."""
+        if self._pending is not None:
+            loss, terms, epoch, step = self._pending
+            self._pending = None
+            if not bool(torch.isfinite(loss)):
+                self._fail(loss, terms, epoch, step)

@@ -1,0 +1,287 @@
+"""ClassifierModule: backbone -> optional embedding -> pluggable head.
+
+The training loop is written once here; everything a study changes is a constructor argument
+chosen in YAML (``class_path``) or one small hook to override in a subclass:
+
+* :meth:`configure_backbone`, :meth:`configure_embedding`, :meth:`configure_head` build the
+  three stages;
+* :meth:`parameter_groups` decides which parameters get weight decay;
+* :meth:`step` is the shared train/val/test step (features -> head -> loss, logits).
+
+Every ``*_step`` returns a dict with ``loss``, ``features``, ``logits`` and ``labels`` (detached
+except the loss), so callbacks such as the neural-collapse monitor read what they need from
+``outputs`` without touching the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from hug_lightning.backbones import CifarResNet
+from hug_lightning.guards import FiniteLossGuard, check_labels
+from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
+from hug_lightning.optim import total_steps_context
+
+_PLAIN = (str, int, float, bool, type(None))
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+HP_METRICS = {"hp/val_acc_best": 0.0, "hp/test_acc": 0.0}
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+class ClassifierModule(LightningModule):
+    """Image classifier: ``backbone(x) -> [embedding] -> head``, trained by the head's loss.
+
+    Args:
+        backbone: Any ``nn.Module`` mapping a batch to ``(B, d)`` features and exposing their
+            width as ``num_features`` (see ``hug_lightning.backbones``).
+        head: Head factory, called as ``head(num_classes, in_features)``: cross-entropy
+            (``hug_lightning.heads.CrossEntropyHead``) or HUG (``hug_lightning.heads.HUGHead``).
+        num_classes: Number of classes; LightningCLI links it from ``data.num_classes``.
+        embedding_dim: Width of a linear embedding between backbone and head (no ReLU, so
+            features can take negative coordinates); ``None`` feeds the backbone's features
+            to the head directly.
+        embedding_norm: Follow the embedding's Linear by BatchNorm1d ("BN-linear").
+        optimizer: Optimizer factory called with the parameter groups.
+        scheduler: Learning-rate scheduler factory called with the optimizer, or ``None``.
+            ``hug_lightning.optim.OneCycleLR`` and ``WarmupCosineLR`` learn the run length.
+        scheduler_interval: Step the scheduler every ``step`` (batch) or every ``epoch``.
+        no_weight_decay: Parameter kinds exempt from weight decay: ``norm`` (normalization
+            layers), ``bias``, ``head`` (class vectors / proxies), ``embedding``.
+        nonfinite_loss: What a NaN or Inf loss does: ``raise`` (stop with the epoch, step and
+            loss terms; on GPUs checked one step late to avoid a host sync per step) or
+            ``skip`` (skip that batch's update and count it in ``train/skipped_batches``).
+        channels_last: Use the channels-last memory format for images (faster convolutions
+            on GPUs under mixed precision).
+        compile: Compile the backbone with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module = lazy_instance(CifarResNet, depth=18),
+        head: HeadCallable = CrossEntropyHead,
+        num_classes: int = 10,
+        embedding_dim: int | None = None,
+        embedding_norm: bool = False,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        no_weight_decay: Sequence[Literal["norm", "bias", "head", "embedding"]] = (),
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
+            del self.hparams[key]  # keep checkpoints loadable with weights_only=True
+        if embedding_dim is not None and embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive or null, got {embedding_dim}.")
+        self.num_classes = int(num_classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.no_weight_decay = tuple(no_weight_decay)
+        self.channels_last = channels_last
+        self.backbone = self.configure_backbone(backbone)
+        width = getattr(self.backbone, "num_features", None)
+        if not isinstance(width, int):
+            raise TypeError(
+                f"The backbone {type(backbone).__name__} must expose its feature width as an "
+                "integer attribute `num_features` (the backbones in hug_lightning.backbones do)."
+            )
+        self.embedding, self.feature_dim = self.configure_embedding(
+            width, embedding_dim, embedding_norm
+        )
+        self.head = self.configure_head(head, self.num_classes, self.feature_dim)
+        if compile:
+            self.backbone = torch.compile(self.backbone)
+        self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
+        self._labels_checked: set[str] = set()
+        self.configure_metrics()
+
+    # ----------------------------------------------------------------- hooks to override
+    def configure_backbone(self, backbone: nn.Module) -> nn.Module:
+        """Return the backbone to use (override to wrap, freeze or replace it)."""
+        return backbone
+
+    def configure_embedding(
+        self, in_features: int, embedding_dim: int | None, norm: bool
+    ) -> tuple[nn.Module, int]:
+        """Return ``(embedding module, output width)``; Identity when ``embedding_dim`` is None."""
+        if embedding_dim is None:
+            return nn.Identity(), in_features
+        layers: list[nn.Module] = [nn.Linear(in_features, embedding_dim, bias=not norm)]
+        if norm:
+            layers.append(nn.BatchNorm1d(embedding_dim))
+        return nn.Sequential(*layers), embedding_dim
+
+    def configure_head(self, head: HeadCallable, num_classes: int, in_features: int) -> Head:
+        """Build the head from its factory."""
+        built = head(num_classes, in_features)
+        if not isinstance(built, Head):
+            raise TypeError(f"head must build a hug_lightning.heads.Head, got {type(built)}.")
+        return built
+
+    def configure_metrics(self) -> None:
+        """Create the per-stage torchmetrics objects (one per stage, never shared)."""
+        k = self.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Split parameters into a decayed group and a ``weight_decay=0`` group."""
+        decay, no_decay, seen = [], [], set()
+        for mod_name, module in self.named_modules():
+            for p_name, param in module.named_parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                kinds = {
+                    "norm": isinstance(module, _NORM_TYPES),
+                    "bias": p_name == "bias",
+                    "head": mod_name == "head" or mod_name.startswith("head."),
+                    "embedding": mod_name == "embedding" or mod_name.startswith("embedding."),
+                }
+                exempt = any(kinds[k] for k in self.no_weight_decay)
+                (no_decay if exempt else decay).append(param)
+        groups = [{"params": decay, "name": "decay"}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        return groups
+
+    # ----------------------------------------------------------------- forward
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Features fed to the head: ``embedding(backbone(x))``."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.embedding(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (for HUG: cosines to the proxies); argmax is the prediction."""
+        return self.head.logits(self.forward_features(x))
+
+    def step(self, batch: Any, stage: str) -> dict[str, Any]:
+        """Shared step: labels check, features, head loss and logits."""
+        x, y = batch[0], batch[1]
+        first = stage not in self._labels_checked
+        check_labels(y, self.num_classes, stage, always=first)
+        self._labels_checked.add(stage)
+        features = self.forward_features(x)
+        out = self.head.forward_train(features, y)
+        return {
+            "loss": out.loss,
+            "terms": out.terms,
+            "logits": out.logits,
+            "features": features.detach(),
+            "labels": y,
+        }
+
+    # ----------------------------------------------------------------- stages
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # the sanity check must not count
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_guard.flush()
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        out = self.step(batch, "train")
+        n = out["labels"].shape[0]
+        if not self.loss_guard.check(out["loss"], out["terms"], self.current_epoch, self.global_step):
+            self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
+            return None
+        self.train_acc.update(out["logits"].argmax(-1), out["labels"])
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n)
+        for name, value in out["terms"].items():
+            self.log(f"train/{name}", value, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        return out
+
+    def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self.step(batch, stage)
+        n = out["labels"].shape[0]
+        acc, loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        acc.update(out["logits"].argmax(-1), out["labels"])
+        loss.update(out["loss"].detach(), weight=n)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        return out
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_acc.compute())
+        best = self.val_acc_best.compute()
+        self.log("val/acc_best", best)
+        self.log("hp/val_acc_best", best)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log("hp/test_acc", self.test_acc.compute())
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        logits = self(x)
+        result = {"pred": logits.argmax(-1), "logits": logits}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            result["label"] = batch[1]
+        return result
+
+    # ----------------------------------------------------------------- logging, optimizers
+    def _declare_hp_metrics(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.log_hyperparams(self.hparams, HP_METRICS)
+
+    def on_fit_start(self) -> None:
+        self._declare_hp_metrics()
+
+    def on_test_start(self) -> None:
+        self._declare_hp_metrics()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        with total_steps_context(self._total_steps()):
+            scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    def _total_steps(self) -> int:
+        if self.scheduler_interval == "epoch":
+            return int(self.trainer.max_epochs or 1)
+        return int(self.trainer.estimated_stepping_batches)

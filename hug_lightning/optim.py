@@ -1,0 +1,149 @@
+"""Per-step learning-rate schedules that learn the run's length from the trainer.
+
+LightningCLI injects the scheduler as a callable taking only the optimizer
+(``LRSchedulerCallable``). Schedules that need the total number of optimizer steps read it
+from :func:`total_steps_context`, which :class:`~hug_lightning.module.ClassifierModule` opens
+around the call with ``trainer.estimated_stepping_batches``; so a YAML config says
+
+.. code-block:: yaml
+
+    scheduler:
+      class_path: hug_lightning.optim.OneCycleLR
+      init_args: {pct_start: 0.25}
+
+and never repeats the number of epochs or batches. Both schedules step every batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from contextvars import ContextVar
+from typing import Iterator, Literal
+
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler
+
+_TOTAL_STEPS: ContextVar[int | None] = ContextVar("hug_total_steps", default=None)
+
+
+@contextlib.contextmanager
+def total_steps_context(total_steps: int) -> Iterator[None]:
+    """Make ``total_steps`` the default length of schedules built inside the block."""
+    token = _TOTAL_STEPS.set(int(total_steps))
+    try:
+        yield
+    finally:
+        _TOTAL_STEPS.reset(token)
+
+
+def resolve_total_steps(total_steps: int | None, who: str) -> int:
+    """``total_steps`` if given, else the value of the enclosing :func:`total_steps_context`."""
+    steps = total_steps if total_steps is not None else _TOTAL_STEPS.get()
+    if steps is None:
+        raise ValueError(
+            f"{who}: total_steps is unknown. Pass total_steps=..., or build the schedule inside "
+            "hug_lightning.optim.total_steps_context(n) (ClassifierModule does this for you)."
+        )
+    if steps < 1 or not math.isfinite(steps):
+        raise ValueError(
+            f"{who}: total_steps must be a positive finite number, got {steps}. "
+            "Set trainer.max_epochs or trainer.max_steps."
+        )
+    return int(steps)
+
+
+class OneCycleLR(lr_scheduler.OneCycleLR):
+    """Smith's one-cycle schedule (warm-up to ``max_lr``, then anneal), stepped per batch.
+
+    Args:
+        optimizer: The optimizer (injected by the module).
+        max_lr: Peak learning rate; ``None`` takes the optimizer's ``lr`` of each group.
+        total_steps: Optimizer steps of the whole run; ``None`` takes it from the trainer.
+        pct_start: Fraction of the steps spent increasing the learning rate.
+        anneal_strategy: ``cos`` or ``linear`` annealing.
+        div_factor: Initial lr is ``max_lr / div_factor``.
+        final_div_factor: Final lr is ``initial_lr / final_div_factor``.
+        three_phase: Use the three-phase variant of fastai.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: float | None = None,
+        total_steps: int | None = None,
+        pct_start: float = 0.25,
+        anneal_strategy: Literal["cos", "linear"] = "cos",
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+    ) -> None:
+        steps = resolve_total_steps(total_steps, "OneCycleLR")
+        peak = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
+        super().__init__(
+            optimizer,
+            max_lr=peak,
+            total_steps=steps,
+            pct_start=pct_start,
+            anneal_strategy=anneal_strategy,
+            div_factor=div_factor,
+            final_div_factor=final_div_factor,
+            three_phase=three_phase,
+            cycle_momentum=False,
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore progress but keep this run's length (a resumed run may be longer)."""
+        total, phases = self.total_steps, self._schedule_phases
+        if state_dict.get("total_steps", total) != total:
+            warnings.warn(
+                f"OneCycleLR: the checkpoint's schedule had {state_dict['total_steps']} steps, "
+                f"this run has {total}; continuing on the new schedule.",
+                stacklevel=2,
+            )
+        super().load_state_dict(state_dict)
+        self.total_steps, self._schedule_phases = total, phases
+
+
+class WarmupCosineLR(lr_scheduler.LambdaLR):
+    """Linear warm-up from ``start_factor * lr`` to ``lr``, then cosine decay to ``min_factor * lr``.
+
+    Args:
+        optimizer: The optimizer (injected by the module).
+        warmup: Warm-up length: a fraction of the run when below 1, else a number of steps.
+        total_steps: Optimizer steps of the whole run; ``None`` takes it from the trainer.
+        start_factor: Learning-rate factor at step 0.
+        min_factor: Learning-rate factor at the last step.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup: float = 0.05,
+        total_steps: int | None = None,
+        start_factor: float = 0.01,
+        min_factor: float = 0.0,
+    ) -> None:
+        steps = resolve_total_steps(total_steps, "WarmupCosineLR")
+        if warmup < 0:
+            raise ValueError(f"WarmupCosineLR: warmup must be >= 0, got {warmup}.")
+        self.total_steps = steps
+        self.warmup_steps = int(round(warmup * steps)) if warmup < 1 else int(warmup)
+        self.start_factor = float(start_factor)
+        self.min_factor = float(min_factor)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the base learning rate after ``step`` optimizer steps."""
+        if step < self.warmup_steps:
+            return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore progress but keep this run's length (a resumed run may be longer)."""
+        length = (self.total_steps, self.warmup_steps)
+        super().load_state_dict(state_dict)
+        self.total_steps, self.warmup_steps = length

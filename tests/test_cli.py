@@ -1,0 +1,119 @@
+"""The hug-lightning command end to end on generated data in both CIFAR layouts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, tiny_args
+from hug_lightning.cli import main
+
+
+def _run_dir(log_dir: Path, name: str = "cifar10_ce") -> list[Path]:
+    return sorted((log_dir / name).glob("version_*"))
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "folder"])
+def test_fit_validate_test_predict(layout, cifar10_tv_root, cifar10_folder_root, no_checksum,
+                                   tmp_path):
+    root = cifar10_tv_root if layout == "torchvision" else cifar10_folder_root
+    cli = main(["fit", *tiny_args(root, tmp_path)])
+    run = _run_dir(tmp_path)[0]
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    ckpts = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in ckpts and len(ckpts) == 2  # best on val/acc + last
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(metrics)
+    assert cli.model.num_classes == 10  # linked from the data module
+
+    last = run / "checkpoints" / "last.ckpt"
+    cli = main(["validate", *tiny_args(root, tmp_path), "--ckpt_path", str(last)])
+    assert "val/acc" in cli.trainer.callback_metrics
+    cli = main(["test", *tiny_args(root, tmp_path), "--ckpt_path", str(last)])
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
+    cli = main(["predict", *tiny_args(root, tmp_path), "--ckpt_path", str(last)])
+    preds = cli.trainer.predict_loop.predictions
+    assert preds and preds[0]["pred"].shape == preds[0]["label"].shape
+
+
+def test_config_saved_twice_does_not_crash(cifar10_folder_root, tmp_path):
+    args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.logger.init_args.version", "fixed")
+    main(["fit", *args])
+    main(["fit", *args])  # same log folder: config.yaml is overwritten
+    assert (tmp_path / "cifar10_ce" / "fixed" / "config.yaml").is_file()
+
+
+def test_print_config_round_trip(cifar10_folder_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(cifar10_folder_root, tmp_path), "--print_config"])
+    first = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    second = capsys.readouterr().out
+    assert yaml.safe_load(first) == yaml.safe_load(second)
+    assert yaml.safe_load(first)["model"]["init_args"]["backbone"]["class_path"].endswith(
+        "SmallConvNet")
+
+
+def test_test_from_run_config_reproduces_val_acc(cifar10_folder_root, tmp_path):
+    """`test --config <run>/config.yaml --ckpt_path <best>` rebuilds the trained model."""
+    args = tiny_args(cifar10_folder_root, tmp_path, "--data.init_args.val_split", "0",
+                     "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1.0",
+                     "--trainer.limit_test_batches", "1.0")
+    cli = main(["fit", *args])
+    ckpt_cb = cli.trainer.checkpoint_callback
+    best_path, best_score = ckpt_cb.best_model_path, float(ckpt_cb.best_model_score)
+    ckpt = torch.load(best_path, weights_only=True, map_location="cpu")  # plain hparams only
+    assert ckpt["hyper_parameters"]["_class_path"] == "hug_lightning.module.ClassifierModule"
+    run_config = Path(cli.trainer.log_dir) / "config.yaml"
+    cli = main(["test", "--config", str(run_config), "--ckpt_path", best_path])
+    # val_split=0: validation ran on the test split, so test/acc must equal the best val/acc
+    assert float(cli.trainer.callback_metrics["test/acc"]) == best_score
+
+
+def test_resume_from_last_checkpoint(cifar10_folder_root, tmp_path):
+    args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.limit_train_batches", "3")
+    cli = main(["fit", *args, "--trainer.max_epochs", "1"])
+    assert cli.trainer.global_step == 3
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert (state["epoch"], state["global_step"]) == (0, 3)
+    cli = main(["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
+    # two more epochs of 3 batches on top of the restored epoch 0 / step 3
+    assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 9
+    assert cli.trainer.fit_loop.epoch_progress.total.completed == 3
+    resumed_run = Path(cli.trainer.log_dir)
+    assert (resumed_run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_unknown_config_key_is_a_clear_error(cifar10_folder_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *tiny_args(cifar10_folder_root, tmp_path), "--model.init_args.lernrate",
+              "0.1"])
+    assert exc.value.code != 0
+    assert "lernrate" in capsys.readouterr().err
+
+
+def test_packaged_config_by_name(cifar10_folder_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the packaged copy is used
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "cifar10_ce", "--print_config"])
+    assert "CIFAR10DataModule" in capsys.readouterr().out
+
+
+def test_console_entry_points_help():
+    for cmd in (["hug-lightning"], [sys.executable, "-m", "hug_lightning"]):
+        exe = Path(sys.executable).parent / "hug-lightning" if cmd == ["hug-lightning"] else None
+        argv = [str(exe)] if exe is not None else cmd
+        out = subprocess.run([*argv, "fit", "--help"], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "--data" in out.stdout and "--model" in out.stdout
