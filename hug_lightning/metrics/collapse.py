@@ -1,0 +1,297 @@
+"""``NCFeatureStats``: a DDP-correct one-pass neural-collapse collector (torchmetrics Metric).
+
+Usage (one instance per stage / dataloader)::
+
+    nc = NCFeatureStats(num_classes=K, dim=d)
+    nc.update(features.detach(), labels, logits=logits, weight=mask)   # every step, no sync
+    values = nc.compute(W=head.class_vectors, b=head.class_bias)       # epoch end, all ranks
+    nc.reset(); nc.roll_reference()        # this epoch's means -> next epoch's pivot/NCC ref
+
+Design decisions (``docs/nc-metrics.md`` sections 3, 6, 7):
+
+* states are fixed-shape float64 sums with ``dist_reduce_fx="sum"`` (see
+  :mod:`.functional_states`), ``persistent=True`` (mid-epoch resume; ``metric.persistent(False)``
+  drops them from checkpoints); counts are float64 because samples may carry real weights;
+* accumulation stays float64 under ``metric.to(torch.bfloat16)``, ``parent.half()`` and
+  Lightning's precision plugins (``_apply`` keeps float64 tensors, moving only their device);
+  only :meth:`set_dtype` changes the accumulation dtype (e.g. float32 on MPS);
+* ``update`` runs no collective; the sync performs **one** ``all_reduce(SUM)`` per state instead
+  of torchmetrics' ``all_gather`` of every rank's copy (see :func:`all_reduce_sync`);
+* ``compute(W=None, b=None)`` syncs and returns a dict of float64 scalars; torchmetrics forwards
+  the arguments. Callers that cannot pass them (``MetricCollection.compute()``) use
+  :meth:`set_classifier` first. ``compute_with_cache`` defaults to False because the cache would
+  ignore a changed ``W``. ``forward`` only accumulates (a per-batch NC value is meaningless);
+* pivots and NCC reference means are buffers, not states (identical on all ranks, kept by
+  ``reset``), both set by :meth:`set_reference`; NCC runs on raw features (Euclidean nearest
+  reference mean, ties to the lowest index) and is counted only when references are set and
+  ``logits`` (with bias) are passed;
+* with ``MetricCollection`` pass ``compute_groups=False``: two collectors have identical state
+  names and shapes, so compute groups would merge them and share sums accumulated against
+  different pivots and references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from hug_lightning.metrics import functional as NF  # noqa: N812
+from hug_lightning.metrics import functional_states as FS  # noqa: N812
+
+__all__ = ["NCCollector", "NCFeatureStats", "all_reduce_sync"]
+
+
+def all_reduce_sync(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
+    """``dist_sync_fn`` for SUM states: one ``all_reduce`` on a copy, as a one-element list.
+
+    torchmetrics stacks the list and applies ``dim_zero_sum``, which is then a no-op; transient
+    memory is one state copy instead of ``world_size`` copies.
+    """
+    out = tensor.detach().clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=group)
+    return [out]
+
+
+class NCFeatureStats(Metric):
+    """One-pass, DDP-summable neural-collapse statistics of (penultimate) features.
+
+    Args:
+        num_classes: ``K``.
+        dim: Feature width ``d``.
+        spherical: Also accumulate statistics of ``x / |x|`` (``*_sph`` metrics).
+        track_cov: Accumulate the ``d x d`` second moments needed by ``nc1_pinv``.
+        ncc: Keep the NCC counters (``nc4_ncc_mismatch``, ``ncc_accuracy``, ``linear_accuracy``).
+        metrics: Subset of :data:`functional.METRIC_NAMES` to report (default all); states
+            that no selected metric needs (``S``, spherical twins, NCC counters) are skipped.
+        global_mean: ``"class"`` (average of class means, default) or ``"sample"``.
+        centered: Unit-vector NC2/GNC2 metrics on centred (default) or uncentred class means.
+        acc_dtype: Accumulation dtype (float64; float32 only where float64 is unavailable).
+        kwargs: torchmetrics ``Metric`` options (``process_group``, ``dist_sync_fn``, ...).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        spherical: bool = True,
+        track_cov: bool = True,
+        ncc: bool = True,
+        metrics: Sequence[str] | None = None,
+        global_mean: Literal["class", "sample"] = "class",
+        centered: bool = True,
+        acc_dtype: torch.dtype = torch.float64,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dist_sync_fn", all_reduce_sync)
+        kwargs.setdefault("compute_with_cache", False)
+        super().__init__(**kwargs)
+        if int(num_classes) < 1 or int(dim) < 1:
+            raise ValueError(f"num_classes and dim must be positive, got {num_classes}, {dim}")
+        if global_mean not in ("class", "sample"):
+            raise ValueError(f"global_mean must be 'class' or 'sample', got {global_mean!r}")
+        want = NF.select_metrics(metrics)
+        for flag, names, label in ((spherical, NF.SPH_NAMES, "spherical"),
+                                   (track_cov, NF.COV_NAMES, "track_cov"),
+                                   (ncc, NF.NCC_NAMES, "ncc")):  # fmt: skip
+            if metrics is not None and not flag and want & set(names):
+                raise ValueError(f"metrics {sorted(want & set(names))} need {label}=True")
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.spherical = spherical and bool(want & set(NF.SPH_NAMES))
+        self.track_cov = track_cov and bool(want & set(NF.COV_NAMES))
+        self.ncc = ncc and bool(want & set(NF.NCC_NAMES))
+        self.metrics, self.global_mean, self.centered = want, global_mean, centered
+        self._acc_dtype = acc_dtype
+        states = FS.init_states(
+            self.num_classes, self.dim, spherical=self.spherical, track_cov=self.track_cov,
+            ncc=self.ncc, dtype=acc_dtype,
+        )  # fmt: skip
+        for name, default in states.items():
+            self.add_state(name, default, dist_reduce_fx="sum", persistent=True)
+        zeros = torch.zeros(self.num_classes, self.dim, dtype=acc_dtype)
+        self.register_buffer("pivot", zeros.clone())
+        if self.spherical:
+            self.register_buffer("pivot_sph", zeros.clone())
+        if self.ncc:
+            self.register_buffer("ref_means", zeros.clone())
+            self.register_buffer("ref_valid", torch.zeros(self.num_classes, dtype=torch.bool))
+        self._has_reference = False
+        self._classifier: tuple[Tensor | None, Tensor | None] = (None, None)
+        self._means: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ states and dtype
+    def nc_states(self) -> dict[str, Tensor]:
+        """Current (local, or synced inside ``compute``) states plus pivots, for functional use."""
+        out = {name: getattr(self, name) for name in self._defaults}
+        out["pivot"] = self.pivot
+        if self.spherical:
+            out["pivot_sph"] = self.pivot_sph
+        return out
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> torch.nn.Module:
+        """Move states/buffers with ``fn`` but keep their dtype unless :meth:`set_dtype` is used."""
+        if self._dtype_convert:  # the sanctioned path: set_dtype
+            out = super()._apply(lambda t: fn(t) if t.is_floating_point() else t, exclude_state)
+            self._acc_dtype = self.s.dtype
+            return out
+
+        def keep_dtype(t: Tensor) -> Tensor:
+            moved = fn(t)
+            if t.is_floating_point() and moved.dtype != t.dtype:
+                return t.to(device=moved.device)  # lossless: same values, new device only
+            return moved
+
+        return super()._apply(keep_dtype, exclude_state)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group=None) -> None:
+        """SUM-reduce every state with one ``all_reduce`` (the default gather is not used)."""
+        if dist_sync_fn not in (all_reduce_sync, gather_all_tensors):  # user-supplied function
+            return super()._sync_dist(dist_sync_fn, process_group)
+        group = process_group or self.process_group
+        for name in self._reductions:
+            setattr(self, name, all_reduce_sync(getattr(self, name), group)[0])
+        return None
+
+    # ------------------------------------------------------------------ accumulation
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        logits: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> None:
+        """Accumulate a batch (no collective, no host sync).
+
+        Args:
+            features: ``(B, d)`` (or ``(..., d)``) features, any float dtype; cast to float64.
+            labels: ``(B,)`` integer labels in ``[0, K)``.
+            logits: Optional ``(B, K)`` model scores, bias included; NCC counters are updated
+                when these are given and reference means were set.
+            weight: Optional ``(B,)`` non-negative weights; 0 drops a sample (padded duplicates
+                of ``DistributedSampler``).
+        """
+        for name in self._defaults:  # guard against casts that bypassed _apply (e.g. loading)
+            if getattr(self, name).dtype != self._acc_dtype:
+                setattr(self, name, getattr(self, name).to(self._acc_dtype))
+        ref = self._has_reference and logits is not None
+        FS.update_states(
+            {name: getattr(self, name) for name in self._defaults},
+            features.to(self.pivot.device),
+            labels.to(self.pivot.device),
+            weight=weight,
+            logits=logits if ref else None,
+            pivot=self.pivot,
+            pivot_sph=self.pivot_sph if self.spherical else None,
+            ref_means=self.ref_means if ref else None,
+            ref_valid=self.ref_valid if ref else None,
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Accumulate only (same as :meth:`update`); returns ``None``."""
+        self.update(*args, **kwargs)
+
+    # ------------------------------------------------------------------ results
+    def set_classifier(self, W: Tensor | None, b: Tensor | None = None) -> None:  # noqa: N803
+        """Store ``W`` ``(K, d)`` and bias ``b`` ``(K,)`` for later argument-less ``compute()``."""
+        self._classifier = (
+            None if W is None else W.detach().to(torch.float64).clone(),
+            None if b is None else b.detach().to(torch.float64).clone(),
+        )
+        self._computed = None
+
+    def compute(
+        self,
+        W: Tensor | None = None,  # noqa: N803
+        b: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Synced NC metrics (see :func:`functional.compute_nc_metrics`); call on every rank.
+
+        Args:
+            W: Classifier rows / class vectors ``(K, d)``; default: :meth:`set_classifier`'s.
+            b: Bias ``(K,)`` (only ``bias_relation`` uses it).
+        """
+        if W is None:
+            W = self._classifier[0]  # noqa: N806
+            b = self._classifier[1] if b is None else b
+        states = self.nc_states()
+        self._means = {"raw": NF.class_means(states)}
+        if self.spherical:
+            self._means["sph"] = NF.class_means(states, spherical=True)
+        return NF.compute_nc_metrics(
+            states, W, b, self.metrics, global_mean=self.global_mean, centered=self.centered
+        )
+
+    def means(self, spherical: bool = False) -> Tensor:
+        """Global class means ``(K, d)`` from the last ``compute`` (nan rows: absent classes)."""
+        key = "sph" if spherical else "raw"
+        if key not in self._means:
+            raise RuntimeError("call compute() first (and spherical=True needs spherical states)")
+        return self._means[key].clone()
+
+    # ------------------------------------------------------------------ pivots / reference
+    def set_reference(
+        self,
+        means: Tensor | None,
+        means_sph: Tensor | None = None,
+        *,
+        pivot: bool = True,
+        ncc: bool = True,
+    ) -> None:
+        """Set per-class pivots and NCC reference means (pass identical values on every rank).
+
+        Already accumulated sums are re-based exactly to the new pivots (free when empty, i.e.
+        right after ``reset``); NCC counts already made keep their old reference. Rows that are
+        not finite (absent classes) keep their previous pivot and are never NCC-predicted.
+
+        Args:
+            means: ``(K, d)`` class means, e.g. :meth:`means` of the previous epoch or of the
+                train collector; ``None`` clears the NCC reference (pivots unchanged).
+            means_sph: Spherical pivots; default ``normalize(means)``.
+            pivot: Update the pivots. ncc: Update the NCC reference.
+        """
+        if means is None:
+            self._has_reference = False
+            if self.ncc:
+                self.ref_valid.zero_()
+            return
+        means = means.detach().to(device=self.pivot.device, dtype=self.pivot.dtype)
+        valid = torch.isfinite(means).all(dim=1)
+        if pivot:
+            if means_sph is None:
+                means_sph = F.normalize(torch.nan_to_num(means), dim=1)
+            for sfx, new in (("", means), ("_sph", means_sph)):
+                if sfx and not self.spherical:
+                    continue
+                old = getattr(self, "pivot" + sfx)
+                new = new.detach().to(old)
+                keep = valid[:, None] & torch.isfinite(new).all(1, keepdim=True)
+                new = torch.where(keep, new, old)
+                for name, value in FS.rebase_states(self.nc_states(), old, new, sfx).items():
+                    setattr(self, name, value)
+                old.copy_(new)
+        if ncc and self.ncc:
+            self.ref_means.copy_(torch.nan_to_num(means))
+            self.ref_valid.copy_(valid)
+            self._has_reference = bool(valid.any())
+        self._computed = None
+
+    def roll_reference(self) -> None:
+        """Use the means of the last ``compute`` as pivots and NCC reference (epoch-end idiom)."""
+        self.set_reference(self.means(), self.means(spherical=True) if self.spherical else None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        if self.ncc:
+            self._has_reference = bool(self.ref_valid.any())
+
+
+NCCollector = NCFeatureStats
