@@ -15,6 +15,7 @@ except the loss), so callbacks such as the neural-collapse monitor read what the
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Sequence
 
 import torch
@@ -89,7 +90,9 @@ class ClassifierModule(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        with warnings.catch_warnings():  # modules/factories are dropped just below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
             del self.hparams[key]  # keep checkpoints loadable with weights_only=True
         if embedding_dim is not None and embedding_dim < 1:
@@ -199,6 +202,9 @@ class ClassifierModule(LightningModule):
 
     # ----------------------------------------------------------------- stages
     def setup(self, stage: str) -> None:
+        bind = getattr(self.backbone, "bind_data", None)  # e.g. the UFM's free features
+        if callable(bind) and self.trainer.datamodule is not None:
+            bind(self.trainer.datamodule)
         if self.trainer.world_size > 1:
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
@@ -208,6 +214,26 @@ class ClassifierModule(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.loss_guard.flush()
+        self.log_dict(self.class_vector_geometry())
+
+    @torch.no_grad()
+    def class_vector_geometry(self) -> dict[str, Tensor]:
+        """Separation of the head's normalized class vectors (cheap: one K x K Gram).
+
+        ``geometry/min_angle`` (degrees, between the closest two), ``geometry/max_cos`` and
+        ``geometry/riesz2_energy`` (mean over pairs of 1/||w_c - w_c'||^2, HUG's inter term).
+        """
+        w = nn.functional.normalize(self.head.class_vectors.detach().double(), dim=1)
+        k = w.shape[0]
+        cos = w @ w.T
+        off = ~torch.eye(k, dtype=torch.bool, device=w.device)
+        max_cos = cos[off].max().clamp(-1.0, 1.0)
+        dist2 = (2.0 - 2.0 * cos[off]).clamp_min(1e-12)
+        return {
+            "geometry/min_angle": torch.rad2deg(torch.arccos(max_cos)).float(),
+            "geometry/max_cos": max_cos.float(),
+            "geometry/riesz2_energy": (1.0 / dist2).mean().float(),
+        }
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
         out = self.step(batch, "train")

@@ -12,7 +12,9 @@ from torch.utils.data import Dataset
 class TensorImageDataset(Dataset):
     """Images held as one ``(N, C, H, W)`` uint8 tensor; ``transform`` runs per sample.
 
-    Workers forked by the DataLoader share the tensor's memory (no copy per worker).
+    Workers forked by the DataLoader share the tensor's memory (no copy per worker). Items may
+    be requested as ``(index, key)``: a transform with ``wants_key = True`` then receives the
+    key, which makes its randomness a function of the sample (see ``data/augment.py``).
 
     Args:
         images: ``(N, C, H, W)`` uint8 images.
@@ -41,11 +43,19 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else self.images.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        j = int(self.indices[i]) if self.indices is not None else i
+    accepts_keys = True
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        i, key = item if isinstance(item, tuple) else (item, None)
+        j = int(self.indices[i]) if self.indices is not None else int(i)
         image = self.images[j]
         if self.transform is not None:
-            image = self.transform(image)
+            if getattr(self.transform, "wants_key", False):
+                if key is None:
+                    key = int(torch.randint(0, 2**31 - 1, ()))
+                image = self.transform(image, key)
+            else:
+                image = self.transform(image)
         return image, int(self.labels[j])
 
     @property

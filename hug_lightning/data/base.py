@@ -7,8 +7,9 @@ before anything is loaded) and implements :meth:`build_datasets`, which assigns
 Batch size semantics: ``batch_size`` is **per process** (per GPU). Under DDP the global batch
 is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
 
-Under DDP, training batches are sharded by Lightning's ``DistributedSampler`` (shuffled with a
-per-epoch seed). Validation, test and predict loaders use :class:`ShardedEvalSampler`, which
+Training batches come from an :class:`EpochShardSampler`: ``DistributedSampler``'s order
+(``seed_everything`` seed + epoch, sharded across processes), resumable mid-epoch, with
+per-sample augmentation keys. Validation, test and predict loaders use :class:`ShardedEvalSampler`, which
 splits the set without padding, so every sample is counted exactly once in the metrics even
 when the set's size does not divide by the number of processes.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from hug_lightning.data.loading import EpochShardSampler, ResumableDataLoader, global_seed
 from hug_lightning.data.samplers import ShardedEvalSampler
 
 
@@ -90,12 +92,24 @@ class ClassificationDataModule(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: {name} is not built; call setup() first.")
         return dataset
 
+    def _next_train_batch(self) -> int:
+        """Index of the next training batch of the current epoch (>0 on a mid-epoch resume)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._require("train_set"),
+        dataset = self._require("train_set")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EpochShardSampler(dataset, world, rank, shuffle=True, seed=global_seed())
+        return ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=self.drop_last,
+            next_batch_fn=self._next_train_batch,
             **self._loader_kwargs(),
         )
 

@@ -21,6 +21,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from hug_lightning.data.arrays import TensorImageDataset
+from hug_lightning.data.augment import KeyedCropFlip
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.folders import decode_to_tensor, find_classes, scan_class_folders
 from hug_lightning.data.splits import check_label_range, split_indices
@@ -148,10 +149,11 @@ class _CIFARDataModule(ClassificationDataModule):
         check_label_range(labels, self.num_classes, source)
         return images, labels
 
-    def train_transform(self) -> Callable[[Tensor], Tensor]:
-        """4-pixel padded random crop and horizontal flip, then normalization."""
-        aug = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
-        return v2.Compose([*aug, *self._to_float()])
+    def train_transform(self) -> Callable[..., Tensor]:
+        """4-pixel zero-padded random crop and horizontal flip (keyed), then normalization."""
+        if not self.augment:
+            return self.eval_transform()
+        return KeyedCropFlip(self.mean, self.std, pad=4, flip=True)
 
     def eval_transform(self) -> Callable[[Tensor], Tensor]:
         """Normalization only."""

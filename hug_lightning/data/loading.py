@@ -1,0 +1,111 @@
+"""Training-order sampling that is seeded, sharded for DDP, keyed and resumable mid-epoch.
+
+:class:`EpochShardSampler` draws the same per-epoch permutation as ``DistributedSampler``
+(``seed + epoch``, padded to a multiple of the world size, rank ``r`` taking every ``W``-th
+index) and yields ``(index, key)`` pairs to data sets that declare ``accepts_keys = True``
+(plain indices to others): the key (a hash of seed, epoch and index) drives the sample's
+augmentation (:mod:`hug_lightning.data.augment`). Lightning leaves a
+``DistributedSampler`` subclass in place, so the same sampler serves 1 and N processes.
+
+:class:`ResumableDataLoader` starts each epoch's iteration at the batch Lightning says comes
+next: after a mid-epoch checkpoint is restored, the resumed run sees exactly the batches the
+interrupted run had not yet seen, with the same augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterator, Sized
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from hug_lightning.data.augment import sample_keys
+
+
+def global_seed(default: int = 0) -> int:
+    """The seed set by ``seed_everything`` (``PL_GLOBAL_SEED``), else ``default``."""
+    return int(os.environ.get("PL_GLOBAL_SEED", default))
+
+
+class EpochShardSampler(DistributedSampler):
+    """Seeded per-epoch order, DDP shards, ``(index, key)`` items, optional start offset.
+
+    Args:
+        dataset: The training set (only its length is used).
+        num_replicas: World size.
+        rank: Global rank of this process.
+        shuffle: Permute the indices every epoch (seeded by ``seed + epoch``).
+        seed: Seed of the order and of the augmentation keys.
+        drop_last: Drop the tail instead of padding it to a multiple of the world size.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.start = 0  # samples of this shard to skip (set for a resumed epoch)
+
+    def shard_indices(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, in order (DistributedSampler's rule)."""
+        n = len(self.dataset)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        if self.drop_last:
+            order = order[: self.total_size]
+        elif self.total_size > n:
+            reps = math.ceil((self.total_size - n) / n)
+            order = torch.cat([order, order.repeat(reps)[: self.total_size - n]])
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def keyed_shard(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, keys)`` of this rank's remaining samples in the current epoch."""
+        idx = self.shard_indices()[self.start :]
+        return idx, sample_keys(self.seed, self.epoch, idx)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        idx, keys = self.keyed_shard()
+        self.start = 0
+        if getattr(self.dataset, "accepts_keys", False):
+            return iter(zip(idx.tolist(), keys.tolist()))
+        return iter(idx.tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochShardSampler` that resumes mid-epoch.
+
+    Args:
+        *args: As for ``DataLoader``; the sampler must be an :class:`EpochShardSampler`.
+        next_batch_fn: Returns the index of the next batch of the current epoch (Lightning's
+            restored batch progress); called when an epoch's iteration starts.
+        **kwargs: As for ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, next_batch_fn: Callable[[], int] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochShardSampler):
+            raise TypeError("ResumableDataLoader needs an EpochShardSampler.")
+        self.next_batch_fn = next_batch_fn
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip = int(self.next_batch_fn()) if self.next_batch_fn is not None else 0
+        self.sampler.start = skip * int(self.batch_size or 1)
+        yield from super().__iter__()
+
+    # Lightning treats loaders with these methods as resumable (no "unreliable" warning);
+    # the position itself comes from Lightning's own batch progress.
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict.get("seed", self.sampler.seed)) != int(self.sampler.seed):
+            raise ValueError(
+                f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
+                f"{self.sampler.seed}: set seed_everything to the original value to resume."
+            )

@@ -1,0 +1,141 @@
+"""The unconstrained-features model (UFM): features as free parameters.
+
+The quickest honest check that a loss drives features to (generalized) neural collapse: each
+training sample's feature vector is a learnable parameter, trained together with the head's
+class vectors by the same :class:`~hug_lightning.module.ClassifierModule` and heads as real
+networks (Liu et al. 2023, section on simulations: K=100 classes, 500 samples each, d=512,
+initialised U(-1/sqrt(d), 1/sqrt(d)), full-batch SGD with lr 1, Nesterov momentum 0.9,
+weight decay 5e-4).
+
+* :class:`UFMDataModule` yields batches of ``(sample index, label)``;
+* :class:`FreeFeatures` is the "backbone": a ``(N, d)`` parameter indexed by the batch. Its
+  number of rows is taken from the data module when training starts (``bind_data``) or from
+  a checkpoint's state, so the configuration states the sizes once, in ``data``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class FreeFeatures(nn.Module):
+    """Free feature vectors, one per training sample, looked up by index.
+
+    Args:
+        dim: Feature dimension ``d``.
+        num_samples: Number of feature vectors ``N``; ``None`` takes ``num_samples`` from the
+            data module at the start of training (or the shape stored in a checkpoint).
+        init_scale: Features start uniform in ``[-init_scale, init_scale] / sqrt(d)``.
+    """
+
+    def __init__(self, dim: int = 512, num_samples: int | None = None, init_scale: float = 1.0):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"FreeFeatures: dim must be positive, got {dim}.")
+        self.num_features = int(dim)
+        self.init_scale = float(init_scale)
+        self.weight = nn.Parameter(torch.empty(0, self.num_features))
+        if num_samples is not None:
+            self.materialize(num_samples)
+
+    @property
+    def num_samples(self) -> int:
+        return self.weight.shape[0]
+
+    def materialize(self, num_samples: int) -> None:
+        """Create (and initialise) the ``(num_samples, d)`` parameter."""
+        if self.num_samples == num_samples:
+            return
+        if self.num_samples:
+            raise ValueError(f"FreeFeatures holds {self.num_samples} vectors; the data has "
+                             f"{num_samples}. Use the data module it was trained with.")
+        bound = self.init_scale / math.sqrt(self.num_features)
+        data = torch.empty(num_samples, self.num_features, device=self.weight.device)
+        self.weight = nn.Parameter(data.uniform_(-bound, bound))
+
+    def bind_data(self, datamodule: Any) -> None:
+        """Size the features from ``datamodule.num_samples`` (called by the module's setup)."""
+        n = getattr(datamodule, "num_samples", None)
+        if n is None:
+            raise TypeError("FreeFeatures needs a data module with `num_samples` "
+                            "(hug_lightning.ufm.UFMDataModule).")
+        self.materialize(int(n))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and self.num_samples == 0:
+            self.weight = nn.Parameter(torch.empty_like(stored, device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, index: Tensor) -> Tensor:
+        if self.num_samples == 0:
+            raise RuntimeError("FreeFeatures is not sized yet: train it with a UFMDataModule.")
+        return self.weight[index]
+
+
+class UFMDataModule(LightningDataModule):
+    """Balanced labels for the unconstrained-features model: batches of ``(index, label)``.
+
+    Sample ``i`` has label ``i // samples_per_class``. Validation and test use the same
+    samples (the UFM has no unseen data): their accuracy is the nearest-class-vector accuracy
+    of the learned features.
+
+    Args:
+        num_classes: Number of classes ``K``.
+        samples_per_class: Samples per class ``n`` (``N = K n`` free feature vectors).
+        batch_size: Training batch size; ``None`` trains full-batch (the paper's setting).
+        steps_per_epoch: Full-batch steps per epoch (more steps per epoch means fewer
+            epoch-end hooks, which dominate the time of small UFM runs); full-batch only.
+        seed: Seed of the training order when ``batch_size`` is set.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        samples_per_class: int = 50,
+        batch_size: int | None = None,
+        steps_per_epoch: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"UFMDataModule: num_classes must be at least 2, got {num_classes}.")
+        if samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be positive, got {samples_per_class}.")
+        self.num_classes = int(num_classes)
+        self.samples_per_class = int(samples_per_class)
+        self.num_samples = self.num_classes * self.samples_per_class
+        self.batch_size = int(batch_size) if batch_size else self.num_samples
+        self.steps_per_epoch = int(steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
+        self.seed = int(seed)
+        index = torch.arange(self.num_samples)
+        self.labels = index // self.samples_per_class
+        self.dataset = TensorDataset(index, self.labels)
+
+    def _full_batches(self, steps: int) -> DataLoader:
+        # whole-tensor batches: no per-sample collation of N items at every step
+        batch = (torch.arange(self.num_samples), self.labels)
+        return DataLoader([batch] * steps, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.batch_size >= self.num_samples:
+            return self._full_batches(self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._full_batches(1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._full_batches(1)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._full_batches(1)

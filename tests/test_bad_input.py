@@ -1,0 +1,114 @@
+"""Bad input gets one clear error that says what to do."""
+
+from __future__ import annotations
+
+import shutil
+from urllib.error import URLError
+
+import pytest
+import torch
+
+from conftest import tiny_args
+from datagen import CIFAR10_CLASSES, write_cifar10_torchvision, write_image_folder
+from hug_lightning.cli import main
+from hug_lightning.data import CIFAR10DataModule, DataNotFoundError
+from hug_lightning.data.folders import CorruptImageError
+from hug_lightning.guards import check_labels
+from hug_lightning.module import ClassifierModule
+from hug_lightning.backbones import SmallConvNet
+
+
+def _assert_layout_help(message: str, root) -> None:
+    assert str(root.resolve()) in message
+    assert "cifar-10-batches-py" in message and "train" in message and "test" in message
+    assert "--data.init_args.root" in message and "--data.init_args.download" in message
+
+
+@pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "empty"])
+def test_missing_or_empty_root_offline(tmp_path, make_dir):
+    root = tmp_path / "nothing_here"
+    if make_dir:
+        root.mkdir()
+    dm = CIFAR10DataModule(root=str(root), download=False)
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    _assert_layout_help(str(err.value), root)
+
+
+def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    root = tmp_path / "cifar"
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10DataModule(root=str(root), download=True).prepare_data()
+    _assert_layout_help(str(err.value), root)
+    assert "download failed" in str(err.value) and "name resolution" in str(err.value)
+
+
+def test_missing_root_through_the_cli(tmp_path):
+    with pytest.raises(DataNotFoundError, match="Accepted layouts"):
+        main(["fit", *tiny_args(tmp_path / "absent", tmp_path)])
+
+
+def test_label_outside_num_classes_in_the_files(tmp_path, no_checksum):
+    root = write_cifar10_torchvision(tmp_path, train_per_class=2, test_per_class=1,
+                                     label_offset=1)  # labels 1..10 for a 10-class set
+    dm = CIFAR10DataModule(root=str(root), download=False, val_split=0)
+    with pytest.raises(ValueError, match=r"Label 10 .*cifar-10-batches-py.*outside \[0, 10\)"):
+        dm.setup("fit")
+
+
+def test_label_outside_num_classes_in_a_batch():
+    with pytest.raises(ValueError, match=r"label 12 is outside \[0, 10\)"):
+        check_labels(torch.tensor([0, 3, 12]), 10, "train")
+    model = ClassifierModule(backbone=SmallConvNet(width=4), num_classes=5)
+    with pytest.raises(ValueError, match="outside"):
+        model.step((torch.randn(2, 3, 32, 32), torch.tensor([1, 7])), "train")
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=2,
+                              test_per_class=1)
+    victim = sorted((root / "train" / "cat").iterdir())[0]
+    victim.write_bytes(b"this is not an image")
+    dm = CIFAR10DataModule(root=str(root), download=False, val_split=0)
+    with pytest.raises(CorruptImageError) as err:
+        dm.setup("fit")
+    assert str(victim) in str(err.value) and "on_corrupt" in str(err.value)
+    dm = CIFAR10DataModule(root=str(root), download=False, val_split=0, on_corrupt="skip")
+    dm.setup("fit")
+    assert len(dm.train_set) == 10 * 2 - 1
+
+
+def test_wrong_number_of_class_folders(tmp_path):
+    root = write_image_folder(tmp_path / "c7", CIFAR10_CLASSES[:7], train_per_class=1,
+                              test_per_class=1)
+    with pytest.raises(DataNotFoundError, match="holds 7 class folders"):
+        CIFAR10DataModule(root=str(root), download=False, val_split=0).setup("fit")
+
+
+def test_incomplete_torchvision_folder(tmp_path):
+    root = write_cifar10_torchvision(tmp_path, train_per_class=1, test_per_class=1)
+    (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataNotFoundError, match="incomplete or corrupted"):
+        CIFAR10DataModule(root=str(root), download=False).setup("fit")
+    shutil.rmtree(root / "cifar-10-batches-py")
+
+
+def test_bad_hyperparameters():
+    from hug_lightning.data.splits import split_indices
+
+    with pytest.raises(ValueError, match="batch_size"):
+        CIFAR10DataModule(batch_size=0)
+    with pytest.raises(ValueError, match="val_split"):
+        split_indices(100, 1.5, 0)
+    with pytest.raises(ValueError, match="val_split"):
+        split_indices(100, 100, 0)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ClassifierModule(backbone=SmallConvNet(width=4), embedding_dim=0)
+    with pytest.raises(TypeError, match="num_features"):
+        ClassifierModule(backbone=torch.nn.Linear(3, 4))
