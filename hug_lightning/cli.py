@@ -9,7 +9,8 @@ What it adds to a plain ``LightningCLI``:
 * subclass mode for model and data (``class_path`` + ``init_args``), so any subclass of
   ``LightningModule`` / ``LightningDataModule`` in an importable module can be selected;
 * ``data.num_classes`` linked into ``model.init_args.num_classes`` at instantiation;
-* a ``checkpoint`` group (``ModelCheckpoint`` on ``val/acc`` plus ``last.ckpt``);
+* a ``checkpoint`` group (``ModelCheckpoint`` on ``val/acc`` plus ``last.ckpt``) and an ``nc``
+  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default);
 * TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
   resolved ``config.yaml`` saved next to the events (overwritten when it exists);
 * ``--config NAME`` also finds the YAML files shipped in the package (``hug_lightning.configs``),
@@ -26,6 +27,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from hug_lightning.metrics.callback import NeuralCollapseMonitor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -81,6 +84,7 @@ class HUGLightningCLI(LightningCLI):
                               apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(NeuralCollapseMonitor, "nc")
 
 
 def console_main() -> int:

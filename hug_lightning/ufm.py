@@ -137,5 +137,8 @@ class UFMDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._full_batches(1)
 
+    def train_eval_dataloader(self) -> DataLoader:
+        return self._full_batches(1)
+
     def predict_dataloader(self) -> DataLoader:
         return self._full_batches(1)

@@ -9,3 +9,7 @@ __all__ = [
     "ClassificationDataModule",
     "DataNotFoundError",
 ]
+from hug_lightning.data.imagenet import ImageNetSubsetDataModule  # noqa: E402
+from hug_lightning.data.long_tail import CIFAR10LTDataModule, CIFAR100LTDataModule  # noqa: E402
+
+__all__ += ["CIFAR10LTDataModule", "CIFAR100LTDataModule", "ImageNetSubsetDataModule"]

@@ -2,7 +2,8 @@
 
 A subclass sets ``self.num_classes`` in ``__init__`` (so LightningCLI can link it to the model
 before anything is loaded) and implements :meth:`build_datasets`, which assigns
-``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``).
+``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``
+and ``self.train_eval_set``: the training images with the evaluation transform).
 
 Batch size semantics: ``batch_size`` is **per process** (per GPU). Under DDP the global batch
 is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
@@ -68,6 +69,7 @@ class ClassificationDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.predict_set: Dataset | None = None
+        self.train_eval_set: Dataset | None = None  # training images, evaluation transform
 
     # -------------------------------------------------------------- hooks for subclasses
     def build_datasets(self, stage: str) -> None:
@@ -128,6 +130,10 @@ class ClassificationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._require("test_set"))
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training set with the evaluation transform (for the NC eval pass)."""
+        return self._eval_loader(self._require("train_eval_set"))
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_set or self._require("test_set"))

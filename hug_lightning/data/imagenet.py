@@ -1,0 +1,302 @@
+"""ImageNet subsets from a local copy in class folders: ImageNet-100, Imagenette, Imagewoof, all.
+
+Layout (ImageNet is never downloaded): ``<root>/train/<wnid>/*.JPEG``, the official training
+images, and ``<root>/val/<wnid>/*.JPEG``, the official validation images moved into class folders.
+A subset is a list of WNIDs: ``imagenet100`` (CMC), ``imagenette``, ``imagewoof`` (fastai),
+shipped in ``hug_lightning/data/class_lists/``; ``full`` (every class folder of ``train/``); or
+a text file with one WNID per line (``#`` comments). Labels are the indices of the **sorted**
+WNIDs of the subset. Images are decoded per sample, in the DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
+from hug_lightning.data.folders import (IMAGE_EXTENSIONS, CorruptImageError, find_classes,
+                                        read_rgb_tensor, scan_class_folders)
+from hug_lightning.data.splits import split_indices
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _to_float() -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def _listing(names: Sequence[str], limit: int = 20) -> str:  # names shown in one error message
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """WNIDs of a class-list file: whitespace-separated, ``#`` comments, no duplicates."""
+    text = (Path(path) if isinstance(path, str) else path).read_text()
+    names = [tok for line in text.splitlines() for tok in line.split("#", 1)[0].split()]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups or not names:
+        raise ValueError(f"Class list {path} " + (f"names some classes twice: {_listing(dups)}."
+                                                  if dups else "holds no class names."))
+    return names
+
+
+def seeded_choice(n: int, k: int, seed: int, class_index: int, stream: int = 0) -> list[int]:
+    """``k`` sorted indices of ``range(n)``: the first ``k`` of a ``torch.randperm`` whose seed
+    mixes ``(seed, class_index, stream)`` by NumPy's ``SeedSequence`` (never Python's ``hash``):
+    the same on every rank and every run."""
+    state = np.random.SeedSequence([seed % 2**63, class_index, stream]).generate_state(1, np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0]) % 2**63)
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+class ImageFileDataset(Dataset):
+    """Image files decoded per sample into ``(3, H, W)`` uint8 tensors, then ``transform``.
+
+    Paths are held in one NumPy bytes array, which forked DataLoader workers share without
+    copying (a Python list of strings gets copied page by page as its refcounts change).
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        transform: Callable on the uint8 image tensor (``None``: the tensor itself).
+        on_corrupt: ``raise`` :class:`CorruptImageError` naming the file, or ``skip``: warn
+            once per file and return the next readable image of the same class instead.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]],
+                 transform: Callable[[Tensor], Tensor] | None = None,
+                 on_corrupt: Literal["raise", "skip"] = "raise") -> None:
+        self._paths = np.array([os.fsencode(p) for p, _ in samples] or [b""])[:len(samples)]
+        self.labels = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
+        self.transform, self.on_corrupt, self._warned = transform, on_corrupt, set()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def targets(self) -> Tensor:  # labels, in order
+        return self.labels
+
+    @property
+    def paths(self) -> list[str]:  # file paths, in order
+        return [os.fsdecode(p) for p in self._paths]
+
+    def subset(self, indices: Sequence[int] | Tensor,
+               transform: Callable[[Tensor], Tensor] | None = None) -> "ImageFileDataset":
+        """The samples at ``indices``, with another ``transform``."""
+        idx = torch.as_tensor(indices, dtype=torch.long).numpy()
+        return ImageFileDataset(list(zip(self._paths[idx], self.labels[idx].tolist())),
+                                transform, self.on_corrupt)
+
+    def path(self, i: int) -> Path:  # file of sample i
+        return Path(os.fsdecode(self._paths[i]))
+
+    def _read(self, i: int) -> Tensor:
+        try:
+            return read_rgb_tensor(self.path(i))  # the error names the file
+        except CorruptImageError:
+            if self.on_corrupt == "raise":
+                raise
+        if i not in self._warned:  # once per file and worker
+            self._warned.add(i)
+            log.warning("Unreadable image %s replaced by another of its class.", self.path(i))
+        same = (self.labels == self.labels[i]).nonzero().flatten().tolist()
+        for j in same[same.index(i) + 1:] + same[:same.index(i)]:
+            try:
+                return read_rgb_tensor(self.path(j))
+            except CorruptImageError:
+                continue
+        raise CorruptImageError(f"Every image of class {int(self.labels[i])} is unreadable, "
+                                f"e.g. {self.path(i)}.")
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = self._read(i) if self.transform is None else self.transform(self._read(i))
+        return image, int(self.labels[i])
+
+
+def resolve_classes(subset: str, root: Path) -> list[str]:
+    """Sorted class folder names (WNIDs) of ``subset`` (see the module docstring)."""
+    if subset in BUILTIN_SUBSETS:
+        return sorted(read_class_list(resources.files("hug_lightning.data") / "class_lists"
+                                      / f"{subset}.txt"))
+    if subset == "full":
+        train = root / "train"
+        classes = find_classes(train) if train.is_dir() else []
+        if not classes:
+            raise DataNotFoundError(
+                f"subset 'full' takes every class folder of {train.resolve()}, but "
+                f"{'it holds none' if train.is_dir() else 'that folder does not exist'}. "
+                + layout_help(root))
+        return classes
+    path = Path(subset).expanduser()
+    if not path.is_file():
+        raise ValueError(f"subset {subset!r} is neither one of {', '.join(BUILTIN_SUBSETS)}, "
+                         "full, nor an existing class-list file (one WNID per line).")
+    return sorted(read_class_list(path))
+
+
+def layout_help(root: Path) -> str:
+    """What the data folder must look like, and how to point the config at it."""
+    return (f"Expected layout: {root.resolve() / 'train'}/<wnid>/*.JPEG and "
+            f"{root.resolve() / 'val'}/<wnid>/*.JPEG (validation images in class folders, see "
+            "the README). ImageNet is never downloaded; point --data.init_args.root at your copy.")
+
+
+class ImageNetSubsetDataModule(ClassificationDataModule):
+    """A class subset of a local ImageNet, optionally with fewer training images per class.
+
+    Training images per class are drawn by :func:`seeded_choice` over the sorted file names
+    (the same on every rank and run); validation and test images are never sub-sampled.
+
+    Args:
+        root: Folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
+        subset: ``imagenet100`` (CMC), ``imagenette``, ``imagewoof``, ``full`` (all class
+            folders of ``train/``) or the path of a class-list file (one WNID per line).
+        images_per_class: Keep at most this many training images per class (``None``: all).
+        fraction: Keep this fraction (in ``(0, 1]``, rounded, at least 1) of each class's
+            training images; exclusive with ``images_per_class``.
+        val_split: Validation images held out of the (sub-sampled) training set: a count
+            (int) or a fraction (float), drawn with ``seed``. 0 validates on the official
+            ``val/`` folder, which the test stage always uses.
+        image_size: Side of the (random-resized or center) crops fed to the model.
+        resize_size: Shorter side after the evaluation resize, before the center crop.
+        augment: Random-resized crop and horizontal flip for training (else the eval transform).
+        on_corrupt: ``raise`` on an unreadable file (the message names it), or ``skip``: warn
+            and return the next readable image of its class (lengths and DDP shards unchanged).
+        batch_size: Training batch size **per process** (global = batch_size x world size).
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        num_workers: DataLoader worker processes (JPEG decoding runs there).
+        pin_memory: Pin host memory.
+        drop_last: Drop the last incomplete training batch.
+        seed: Seed of the per-class image selection and of the validation split.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/imagenet",
+        subset: str = "imagenet100",
+        images_per_class: int | None = None,
+        fraction: float | None = None,
+        val_split: int | float = 0,
+        image_size: int = 224,
+        resize_size: int = 256,
+        augment: bool = True,
+        on_corrupt: Literal["raise", "skip"] = "raise",
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
+        if images_per_class is not None and fraction is not None:
+            raise ValueError("Give images_per_class or fraction, not both.")
+        if images_per_class is not None and images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1, got {images_per_class}.")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        if min(image_size, resize_size) < 1 or on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"Need positive image_size, resize_size and on_corrupt raise|skip, "
+                             f"got {image_size}, {resize_size}, {on_corrupt!r}.")
+        self.root, self.subset, self.val_split = Path(root).expanduser(), subset, val_split
+        self.images_per_class, self.fraction = images_per_class, fraction
+        self.image_size, self.resize_size = int(image_size), int(resize_size)
+        self.augment, self.on_corrupt = bool(augment), on_corrupt
+        self.classes: list[str] = resolve_classes(subset, self.root)
+        self.num_classes = len(self.classes)
+
+    # ------------------------------------------------------------------ checks and scanning
+    def check_layout(self, splits: Sequence[str] = ("train", "val")) -> None:
+        """Raise ONE :class:`DataNotFoundError` listing every missing folder and class."""
+        if not self.root.is_dir():
+            raise DataNotFoundError(f"ImageNet root {self.root.resolve()} does not exist. "
+                                    + layout_help(self.root))
+        problems = []
+        for split in splits:
+            folder = self.root / split
+            if not folder.is_dir():
+                problems.append(f"the folder {folder.resolve()} does not exist")
+                continue
+            missing = [c for c in self.classes if not (folder / c).is_dir()]
+            if missing:
+                flat = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+                           for e in os.scandir(folder))
+                problems.append(
+                    f"{len(missing)} of the {self.num_classes} class folders are missing in "
+                    f"{folder.resolve()}: {_listing(missing)}" + (
+                        " (it holds image files directly: move them into class folders first)"
+                        if flat else ""))
+        if problems:
+            raise DataNotFoundError(
+                f"ImageNet subset {self.subset!r} under {self.root.resolve()}: "
+                + "; ".join(problems) + ". " + layout_help(self.root))
+
+    def prepare_data(self) -> None:
+        self.check_layout()  # verify only: never downloads
+
+    def scan(self, split: str) -> list[tuple[Path, int]]:
+        """``(path, label)`` of every image of the subset's classes in ``split``."""
+        _, samples = scan_class_folders(self.root / split, self.classes)
+        present = {y for _, y in samples}
+        empty = [wnid for c, wnid in enumerate(self.classes) if c not in present]
+        if empty:
+            raise DataNotFoundError(
+                f"{len(empty)} class folders of {(self.root / split).resolve()} hold no image "
+                f"files: {_listing(empty)}. " + layout_help(self.root))
+        return samples
+
+    def select_train(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """Apply ``images_per_class`` / ``fraction`` (seeded per class) to sorted samples."""
+        if self.images_per_class is None and self.fraction is None:
+            return samples
+        kept: list[tuple[Path, int]] = []
+        for c, group in groupby(samples, key=lambda s: s[1]):  # samples are sorted by class
+            items = list(group)
+            n = len(items)
+            k = (min(self.images_per_class, n) if self.images_per_class is not None
+                 else min(n, max(1, round(self.fraction * n))))
+            kept.extend(items[i] for i in seeded_choice(n, k, self.seed, c))
+        return kept
+
+    # ------------------------------------------------------------------ transforms
+    def train_transform(self) -> Callable[[Tensor], Tensor]:
+        """RandomResizedCrop(image_size) and horizontal flip, then normalization."""
+        if not self.augment:
+            return self.eval_transform()
+        return v2.Compose([v2.RandomResizedCrop(self.image_size, antialias=True),
+                           v2.RandomHorizontalFlip(), *_to_float()])
+
+    def eval_transform(self) -> Callable[[Tensor], Tensor]:
+        """Resize(resize_size) and CenterCrop(image_size), then normalization."""
+        return v2.Compose([v2.Resize(self.resize_size, antialias=True),
+                           v2.CenterCrop(self.image_size), *_to_float()])
+
+    # ------------------------------------------------------------------ data sets
+    def build_datasets(self, stage: str) -> None:
+        needs_train = stage not in ("test", "predict")
+        self.check_layout(("train", "val") if needs_train else ("val",))
+        self.test_set = ImageFileDataset(self.scan("val"), self.eval_transform(), self.on_corrupt)
+        if not needs_train:
+            return
+        full = ImageFileDataset(self.select_train(self.scan("train")), None, self.on_corrupt)
+        train_idx, val_idx = split_indices(len(full), self.val_split, self.seed)
+        self.train_set = full.subset(train_idx, self.train_transform())
+        self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
+                        else self.test_set)
+        log.info("ImageNet subset %s: %d classes, %d train / %d val / %d test images.",
+                 self.subset, self.num_classes, len(self.train_set), len(self.val_set),
+                 len(self.test_set))

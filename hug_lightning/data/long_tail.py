@@ -1,0 +1,200 @@
+"""Long-tailed CIFAR-10/100 (CIFAR-LT), the protocol of LDAM (Cao et al., NeurIPS 2019).
+
+The training set keeps ``n_c`` images of class ``c``: with the exponential profile
+``n_c = floor(n_max * ratio ** (-c / (K - 1)))`` for ``c = 0..K-1`` (5,000 down to 50 per class
+for CIFAR-10 at ratio 100, 12,406 images; 500 down to 5 for CIFAR-100, 10,847 images); with
+the step profile the first ``K // 2`` classes keep ``n_max`` and the others
+``floor(n_max / ratio)``. ``n_max`` is the size of the smallest class of the balanced training
+set (5,000 / 500). Which images a class keeps is drawn with ``seed`` (the same on every rank
+and run; LDAM's own NumPy draw picks other images, with the same counts). The test set stays
+balanced.
+
+Validation: ``val_split=0`` (default, as in LDAM) validates on the balanced test set. A
+positive ``val_split`` holds out a class-stratified part of the long-tailed training set (each
+class keeps at least one training image), so that validation set is long-tailed too.
+
+The class counts are logged, kept in ``class_counts`` and written as ``class_counts.json``
+into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_counts``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from hug_lightning.data.arrays import TensorImageDataset
+from hug_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, _CIFARDataModule
+from hug_lightning.data.imagenet import seeded_choice
+
+log = logging.getLogger(__name__)
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
+                     imbalance_type: Literal["exp", "step"] = "exp") -> list[int]:
+    """Images per class of the LDAM profiles (see the module docstring)."""
+    if num_classes < 2:
+        raise ValueError(f"A long-tailed profile needs at least 2 classes, got {num_classes}.")
+    if not imbalance_ratio >= 1:
+        raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}.")
+    if imbalance_type == "exp":
+        return [math.floor(n_max * imbalance_ratio ** (-c / (num_classes - 1)))
+                for c in range(num_classes)]
+    if imbalance_type == "step":
+        head = num_classes // 2
+        return [n_max] * head + [math.floor(n_max / imbalance_ratio)] * (num_classes - head)
+    raise ValueError(f"imbalance_type must be 'exp' or 'step', got {imbalance_type!r}.")
+
+
+def select_per_class(labels: Tensor, counts: Sequence[int], seed: int) -> Tensor:
+    """Sorted indices keeping ``counts[c]`` seeded samples of each class ``c``."""
+    keep = []
+    for c, k in enumerate(counts):
+        idx = (labels == c).nonzero().flatten()
+        if k > len(idx):
+            raise ValueError(f"Class {c} has {len(idx)} images, fewer than the {k} asked for.")
+        keep.append(idx[seeded_choice(len(idx), k, seed, c)])
+    return torch.cat(keep).sort().values
+
+
+def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Per-class seeded split into ``(train, val)`` index tensors.
+
+    Args:
+        labels: Labels of the samples.
+        val_split: Validation fraction (float in ``[0, 1)``) or about this many samples (int,
+            turned into a fraction); each class gives ``round(fraction * n_c)`` samples to
+            validation but keeps at least one for training.
+        seed: Seed of the per-class choice.
+    """
+    n = len(labels)
+    if isinstance(val_split, bool) or not 0 <= val_split < (n if isinstance(val_split, int) else 1):
+        raise ValueError(f"val_split must be a count in [0, {n}) or a fraction in [0, 1), got "
+                         f"{val_split!r}.")
+    frac = val_split / n if isinstance(val_split, int) else float(val_split)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = min(round(frac * len(idx)), len(idx) - 1)
+        chosen = torch.zeros(len(idx), dtype=torch.bool)
+        chosen[seeded_choice(len(idx), k, seed, c, stream=1)] = True
+        train.append(idx[~chosen])
+        val.append(idx[chosen])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+class _LongTailCIFAR(_CIFARDataModule):
+    """Long-tailed CIFAR (LDAM): see the module docstring of ``hug_lightning.data.long_tail``.
+
+    Args:
+        root: Folder with torchvision's CIFAR files or ``train/`` + ``test/`` class folders.
+        download: Download with torchvision into ``root`` when neither layout is there.
+        imbalance_ratio: ``n_max / n_min``, the largest over the smallest class size (>= 1;
+            10 and 100 in the literature).
+        imbalance_type: ``exp`` (exponential profile, LDAM's default) or ``step``.
+        val_split: 0 validates on the balanced test set (LDAM); a fraction (float) or count
+            (int) holds out a class-stratified part of the long-tailed training set.
+        batch_size: Training batch size **per process** (global = batch_size x world size).
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory.
+        drop_last: Drop the last incomplete training batch.
+        seed: Seed of the images kept per class and of the validation split.
+        augment: Random crop (4-pixel zero padding) and horizontal flip on training images.
+        on_corrupt: ``raise`` on an unreadable image file (the message names it) or ``skip`` it.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = True,
+        imbalance_ratio: float = 100.0,
+        imbalance_type: Literal["exp", "step"] = "exp",
+        val_split: int | float = 0,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        augment: bool = True,
+        on_corrupt: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__(root, download, val_split, batch_size, eval_batch_size, num_workers,
+                         pin_memory, drop_last, seed, augment, on_corrupt)
+        long_tail_counts(1, self.num_classes, imbalance_ratio, imbalance_type)  # checks args
+        self.imbalance_ratio = float(imbalance_ratio)
+        self.imbalance_type = imbalance_type
+        self.class_counts: dict[str, Any] = {}
+
+    def build_datasets(self, stage: str) -> None:
+        test_images, test_labels = self.load_split(train=False)
+        self.test_set = TensorImageDataset(test_images, test_labels, self.eval_transform())
+        counts: dict[str, Any] = {"test": self._bincount(test_labels)}
+        if stage not in ("test", "predict"):
+            images, labels = self.load_split(train=True)
+            n_max = min(self._bincount(labels))
+            target = long_tail_counts(n_max, self.num_classes, self.imbalance_ratio,
+                                      self.imbalance_type)
+            empty = [c for c, n in enumerate(target) if n == 0]
+            if empty:
+                raise ValueError(
+                    f"imbalance_ratio={self.imbalance_ratio:g} leaves no training image for "
+                    f"classes {empty[:20]} ({n_max} images in the smallest class of "
+                    f"{self.root}); use imbalance_ratio <= {n_max}.")
+            full = TensorImageDataset(images, labels, None, select_per_class(labels, target,
+                                                                             self.seed))
+            train_idx, val_idx = stratified_split(full.targets, self.val_split, self.seed)
+            self.train_set = full.subset(train_idx, self.train_transform())
+            self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
+                            else self.test_set)
+            counts.update(n_max=n_max, long_tail=target,
+                          train=self._bincount(self.train_set.targets),
+                          val=self._bincount(self.val_set.targets),
+                          val_source="train" if len(val_idx) else "test")
+        self.class_counts = {"dataset": self.name, "imbalance_ratio": self.imbalance_ratio,
+                             "imbalance_type": self.imbalance_type, "seed": self.seed, **counts}
+        if "train" in counts:
+            log.info("%s (ratio %g, %s): %d training images, per class %s.", self.name,
+                     self.imbalance_ratio, self.imbalance_type, sum(counts["train"]),
+                     counts["train"])
+        self.save_class_counts()
+
+    def _bincount(self, labels: Tensor) -> list[int]:
+        return torch.bincount(labels, minlength=self.num_classes).tolist()
+
+    def save_class_counts(self) -> Path | None:
+        """Write ``class_counts.json`` into the trainer's log folder (rank 0, with a logger)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.loggers:
+            return None
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if log_dir is None or not trainer.is_global_zero:
+            return None
+        path = Path(log_dir) / "class_counts.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.class_counts, indent=1) + "\n")
+        for logger in trainer.loggers:
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if callable(add_text):  # TensorBoard
+                add_text("data/class_counts", "    " + json.dumps(self.class_counts), 0)
+        return path
+
+
+class CIFAR10LTDataModule(_LongTailCIFAR, CIFAR10DataModule):
+    """Long-tailed CIFAR-10 (LDAM protocol). Arguments: see :class:`_LongTailCIFAR`."""
+
+    name = "CIFAR-10-LT"
+    default_root = "data/cifar10"
+
+
+class CIFAR100LTDataModule(_LongTailCIFAR, CIFAR100DataModule):
+    """Long-tailed CIFAR-100 (LDAM protocol). Arguments: see :class:`_LongTailCIFAR`."""
+
+    name = "CIFAR-100-LT"
+    default_root = "data/cifar100"

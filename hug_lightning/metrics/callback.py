@@ -1,0 +1,204 @@
+"""NeuralCollapseMonitor: logs NC1-NC4 / GNC metrics every epoch from the training step outputs.
+
+Three collectors (:class:`NCFeatureStats`, never merged in a ``MetricCollection``):
+
+* ``train``: updated on every training batch from the step's ``features`` / ``logits`` (free:
+  no extra forward). These are *train-mode* features: augmented images, BatchNorm batch
+  statistics, weights changing during the epoch. NC4/NCC use the previous epoch's means.
+* ``train_eval`` (``eval_pass=True``): the canonical protocol of Papyan et al.; an extra
+  eval-mode, non-augmented forward pass over the training set at the end of the epoch (it costs
+  about one third of a training epoch). When on, its means are the validation reference.
+* ``val``: validation features against the current epoch's training means (NC4 / NCC accuracy).
+
+Values are logged as ``nc/train/<name>``, ``nc/train_eval/<name>`` and ``nc/val/<name>``; they
+are computed after one all-reduce per state, so every rank logs the same numbers, identical to
+a single-process run. Every ``figures_every`` epochs rank 0 adds figures to TensorBoard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from hug_lightning.metrics.collapse import NCFeatureStats
+from hug_lightning.metrics.figures import log_figures
+
+STAGES = ("train", "train_eval", "val")
+
+
+class NeuralCollapseMonitor(Callback):
+    """Collect and log neural-collapse metrics every epoch.
+
+    Args:
+        enabled: Turn the monitor on or off.
+        train: Collect on training batches (train-mode features; free).
+        val: Collect on validation batches (against the epoch's training means).
+        eval_pass: Also run an eval-mode forward over the training set every
+            ``eval_pass_every`` epochs (the canonical NC protocol; about 1/3 epoch of extra time).
+        eval_pass_every: Period of the eval pass in epochs.
+        metrics: Names to log (see ``hug_lightning.metrics.METRIC_NAMES``); ``None``: all.
+        spherical: Also compute the spherical (``*_sph``) variants.
+        track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
+        figures_every: Every this many epochs rank 0 logs figures (cosine heat maps of class
+            means and class vectors, pairwise-angle and feature-norm histograms); 0: never.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        train: bool = True,
+        val: bool = True,
+        eval_pass: bool = False,
+        eval_pass_every: int = 1,
+        metrics: Sequence[str] | None = None,
+        spherical: bool = True,
+        track_cov: bool = True,
+        figures_every: int = 0,
+    ) -> None:
+        super().__init__()
+        if eval_pass_every < 1 or figures_every < 0:
+            raise ValueError("eval_pass_every must be >= 1 and figures_every >= 0.")
+        self.enabled = enabled
+        self.stages = {"train": train, "train_eval": eval_pass, "val": val}
+        self.eval_pass_every = eval_pass_every
+        self.metrics = list(metrics) if metrics is not None else None
+        self.spherical, self.track_cov = spherical, track_cov
+        self.figures_every = figures_every
+        self.collectors: dict[str, NCFeatureStats] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._train_done_epoch = -1
+        self._val_norms: list[Tensor] = []
+
+    # ------------------------------------------------------------------ set-up and state
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.enabled or self.collectors:
+            return
+        if not all(hasattr(pl_module, a) for a in ("num_classes", "feature_dim", "head")):
+            rank_zero_warn("NeuralCollapseMonitor needs a module with num_classes, feature_dim "
+                           "and head (hug_lightning.module.ClassifierModule): disabled.")
+            self.enabled = False
+            return
+        k, d = int(pl_module.num_classes), int(pl_module.feature_dim)
+        for name, on in self.stages.items():
+            if on:
+                self.collectors[name] = NCFeatureStats(
+                    k, d, spherical=self.spherical, track_cov=self.track_cov,
+                    metrics=self.metrics).to(pl_module.device)
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"collectors": {n: c.state_dict() for n, c in self.collectors.items()},
+                "train_done_epoch": self._train_done_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.collectors:  # restored before setup: apply once the collectors exist
+            self._pending_state = state_dict
+            return
+        for name, sd in state_dict.get("collectors", {}).items():
+            if name in self.collectors:
+                self.collectors[name].load_state_dict(sd)
+        self._train_done_epoch = state_dict.get("train_done_epoch", -1)
+        self._pending_state = None
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _classifier(pl_module: LightningModule) -> tuple[Tensor, Tensor | None]:
+        head = pl_module.head
+        bias = head.class_bias
+        return head.class_vectors.detach(), None if bias is None else bias.detach()
+
+    def _log(self, pl_module: LightningModule, stage: str, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            pl_module.log(f"nc/{stage}/{name}", value.float(), sync_dist=False, rank_zero_only=False)
+
+    def _update(self, stage: str, outputs: Any) -> None:
+        col = self.collectors.get(stage)
+        if col is None or not isinstance(outputs, dict) or "features" not in outputs:
+            return
+        col.update(outputs["features"], outputs["labels"], logits=outputs.get("logits"))
+
+    def _finish(self, stage: str, pl_module: LightningModule) -> Tensor | None:
+        col = self.collectors[stage]
+        w, b = self._classifier(pl_module)
+        self._log(pl_module, stage, col.compute(W=w, b=b))
+        col.reset()
+        col.roll_reference()  # this epoch's means -> next epoch's pivots and NCC reference
+        return col.means()
+
+    def _finish_train(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Compute the training collectors once per epoch; hand their means to ``val``."""
+        if self._train_done_epoch == trainer.current_epoch:
+            return
+        self._train_done_epoch = trainer.current_epoch
+        reference = None
+        if "train" in self.collectors:
+            reference = self._finish("train", pl_module)
+        if "train_eval" in self.collectors and (trainer.current_epoch + 1) % self.eval_pass_every == 0:
+            self._eval_pass(trainer, pl_module)
+            reference = self._finish("train_eval", pl_module)
+        if reference is not None and "val" in self.collectors:
+            self.collectors["val"].set_reference(reference)
+
+    @torch.no_grad()
+    def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader_fn = getattr(trainer.datamodule, "train_eval_dataloader", None)
+        if loader_fn is None:
+            raise TypeError("eval_pass needs a data module with train_eval_dataloader().")
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in loader_fn():
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                with trainer.precision_plugin.forward_context():
+                    features = pl_module.forward_features(batch[0])
+                    logits = pl_module.head.logits(features)
+                self.collectors["train_eval"].update(features, batch[1], logits=logits)
+        finally:
+            pl_module.train(was_training)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.enabled:
+            self._update("train", outputs)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        if trainer.training and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._finish_train(trainer, pl_module)  # validation at the end of the epoch
+        if "val" in self.collectors:
+            self.collectors["val"].reset()
+        self._val_norms = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
+                                dataloader_idx: int = 0) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        self._update("val", outputs)
+        if self.figures_every and isinstance(outputs, dict) and len(self._val_norms) < 64:
+            self._val_norms.append(outputs["features"].float().norm(dim=1).cpu())
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking or "val" not in self.collectors:
+            return
+        self._finish("val", pl_module)
+        self._maybe_figures(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled:
+            self._finish_train(trainer, pl_module)
+
+    def _maybe_figures(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.figures_every or (trainer.current_epoch + 1) % self.figures_every:
+            return
+        source = self.collectors.get("train_eval") or self.collectors.get("train")
+        if source is None or not trainer.is_global_zero:
+            return
+        norms = torch.cat(self._val_norms) if self._val_norms else None
+        log_figures(trainer.logger, trainer.global_step, source.means(),
+                    self._classifier(pl_module)[0], norms)
