@@ -1,0 +1,173 @@
+"""HUG head: learnable class proxies trained with the hyperspherical uniformity gap loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from hug_lightning.heads.base import Head, HeadOutput
+from hug_lightning.losses.hug import HUGConfig, check_inputs, hug_terms
+from hug_lightning.losses.uniformity import l2_normalize
+
+
+class HUGHead(Head):
+    """Proxy head trained with HUG: ``alpha * inter(W) + beta * intra(h, W, y)``.
+
+    The defaults reproduce the authors' released ``HUG_MHE`` (alpha = beta = 1, Riesz s = 2
+    energy averaged over proxy pairs, class-balanced mean of the Euclidean distance between each
+    normalized feature and the stop-gradient normalized proxy of its class). Prediction is the
+    nearest proxy by cosine: :meth:`logits` returns the cosines, ``(B, K)`` in ``[-1, 1]``.
+    The paper quotes alpha = 0.15 with beta = 0.015 (MHE, MHS) or 0.03 (MGD). The loss is
+    computed in float32 under bf16/fp16 autocast, and both terms are computed (and logged as
+    ``inter`` and ``intra``) even when their weight is 0, so the proxies never leave the graph.
+
+    Distributed training (Lightning DDP: each rank computes the loss on its local batch and the
+    gradients are averaged over the ``R`` ranks). The inter term uses all ``K`` proxies, which are
+    identical on every rank, so its gradient is the same everywhere and the average equals the
+    single-process gradient. The intra term is computed on the local batch:
+
+    * ``intra_reduction="per_sample"`` with equal local batch sizes: the average of the per-rank
+      means is the mean over the global batch, so DDP equals one process on the global batch;
+    * ``intra_reduction="class_balanced"``: each rank takes the mean over the classes present in
+      its LOCAL batch, so DDP optimizes ``(1/R) sum_r (1/|C_r|) sum_{c in C_r} mean_{i in r, y_i=c}
+      dist_i``, i.e. sample ``i`` of rank ``r`` has weight ``1 / (R |C_r| n_{r,y_i})``, instead of
+      the single-process weight ``1 / (|C| n_{y_i})`` (``C``, ``n`` over the global batch). The two
+      agree when every rank holds the same classes with counts ``n_{r,c} = n_c / R`` (e.g. a
+      class-stratified sampler); otherwise they differ slightly. No extra communication is done.
+
+    Args:
+        num_classes: Number of classes ``K`` (at least 2). Filled in by the module.
+        in_features: Feature width ``d``. Filled in by the module.
+        variant: Inter-class uniformity term on the normalized proxies: ``"mhe"`` (minimum
+            hyperspherical energy, Riesz energy averaged over pairs; released form), ``"mhs"``
+            (maximum hyperspherical separation, ``-min`` pairwise squared distance) or ``"mgd"``
+            (maximum Gram determinant, ``-logdet`` of the Gaussian-kernel Gram matrix, via a
+            float64 LU: the slowest variant, about 3 ms of GPU time per step at K = 1000).
+        alpha: Weight of the inter-class term, ``>= 0``.
+        beta: Weight of the intra-class term, ``>= 0`` (alpha and beta cannot both be 0).
+        energy_s: Riesz exponent of ``"mhe"``: 2 (released, ``1/||w_c - w_c'||^2``), 1
+            (``1/||w_c - w_c'||``) or 0 (log energy ``log(1/||w_c - w_c'||)``).
+        mhs_mode: ``"hard"`` (the authors' form: gradient only on the closest pair) or ``"soft"``
+            (NOT the authors' form: smooth soft-min ``tau * logsumexp(-D^2/tau)`` over pairs).
+        mhs_tau: Temperature of the soft MHS, positive; used only with ``mhs_mode="soft"``.
+        mgd_jitter: Added to the diagonal of the MGD Gram matrix before the log-determinant
+            (``>= 0``; keeps it finite when proxies coincide).
+        mgd_normalize: Divide the MGD ``-logdet`` by ``K`` (package default; a per-class scale
+            comparable across ``K``). ``False`` gives the plain ``-logdet``.
+        intra_power: 1 for the Euclidean distance ``||x_i - w_{y_i}||`` (released), 2 for the
+            squared distance (stronger pull far from the proxy, weaker near it).
+        intra_reduction: ``"class_balanced"`` (released: mean over the classes present in the
+            batch of the per-class mean distance) or ``"per_sample"`` (plain mean over the batch).
+        detach_proxy: Stop the intra term's gradient into the proxies (released: ``True``); the
+            proxies then move only under the inter term and weight decay.
+        eps: Floor on squared norms and squared distances, positive: rows with norm below
+            ``sqrt(eps)`` are divided by ``sqrt(eps)`` (a zero feature gives a finite loss and
+            gradient), the MHE energy uses ``max(||w_c - w_c'||^2, eps)`` (coincident proxies
+            cost a large finite penalty, not NaN/Inf), and with ``intra_power=1`` the gradient of
+            a distance below ``sqrt(eps)`` is set to 0 (the distance itself is exact).
+        proxy_init: ``"normal"``: i.i.d. Gaussian rows normalized to unit norm; ``"orthogonal"``:
+            ``nn.init.orthogonal_`` then rows normalized (orthonormal rows when ``K <= d``).
+        check_labels: Check that labels lie in ``[0, K)`` on every call, also on GPU (this reads the
+            labels' min and max back to the host: a sync per step). Labels on CPU are always
+            checked, since that costs no device sync.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_features: int,
+        variant: Literal["mhe", "mhs", "mgd"] = "mhe",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        energy_s: Literal[0, 1, 2] = 2,
+        mhs_mode: Literal["hard", "soft"] = "hard",
+        mhs_tau: float = 0.1,
+        mgd_jitter: float = 1e-6,
+        mgd_normalize: bool = True,
+        intra_power: Literal[1, 2] = 1,
+        intra_reduction: Literal["class_balanced", "per_sample"] = "class_balanced",
+        detach_proxy: bool = True,
+        eps: float = 1e-8,
+        proxy_init: Literal["normal", "orthogonal"] = "normal",
+        check_labels: bool = False,
+    ) -> None:
+        super().__init__(num_classes, in_features)
+        self.config = HUGConfig(
+            variant=variant,
+            alpha=float(alpha),
+            beta=float(beta),
+            energy_s=energy_s,
+            mhs_mode=mhs_mode,
+            mhs_tau=float(mhs_tau),
+            mgd_jitter=float(mgd_jitter),
+            mgd_normalize=bool(mgd_normalize),
+            intra_power=intra_power,
+            intra_reduction=intra_reduction,
+            detach_proxy=bool(detach_proxy),
+            eps=float(eps),
+        )
+        if proxy_init not in ("normal", "orthogonal"):
+            raise ValueError(
+                f"HUGHead: proxy_init must be 'normal' or 'orthogonal', got {proxy_init!r}."
+            )
+        self.proxy_init = proxy_init
+        self.check_labels = bool(check_labels)
+        self.proxies = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the proxies again (``proxy_init``) and normalize the rows to unit norm."""
+        with torch.no_grad():
+            if self.proxy_init == "orthogonal":
+                nn.init.orthogonal_(self.proxies)
+            else:
+                nn.init.normal_(self.proxies, std=1.0 / math.sqrt(self.in_features))
+            self.proxies.copy_(l2_normalize(self.proxies, self.config.eps))
+
+    @property
+    def class_vectors(self) -> Tensor:
+        return self.proxies
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"num_classes={self.num_classes}, in_features={self.in_features}, "
+            f"variant={c.variant!r}, alpha={c.alpha}, beta={c.beta}"
+        )
+
+    def _validate(self, features: Tensor, labels: Tensor) -> None:
+        check_inputs(features, self.proxies, labels)
+        if self.check_labels or labels.device.type == "cpu":
+            lo, hi = int(labels.min()), int(labels.max())
+            for value in (lo, hi):
+                if not 0 <= value < self.num_classes:
+                    raise ValueError(
+                        f"HUGHead: label {value} out of range for num_classes={self.num_classes} "
+                        f"(labels must lie in [0, {self.num_classes - 1}])."
+                    )
+
+    def logits(self, features: Tensor) -> Tensor:
+        x = l2_normalize(features, self.config.eps)
+        w = l2_normalize(self.proxies, self.config.eps)
+        return x @ w.T
+
+    def loss(self, features: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self._validate(features, labels)
+        out, _ = hug_terms(features, self.proxies, labels, self.config)
+        return out.total, {"inter": out.inter.detach(), "intra": out.intra.detach()}
+
+    def forward_train(self, features: Tensor, labels: Tensor) -> HeadOutput:
+        # the loss returns the normalized rows [x; w]: the logits reuse them (one matmul)
+        self._validate(features, labels)
+        out, unit = hug_terms(features, self.proxies, labels, self.config)
+        b = features.shape[0]
+        with torch.no_grad():
+            logits = unit[:b] @ unit[b:].T
+        terms = {"inter": out.inter.detach(), "intra": out.intra.detach()}
+        return HeadOutput(out.total, terms, logits)
+
+
+__all__ = ["HUGHead"]
