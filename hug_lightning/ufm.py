@@ -16,12 +16,14 @@ weight decay 5e-4).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from hug_lightning.data.loading import global_seed
 
 
 class FreeFeatures(nn.Module):
@@ -32,14 +34,18 @@ class FreeFeatures(nn.Module):
         num_samples: Number of feature vectors ``N``; ``None`` takes ``num_samples`` from the
             data module at the start of training (or the shape stored in a checkpoint).
         init_scale: Features start uniform in ``[-init_scale, init_scale] / sqrt(d)``.
+        seed: Seed of that initialisation (``None``: the ``seed_everything`` seed), drawn from
+            its own generator so 1 and N processes start from the same features.
     """
 
-    def __init__(self, dim: int = 512, num_samples: int | None = None, init_scale: float = 1.0):
+    def __init__(self, dim: int = 512, num_samples: int | None = None, init_scale: float = 1.0,
+                 seed: int | None = None):
         super().__init__()
         if dim < 1:
             raise ValueError(f"FreeFeatures: dim must be positive, got {dim}.")
         self.num_features = int(dim)
         self.init_scale = float(init_scale)
+        self.seed = seed
         self.weight = nn.Parameter(torch.empty(0, self.num_features))
         if num_samples is not None:
             self.materialize(num_samples)
@@ -56,8 +62,9 @@ class FreeFeatures(nn.Module):
             raise ValueError(f"FreeFeatures holds {self.num_samples} vectors; the data has "
                              f"{num_samples}. Use the data module it was trained with.")
         bound = self.init_scale / math.sqrt(self.num_features)
-        data = torch.empty(num_samples, self.num_features, device=self.weight.device)
-        self.weight = nn.Parameter(data.uniform_(-bound, bound))
+        gen = torch.Generator().manual_seed(self.seed if self.seed is not None else global_seed())
+        data = torch.rand(num_samples, self.num_features, generator=gen) * (2 * bound) - bound
+        self.weight = nn.Parameter(data.to(self.weight.device))
 
     def bind_data(self, datamodule: Any) -> None:
         """Size the features from ``datamodule.num_samples`` (called by the module's setup)."""
@@ -79,12 +86,26 @@ class FreeFeatures(nn.Module):
         return self.weight[index]
 
 
+class _Repeat(IterableDataset):
+    """Yields the same batch ``steps`` times."""
+
+    def __init__(self, batch: tuple[Tensor, Tensor], steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iter([self.batch] * self.steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 class UFMDataModule(LightningDataModule):
     """Balanced labels for the unconstrained-features model: batches of ``(index, label)``.
 
     Sample ``i`` has label ``i // samples_per_class``. Validation and test use the same
     samples (the UFM has no unseen data): their accuracy is the nearest-class-vector accuracy
-    of the learned features.
+    of the learned features. Under DDP, full batches are split across processes (rank ``r``
+    takes samples ``r, r + W, ...``); with ``batch_size`` set, Lightning's sampler shards.
 
     Args:
         num_classes: Number of classes ``K``.
@@ -121,9 +142,15 @@ class UFMDataModule(LightningDataModule):
         self.dataset = TensorDataset(index, self.labels)
 
     def _full_batches(self, steps: int) -> DataLoader:
-        # whole-tensor batches: no per-sample collation of N items at every step
-        batch = (torch.arange(self.num_samples), self.labels)
-        return DataLoader([batch] * steps, batch_size=None)
+        """``steps`` whole-shard batches: this rank's samples ``rank, rank + W, ...``.
+
+        An iterable data set: no per-sample collation of N items per step, and Lightning
+        injects no ``DistributedSampler`` (which would pad and duplicate samples).
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        index = torch.arange(rank, self.num_samples, world)
+        return DataLoader(_Repeat((index, self.labels[index]), steps), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
         if self.batch_size >= self.num_samples:

@@ -1,0 +1,89 @@
+"""NeuralCollapseMonitor inside real fits: logged values, DDP equality, config switches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from hug_lightning.cli import main
+
+SIMPLEX_10 = 96.37937  # arccos(-1/9) in degrees
+
+
+def ufm_args(log_dir: Path, *extra: str, name: str = "ufm") -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+        "--trainer.logger.init_args.save_dir", str(log_dir),
+        "--trainer.logger.init_args.name", name,
+        "--model.init_args.backbone.init_args.dim", "32",
+        "--data.init_args.samples_per_class", "10",
+        *extra,
+    ]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_ufm_fit_logs_collapse(tmp_path):
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "60")])
+    logged = scalars(Path(cli.trainer.log_dir))
+    nc1 = logged["nc/train_eval/nc1_pinv"]
+    assert nc1[-1] < 1e-3 * nc1[0], (nc1[0], nc1[-1])  # within-class variability collapses
+    assert abs(logged["nc/train_eval/gnc2_min_angle_means"][-1] - SIMPLEX_10) < 0.5
+    assert abs(logged["nc/train_eval/gnc2_min_angle_weights"][-1] - SIMPLEX_10) < 0.5
+    assert logged["nc/val/ncc_accuracy"][-1] == 1.0
+    assert abs(logged["geometry/min_angle"][-1] - SIMPLEX_10) < 0.5
+
+
+def test_monitor_switches_and_subset(tmp_path):
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2", "--nc.enabled", "false")])
+    assert not [k for k in cli.trainer.callback_metrics if k.startswith("nc/")]
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2",
+                                 "--nc.metrics", "[nc1_pinv, ncc_accuracy]")])
+    names = {k.split("/")[-1] for k in cli.trainer.callback_metrics if k.startswith("nc/")}
+    assert names == {"nc1_pinv", "ncc_accuracy"}
+
+
+def test_collectors_are_separate_and_checkpointed(tmp_path):
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2", "--nc.train", "true")])
+    monitor = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "NeuralCollapseMonitor")
+    cols = list(monitor.collectors.values())
+    assert len(cols) == 3 and len({id(c.s) for c in cols}) == 3  # no shared (merged) states
+    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = next(v for k, v in ckpt["callbacks"].items() if "NeuralCollapseMonitor" in k)
+    pivot = saved["collectors"]["train"]["pivot"]
+    assert torch.equal(pivot, monitor.collectors["train"].pivot.cpu())
+
+
+@pytest.mark.slow
+def test_ddp_logs_the_single_process_numbers(tmp_path):
+    """lr=0 keeps the features fixed: 2 gloo processes must log the 1-process NC values."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--trainer.max_epochs", "2", "--nc.train", "true",
+              "--model.init_args.optimizer.init_args.lr", "0.0",
+              "--model.init_args.optimizer.init_args.weight_decay", "0.0",
+              "--trainer.check_val_every_n_epoch", "1"]
+    runs = {}
+    for devices, strategy in (("1", "auto"), ("2", "ddp")):
+        args = ufm_args(tmp_path / devices, *common, "--trainer.devices", devices,
+                        "--trainer.strategy", strategy)
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", "fit", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[devices] = scalars(next((tmp_path / devices / "ufm").glob("version_*")))
+    single, ddp = runs["1"], runs["2"]
+    tags = [t for t in single if t.startswith("nc/")]
+    assert len(tags) > 30 and set(tags) == {t for t in ddp if t.startswith("nc/")}
+    for tag in tags:
+        a, b = torch.tensor(single[tag]), torch.tensor(ddp[tag])
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True), (tag, a, b)
