@@ -94,3 +94,24 @@ def write_image_folder(root: Path, classes: list[str], train_per_class: int = 20
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(folder / f"{i:04d}.{ext}")
     return Path(root)
+
+
+def write_imagenet_folder(root: Path, wnids: list[str], train_per_class: int | list[int] = 6,
+                          val_per_class: int = 2, seed: int = 0) -> Path:
+    """Write ``root/{train,val}/<wnid>/<wnid>_NNNN.JPEG``: small JPEGs of varied sizes (8-40 px).
+
+    ``train_per_class`` is one count for every class or a list with one count per class.
+    Images are learnable (see :func:`make_images`), cropped to non-square shapes.
+    """
+    per_class = ([train_per_class] * len(wnids) if isinstance(train_per_class, int)
+                 else list(train_per_class))
+    for s_i, (split, counts) in enumerate((("train", per_class),
+                                           ("val", [val_per_class] * len(wnids)))):
+        labels = np.repeat(np.arange(len(wnids)), counts)
+        images = make_images(labels, len(wnids), size=40, seed=seed + s_i)
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            h, w = 8 + (7 * i) % 33, 8 + (11 * i + 5) % 33
+            folder = Path(root) / split / wnids[lab]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[:h, :w]).save(folder / f"{wnids[lab]}_{i:04d}.JPEG", quality=90)
+    return Path(root)

@@ -19,6 +19,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -29,13 +30,9 @@ from hug_lightning.data.folders import (IMAGE_EXTENSIONS, CorruptImageError, fin
 from hug_lightning.data.splits import split_indices
 
 log = logging.getLogger(__name__)
-
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _to_float() -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+_TO_FLOAT = (v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
 
 
 def _listing(names: Sequence[str], limit: int = 20) -> str:  # names shown in one error message
@@ -67,7 +64,8 @@ class ImageFileDataset(Dataset):
     """Image files decoded per sample into ``(3, H, W)`` uint8 tensors, then ``transform``.
 
     Paths are held in one NumPy bytes array, which forked DataLoader workers share without
-    copying (a Python list of strings gets copied page by page as its refcounts change).
+    copying (a list of strings gets copied page by page as its refcounts change). Items may be
+    ``(index, key)``: the transform's random draws then depend on the key only (resumable).
 
     Args:
         samples: ``(path, label)`` pairs.
@@ -80,15 +78,11 @@ class ImageFileDataset(Dataset):
                  transform: Callable[[Tensor], Tensor] | None = None,
                  on_corrupt: Literal["raise", "skip"] = "raise") -> None:
         self._paths = np.array([os.fsencode(p) for p, _ in samples] or [b""])[:len(samples)]
-        self.labels = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
+        self.labels = self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
         self.transform, self.on_corrupt, self._warned = transform, on_corrupt, set()
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def targets(self) -> Tensor:  # labels, in order
-        return self.labels
 
     @property
     def paths(self) -> list[str]:  # file paths, in order
@@ -122,8 +116,16 @@ class ImageFileDataset(Dataset):
         raise CorruptImageError(f"Every image of class {int(self.labels[i])} is unreadable, "
                                 f"e.g. {self.path(i)}.")
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = self._read(i) if self.transform is None else self.transform(self._read(i))
+    accepts_keys = True  # EpochShardSampler gives (index, key): the key seeds the augmentation
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        i, key = item if isinstance(item, tuple) else (item, None)
+        image = self._read(i)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[], enabled=key is not None):
+                if key is not None:  # the draws become a function of (seed, epoch, index)
+                    torch.manual_seed(int(key))
+                image = self.transform(image)
         return image, int(self.labels[i])
 
 
@@ -148,8 +150,7 @@ def resolve_classes(subset: str, root: Path) -> list[str]:
     return sorted(read_class_list(path))
 
 
-def layout_help(root: Path) -> str:
-    """What the data folder must look like, and how to point the config at it."""
+def layout_help(root: Path) -> str:  # what the data folder must look like, what to do
     return (f"Expected layout: {root.resolve() / 'train'}/<wnid>/*.JPEG and "
             f"{root.resolve() / 'val'}/<wnid>/*.JPEG (validation images in class folders, see "
             "the README). ImageNet is never downloaded; point --data.init_args.root at your copy.")
@@ -203,12 +204,10 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
-        if images_per_class is not None and fraction is not None:
-            raise ValueError("Give images_per_class or fraction, not both.")
-        if images_per_class is not None and images_per_class < 1:
-            raise ValueError(f"images_per_class must be >= 1, got {images_per_class}.")
-        if fraction is not None and not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        bad_k = images_per_class is not None and (fraction is not None or images_per_class < 1)
+        if bad_k or (fraction is not None and not 0.0 < fraction <= 1.0):
+            raise ValueError("Give images_per_class (>= 1) or fraction (in (0, 1]), not both; got "
+                             f"{images_per_class} and {fraction}.")
         if min(image_size, resize_size) < 1 or on_corrupt not in ("raise", "skip"):
             raise ValueError(f"Need positive image_size, resize_size and on_corrupt raise|skip, "
                              f"got {image_size}, {resize_size}, {on_corrupt!r}.")
@@ -219,7 +218,6 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         self.classes: list[str] = resolve_classes(subset, self.root)
         self.num_classes = len(self.classes)
 
-    # ------------------------------------------------------------------ checks and scanning
     def check_layout(self, splits: Sequence[str] = ("train", "val")) -> None:
         """Raise ONE :class:`DataNotFoundError` listing every missing folder and class."""
         if not self.root.is_dir():
@@ -261,31 +259,27 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
 
     def select_train(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
         """Apply ``images_per_class`` / ``fraction`` (seeded per class) to sorted samples."""
-        if self.images_per_class is None and self.fraction is None:
-            return samples
         kept: list[tuple[Path, int]] = []
         for c, group in groupby(samples, key=lambda s: s[1]):  # samples are sorted by class
             items = list(group)
-            n = len(items)
-            k = (min(self.images_per_class, n) if self.images_per_class is not None
-                 else min(n, max(1, round(self.fraction * n))))
-            kept.extend(items[i] for i in seeded_choice(n, k, self.seed, c))
+            k = (min(self.images_per_class, len(items)) if self.images_per_class is not None
+                 else len(items) if self.fraction is None
+                 else min(len(items), max(1, round(self.fraction * len(items)))))
+            kept.extend(items[i] for i in seeded_choice(len(items), k, self.seed, c))
         return kept
 
-    # ------------------------------------------------------------------ transforms
     def train_transform(self) -> Callable[[Tensor], Tensor]:
         """RandomResizedCrop(image_size) and horizontal flip, then normalization."""
         if not self.augment:
             return self.eval_transform()
         return v2.Compose([v2.RandomResizedCrop(self.image_size, antialias=True),
-                           v2.RandomHorizontalFlip(), *_to_float()])
+                           v2.RandomHorizontalFlip(), *_TO_FLOAT])
 
     def eval_transform(self) -> Callable[[Tensor], Tensor]:
         """Resize(resize_size) and CenterCrop(image_size), then normalization."""
         return v2.Compose([v2.Resize(self.resize_size, antialias=True),
-                           v2.CenterCrop(self.image_size), *_to_float()])
+                           v2.CenterCrop(self.image_size), *_TO_FLOAT])
 
-    # ------------------------------------------------------------------ data sets
     def build_datasets(self, stage: str) -> None:
         needs_train = stage not in ("test", "predict")
         self.check_layout(("train", "val") if needs_train else ("val",))
@@ -295,8 +289,9 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         full = ImageFileDataset(self.select_train(self.scan("train")), None, self.on_corrupt)
         train_idx, val_idx = split_indices(len(full), self.val_split, self.seed)
         self.train_set = full.subset(train_idx, self.train_transform())
+        self.train_eval_set = full.subset(train_idx, self.eval_transform())
         self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
                         else self.test_set)
-        log.info("ImageNet subset %s: %d classes, %d train / %d val / %d test images.",
-                 self.subset, self.num_classes, len(self.train_set), len(self.val_set),
-                 len(self.test_set))
+        rank_zero_info(f"ImageNet subset {self.subset}: {self.num_classes} classes, "
+                       f"{len(self.train_set)} train / {len(self.val_set)} val / "
+                       f"{len(self.test_set)} test images")

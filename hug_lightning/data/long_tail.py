@@ -20,19 +20,17 @@ into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_coun
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from hug_lightning.data.arrays import TensorImageDataset
 from hug_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, _CIFARDataModule
 from hug_lightning.data.imagenet import seeded_choice
-
-log = logging.getLogger(__name__)
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
@@ -151,6 +149,7 @@ class _LongTailCIFAR(_CIFARDataModule):
                                                                              self.seed))
             train_idx, val_idx = stratified_split(full.targets, self.val_split, self.seed)
             self.train_set = full.subset(train_idx, self.train_transform())
+            self.train_eval_set = full.subset(train_idx, self.eval_transform())
             self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
                             else self.test_set)
             counts.update(n_max=n_max, long_tail=target,
@@ -160,9 +159,8 @@ class _LongTailCIFAR(_CIFARDataModule):
         self.class_counts = {"dataset": self.name, "imbalance_ratio": self.imbalance_ratio,
                              "imbalance_type": self.imbalance_type, "seed": self.seed, **counts}
         if "train" in counts:
-            log.info("%s (ratio %g, %s): %d training images, per class %s.", self.name,
-                     self.imbalance_ratio, self.imbalance_type, sum(counts["train"]),
-                     counts["train"])
+            rank_zero_info(f"{self.name} (ratio {self.imbalance_ratio:g}, {self.imbalance_type}): "
+                           f"{sum(counts['train'])} training images, per class {counts['train']}")
         self.save_class_counts()
 
     def _bincount(self, labels: Tensor) -> list[int]:
@@ -178,7 +176,8 @@ class _LongTailCIFAR(_CIFARDataModule):
             return None
         path = Path(log_dir) / "class_counts.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.class_counts, indent=1) + "\n")
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.class_counts.items()]
+        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one line per entry
         for logger in trainer.loggers:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if callable(add_text):  # TensorBoard

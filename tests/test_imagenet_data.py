@@ -1,0 +1,216 @@
+"""ImageNet subsets on generated class-folder trees: classes, sampling, DDP shards, errors, CLI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from conftest import tiny_args
+from datagen import write_imagenet_folder
+from hug_lightning.cli import main
+from hug_lightning.data import DataNotFoundError, ImageNetSubsetDataModule
+from hug_lightning.data.folders import CorruptImageError
+from hug_lightning.data.imagenet import read_class_list, resolve_classes
+from hug_lightning.data.samplers import ShardedEvalSampler
+
+IMAGENETTE = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+              "n03394916", "n03417042", "n03425413", "n03445777", "n03888257"]
+IMAGEWOOF = ["n02086240", "n02087394", "n02088364", "n02089973", "n02093754",
+             "n02096294", "n02099601", "n02105641", "n02111889", "n02115641"]
+EXTRA = ["n09999991", "n00000002"]  # class folders outside the subset
+TRAIN_COUNTS = [7, 9, 12, 8, 10, 11, 7, 13, 9, 10, 6, 6]
+
+
+@pytest.fixture(scope="session")
+def inet_root(tmp_path_factory) -> Path:
+    """Imagenette classes (in shuffled order) plus two others; 6-13 training, 3 val per class."""
+    wnids = IMAGENETTE[::-1][:5] + EXTRA + IMAGENETTE[::-1][5:]
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"), wnids,
+                                 TRAIN_COUNTS[:len(wnids)], val_per_class=3)
+
+
+def _dm(root: Path, **kwargs) -> ImageNetSubsetDataModule:
+    kwargs = {"subset": "imagenette", "image_size": 32, "resize_size": 36, "num_workers": 0,
+              "batch_size": 8, "pin_memory": False, **kwargs}
+    return ImageNetSubsetDataModule(root=str(root), **kwargs)
+
+
+def _files(root: Path, split: str, wnid: str) -> list[str]:
+    return sorted(str(p) for p in (root / split / wnid).iterdir())
+
+
+def test_shipped_class_lists():
+    inet100 = resolve_classes("imagenet100", Path("nowhere"))
+    assert len(inet100) == len(set(inet100)) == 100 and inet100 == sorted(inet100)
+    assert all(re.fullmatch(r"n\d{8}", w) for w in inet100)
+    assert {"n02869837", "n01749939", "n02090622"} <= set(inet100)
+    assert resolve_classes("imagenette", Path("nowhere")) == IMAGENETTE
+    assert resolve_classes("imagewoof", Path("nowhere")) == IMAGEWOOF
+    dm = ImageNetSubsetDataModule(root="nowhere")  # num_classes known without any data
+    assert dm.num_classes == 100
+
+
+def test_subset_classes_labels_and_items(inet_root):
+    dm = _dm(inet_root)
+    dm.setup("fit")
+    assert dm.classes == IMAGENETTE and dm.num_classes == 10
+    assert dm.val_set is dm.test_set  # val_split 0: the official val folder
+    for ds, split in ((dm.train_set, "train"), (dm.test_set, "val")):
+        for path, label in zip(ds.paths, ds.targets.tolist()):
+            assert Path(path).parent.name == IMAGENETTE[label]
+            assert Path(path).parent.parent.name == split
+        got = torch.bincount(ds.targets, minlength=10).tolist()
+        assert got == [len(_files(inet_root, split, w)) for w in IMAGENETTE]
+    x, y = dm.train_set[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+    x, y = dm.val_set[len(dm.val_set) - 1]
+    assert x.shape == (3, 32, 32) and y == 9
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[0].shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kwargs", [{"images_per_class": 8}, {"fraction": 0.5}])
+def test_per_class_sampling_is_seeded(inet_root, kwargs):
+    def build(seed):
+        dm = _dm(inet_root, seed=seed, **kwargs)
+        dm.setup("fit")
+        return dm
+
+    dm = build(0)
+    for c, wnid in enumerate(IMAGENETTE):
+        files = _files(inet_root, "train", wnid)
+        chosen = [p for p, y in zip(dm.train_set.paths, dm.train_set.targets) if y == c]
+        expected = (min(8, len(files)) if "images_per_class" in kwargs
+                    else max(1, round(0.5 * len(files))))
+        assert len(chosen) == expected and set(chosen) <= set(files)
+        assert chosen == sorted(chosen)
+    assert build(0).train_set.paths == dm.train_set.paths  # the same on every run and rank
+    assert build(1).train_set.paths != dm.train_set.paths
+    assert len(dm.test_set) == 30  # evaluation images are never sub-sampled
+
+
+def test_ddp_shards_identical_disjoint_covering(inet_root):
+    ranks = [_dm(inet_root, fraction=0.7, val_split=0.25, seed=5) for _ in range(2)]
+    for r, dm in enumerate(ranks):
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=r, training=False)
+    assert ranks[0].train_set.paths == ranks[1].train_set.paths
+    assert ranks[0].val_set.paths == ranks[1].val_set.paths
+    assert not set(ranks[0].train_set.paths) & set(ranks[0].val_set.paths)
+    n = len(ranks[0].train_set)
+    shards = []
+    for dm in ranks:
+        sampler = dm.train_dataloader().sampler  # the train loader's DistributedSampler
+        assert isinstance(sampler, DistributedSampler) and sampler.num_replicas == 2
+        sampler.set_epoch(3)
+        shards.append([i for i, _key in sampler])
+    assert set(shards[0]) | set(shards[1]) == set(range(n))
+    assert len(set(shards[0]) & set(shards[1])) == n % 2  # only DistributedSampler's padding
+    for name in ("val_dataloader", "test_dataloader"):
+        loaders = [getattr(dm, name)() for dm in ranks]
+        assert all(isinstance(ld.sampler, ShardedEvalSampler) for ld in loaders)
+        ev = [list(ld.sampler) for ld in loaders]
+        assert sorted(ev[0] + ev[1]) == list(range(len(ranks[0].val_set if name[0] == "v"
+                                                         else ranks[0].test_set)))
+
+
+def test_keyed_augmentation_is_a_function_of_the_key(inet_root):
+    dm = _dm(inet_root)
+    dm.setup("fit")
+    a, b, c = dm.train_set[(3, 1234)], dm.train_set[(3, 1234)], dm.train_set[(3, 99)]
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] == 0
+    assert not torch.equal(a[0], c[0])
+    x, _ = dm.train_eval_set[3]  # training images with the evaluation transform
+    assert torch.equal(x, dm.train_eval_set[3][0]) and x.shape == (3, 32, 32)
+
+
+def test_class_list_file_and_full(inet_root, tmp_path):
+    listing = tmp_path / "mine.txt"
+    listing.write_text(f"# my subset\n{IMAGENETTE[3]}  # chain saw\n\n{EXTRA[0]}\n"
+                       f"{IMAGENETTE[0]}\n")
+    assert read_class_list(listing) == [IMAGENETTE[3], EXTRA[0], IMAGENETTE[0]]
+    dm = _dm(inet_root, subset=str(listing))
+    assert dm.classes == sorted([IMAGENETTE[3], EXTRA[0], IMAGENETTE[0]]) and dm.num_classes == 3
+    dm.setup("test")
+    assert dm.train_set is None and len(dm.test_set) == 9
+    assert _dm(inet_root, subset="full").num_classes == 12
+    with pytest.raises(DataNotFoundError, match="full"):
+        _dm(tmp_path / "absent", subset="full")
+    listing.write_text(f"{EXTRA[0]}\n{EXTRA[0]}\n")
+    with pytest.raises(ValueError, match="twice"):
+        _dm(inet_root, subset=str(listing))
+
+
+def test_bad_arguments(inet_root):
+    with pytest.raises(ValueError, match="not both"):
+        _dm(inet_root, images_per_class=3, fraction=0.5)
+    for bad in ({"fraction": 1.5}, {"fraction": 0.0}, {"images_per_class": 0}):
+        with pytest.raises(ValueError, match="fraction"):
+            _dm(inet_root, **bad)
+    with pytest.raises(ValueError, match="imagenet100, imagenette, imagewoof"):
+        _dm(inet_root, subset="imagenet_typo")
+
+
+def test_missing_root_and_missing_wnids_in_one_message(inet_root, tmp_path):
+    absent = tmp_path / "absent"
+    with pytest.raises(DataNotFoundError) as err:
+        _dm(absent).prepare_data()
+    assert str(absent.resolve()) in str(err.value) and "val" in str(err.value)
+    dm = _dm(inet_root, subset="imagenet100")  # only two of these classes exist there
+    with pytest.raises(DataNotFoundError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert str(inet_root.resolve()) in msg
+    missing = [w for w in dm.classes if w not in IMAGENETTE + EXTRA]
+    assert f"{len(missing)} of the 100 class folders are missing" in msg
+    assert all(w in msg for w in missing[:20]) and f"({len(missing) - 20} more)" in msg
+    assert "train" in msg and "val" in msg  # both splits, one error
+    shutil.copytree(inet_root / "train", tmp_path / "only_train" / "train")
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        _dm(tmp_path / "only_train").prepare_data()
+
+
+def test_corrupt_jpeg_names_the_file(inet_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(inet_root, root)
+    bad = Path(_files(root, "train", IMAGENETTE[2])[1])
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 3)
+    dm = _dm(root, augment=False)
+    dm.setup("fit")
+    i = dm.train_set.paths.index(str(bad))
+    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
+        dm.train_set[i]
+    dm = _dm(root, on_corrupt="skip", augment=False)
+    dm.setup("fit")
+    image, label = dm.train_set[i]  # the next image of the same class stands in
+    assert label == 2 and image.shape == (3, 32, 32)
+    assert torch.equal(image, dm.train_set[i + 1][0])
+    assert len(dm.train_set) == sum(len(_files(root, "train", w)) for w in IMAGENETTE)
+
+
+def _imagenet_args(root: Path, log_dir: Path, config: str, *extra: str) -> list[str]:
+    args = tiny_args(root, log_dir, config=config)
+    i = args.index("--data.init_args.download")
+    del args[i:i + 2]  # ImageNet is never downloaded: no such option
+    return [*args, "--data.init_args.subset", "imagenette", "--data.init_args.image_size", "32",
+            "--data.init_args.resize_size", "36", *extra]
+
+
+@pytest.mark.parametrize("config", ["imagenet100_ce", "imagenet100_hug"])
+def test_cli_fit_then_test(inet_root, tmp_path, config):
+    args = _imagenet_args(inet_root, tmp_path, config, "--trainer.limit_train_batches", "2")
+    cli = main(["fit", *args])
+    assert cli.model.num_classes == 10
+    assert type(cli.model.head).__name__ == ("HUGHead" if config.endswith("hug") else
+                                             "CrossEntropyHead")
+    assert {"train/loss", "val/acc"} <= set(cli.trainer.callback_metrics)
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    cli = main(["test", *args, "--ckpt_path", str(last), "--trainer.limit_test_batches", "1.0"])
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
+    assert len(cli.datamodule.test_set) == 30

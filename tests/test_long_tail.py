@@ -1,0 +1,133 @@
+"""Long-tailed CIFAR-10/100 (LDAM protocol) on generated torchvision-format data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_args
+from datagen import write_cifar10_torchvision, write_cifar100_torchvision
+from hug_lightning.cli import main
+from hug_lightning.data import (CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule,
+                                CIFAR100LTDataModule)
+from hug_lightning.data.long_tail import long_tail_counts, stratified_split
+
+N_MAX = 100  # generated training images per class
+
+
+@pytest.fixture(scope="session")
+def cifar10_lt_root(tmp_path_factory) -> Path:
+    return write_cifar10_torchvision(tmp_path_factory.mktemp("c10lt"), train_per_class=N_MAX,
+                                     test_per_class=4)
+
+
+@pytest.fixture(scope="session")
+def cifar100_lt_root(tmp_path_factory) -> Path:
+    return write_cifar100_torchvision(tmp_path_factory.mktemp("c100lt"), train_per_class=N_MAX,
+                                      test_per_class=2)
+
+
+def closed_form(n_max: int, k: int, ratio: float) -> list[int]:
+    return [math.floor(n_max * ratio ** (-i / (k - 1))) for i in range(k)]
+
+
+def test_ldam_reference_counts():
+    assert long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    totals = {(5000, 10, 100): 12406, (5000, 10, 10): 20431, (500, 100, 100): 10847,
+              (500, 100, 10): 19573}  # the training-set sizes reported with LDAM
+    for (n_max, k, ratio), total in totals.items():
+        counts = long_tail_counts(n_max, k, ratio)
+        assert sum(counts) == total and counts == closed_form(n_max, k, ratio)
+        assert counts[0] == n_max and counts[-1] == n_max // ratio
+    assert long_tail_counts(500, 5, 10, "step") == [500, 500, 50, 50, 50]
+    assert long_tail_counts(7, 4, 1) == [7, 7, 7, 7]
+    with pytest.raises(ValueError, match=">= 1"):
+        long_tail_counts(10, 10, 0.5)
+    with pytest.raises(ValueError, match="exp"):
+        long_tail_counts(10, 10, 10, "linear")
+
+
+@pytest.mark.parametrize("ratio", [10, 100])
+@pytest.mark.parametrize("which", ["cifar10", "cifar100"])
+def test_counts_equal_closed_form(which, ratio, request, no_checksum):
+    cls, k = (CIFAR10LTDataModule, 10) if which == "cifar10" else (CIFAR100LTDataModule, 100)
+    root = request.getfixturevalue(f"{which}_lt_root")
+    dm = cls(root=str(root), download=False, imbalance_ratio=ratio, num_workers=0)
+    assert isinstance(dm, CIFAR10DataModule if k == 10 else CIFAR100DataModule)
+    dm.setup("fit")
+    expected = closed_form(N_MAX, k, ratio)
+    assert torch.bincount(dm.train_set.targets, minlength=k).tolist() == expected
+    assert dm.val_set is dm.test_set  # val_split 0: the balanced test set
+    assert torch.equal(dm.train_eval_set.indices, dm.train_set.indices)
+    test_counts = torch.bincount(dm.test_set.targets, minlength=k).tolist()
+    assert len(set(test_counts)) == 1  # the test set stays balanced
+    counts = dm.class_counts
+    assert counts["long_tail"] == counts["train"] == expected and counts["n_max"] == N_MAX
+    assert counts["val_source"] == "test" and counts["test"] == test_counts
+
+
+def test_selection_is_seeded_and_a_subset(cifar10_lt_root, no_checksum):
+    def build(seed: int) -> CIFAR10LTDataModule:
+        dm = CIFAR10LTDataModule(root=str(cifar10_lt_root), download=False, seed=seed,
+                                 imbalance_ratio=10, num_workers=0)
+        dm.setup("fit")
+        return dm
+
+    a, b, c = build(0), build(0), build(1)
+    assert torch.equal(a.train_set.indices, b.train_set.indices)  # every rank, every run
+    assert not torch.equal(a.train_set.indices, c.train_set.indices)
+    assert a.train_set.indices.unique().numel() == len(a.train_set)
+    # Every image kept is an original training image of its class.
+    full = CIFAR10DataModule(root=str(cifar10_lt_root), download=False)
+    images, labels = full.load_split(train=True)
+    assert torch.equal(labels[a.train_set.indices], a.train_set.targets)
+    assert torch.equal(images[a.train_set.indices], a.train_set.images[a.train_set.indices])
+
+
+def test_val_split_from_long_tailed_train(cifar10_lt_root, no_checksum):
+    dm = CIFAR10LTDataModule(root=str(cifar10_lt_root), download=False, imbalance_ratio=100,
+                             val_split=0.2, num_workers=0)
+    dm.setup("fit")
+    train_idx, val_idx = dm.train_set.indices, dm.val_set.indices
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    train = torch.bincount(dm.train_set.targets, minlength=10)
+    val = torch.bincount(dm.val_set.targets, minlength=10)
+    assert (train + val).tolist() == closed_form(N_MAX, 10, 100)
+    assert (train >= 1).all() and val[0] == 20  # 20% of the head class, >= 1 kept per class
+    assert dm.class_counts["val_source"] == "train" and dm.class_counts["val"] == val.tolist()
+    t, v = stratified_split(torch.tensor([0] * 10 + [1] * 3), 4, seed=0)  # int: about 4
+    assert len(v) == 4 and len(t) == 9
+
+
+def test_bad_ratio_is_a_clear_error(cifar10_lt_root, no_checksum):
+    with pytest.raises(ValueError, match="imbalance_ratio must be >= 1"):
+        CIFAR10LTDataModule(imbalance_ratio=0.5)
+    dm = CIFAR10LTDataModule(root=str(cifar10_lt_root), download=False, imbalance_ratio=1000)
+    with pytest.raises(ValueError, match=r"imbalance_ratio <= 100"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("config, which", [("cifar10_lt100_ce", "cifar10"),
+                                           ("cifar100_lt100_hug", "cifar100")])
+def test_cli_fit_then_test(config, which, request, no_checksum, tmp_path):
+    root = request.getfixturevalue(f"{which}_lt_root")
+    k = 10 if which == "cifar10" else 100
+    args = tiny_args(root, tmp_path, "--trainer.limit_train_batches", "2", config=config)
+    cli = main(["fit", *args])
+    assert cli.model.num_classes == k
+    run = Path(cli.trainer.log_dir)
+    saved = json.loads((run / "class_counts.json").read_text())
+    assert saved["train"] == cli.datamodule.class_counts["train"]
+    assert saved["long_tail"] == closed_form(N_MAX, k, 100)  # the config's ratio 100
+    assert saved["val_source"] == "train"  # tiny_args sets val_split 0.2
+    assert list(run.glob("events.out.tfevents.*"))
+    last = run / "checkpoints" / "last.ckpt"
+    cli = main(["test", *args, "--ckpt_path", str(last), "--trainer.limit_test_batches", "1.0"])
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
+    test_run = Path(cli.trainer.log_dir)
+    assert json.loads((test_run / "class_counts.json").read_text())["test"] == [4 if k == 10
+                                                                                else 2] * k
