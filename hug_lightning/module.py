@@ -67,6 +67,8 @@ class ClassifierModule(LightningModule):
         scheduler_interval: Step the scheduler every ``step`` (batch) or every ``epoch``.
         no_weight_decay: Parameter kinds exempt from weight decay: ``norm`` (normalization
             layers), ``bias``, ``head`` (class vectors / proxies), ``embedding``.
+        head_lr_scale: Multiplier of the learning rate of the head's parameters (class
+            vectors / proxies) relative to the optimizer's ``lr``.
         nonfinite_loss: What a NaN or Inf loss does: ``raise`` (stop with the epoch, step and
             loss terms; on GPUs checked one step late to avoid a host sync per step) or
             ``skip`` (skip that batch's update and count it in ``train/skipped_batches``).
@@ -86,6 +88,7 @@ class ClassifierModule(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         no_weight_decay: Sequence[Literal["norm", "bias", "head", "embedding"]] = (),
+        head_lr_scale: float = 1.0,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         channels_last: bool = False,
         compile: bool = False,
@@ -103,6 +106,9 @@ class ClassifierModule(LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.no_weight_decay = tuple(no_weight_decay)
+        if head_lr_scale <= 0:
+            raise ValueError(f"head_lr_scale must be positive, got {head_lr_scale}.")
+        self.head_lr_scale = float(head_lr_scale)
         self.channels_last = channels_last
         self.backbone = self.configure_backbone(backbone)
         width = getattr(self.backbone, "num_features", None)
@@ -154,25 +160,38 @@ class ClassifierModule(LightningModule):
         self.val_acc_best = MaxMetric()
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Split parameters into a decayed group and a ``weight_decay=0`` group."""
-        decay, no_decay, seen = [], [], set()
+        """Parameter groups: weight decay or not (``no_weight_decay``), head or not.
+
+        The head's groups carry ``lr_scale = head_lr_scale``; :meth:`configure_optimizers`
+        multiplies their learning rate by it once the optimizer is built.
+        """
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        seen: set[int] = set()
         for mod_name, module in self.named_modules():
             for p_name, param in module.named_parameters(recurse=False):
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
+                in_head = mod_name == "head" or mod_name.startswith("head.")
                 kinds = {
                     "norm": isinstance(module, _NORM_TYPES),
                     "bias": p_name == "bias",
-                    "head": mod_name == "head" or mod_name.startswith("head."),
+                    "head": in_head,
                     "embedding": mod_name == "embedding" or mod_name.startswith("embedding."),
                 }
                 exempt = any(kinds[k] for k in self.no_weight_decay)
-                (no_decay if exempt else decay).append(param)
-        groups = [{"params": decay, "name": "decay"}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-        return groups
+                groups.setdefault((in_head, exempt), []).append(param)
+        out = []
+        for (in_head, exempt), params in sorted(groups.items()):
+            group: dict[str, Any] = {"params": params,
+                                     "name": ("head" if in_head else "body")
+                                     + ("_no_decay" if exempt else "")}
+            if exempt:
+                group["weight_decay"] = 0.0
+            if in_head and self.head_lr_scale != 1.0:
+                group["lr_scale"] = self.head_lr_scale
+            out.append(group)
+        return out
 
     # ----------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
@@ -303,6 +322,8 @@ class ClassifierModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         with total_steps_context(self._total_steps()):

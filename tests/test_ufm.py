@@ -1,0 +1,50 @@
+"""The unconstrained-features model reaches the HU optimum of each regime (the shipped configs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import REPO
+from hug_lightning.cli import main
+from hug_lightning.ufm import FreeFeatures, UFMDataModule
+
+# optimal minimum angle between K directions in R^d (hug-method.md, section 1)
+REGIMES = {
+    "ufm_hug": math.degrees(math.acos(-1 / 9)),  # simplex K=10, d=512: 96.379
+    "ufm_hug_orthoplex": 90.0,  # K=20=2d, d=10
+    "ufm_hug_rankin": 90.0,  # K=100, d=64
+    "ufm_hug_decagon": 36.0,  # K=10, d=2
+}
+
+
+@pytest.mark.parametrize("config", sorted(REGIMES))
+def test_ufm_regime_reaches_optimum(config, tmp_path):
+    cli = main(["fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    metrics = cli.trainer.callback_metrics
+    proxies = cli.model.head.class_vectors.detach()
+    unit = torch.nn.functional.normalize(proxies.double(), dim=1)
+    cos = unit @ unit.T - 2 * torch.eye(len(unit), dtype=torch.float64)
+    min_angle = math.degrees(math.acos(float(cos.max())))  # independent of the logged value
+    assert abs(min_angle - REGIMES[config]) < 0.5, (config, min_angle)
+    assert abs(float(metrics["geometry/min_angle"]) - min_angle) < 1e-3
+    assert float(metrics["train/intra"]) < 1e-2
+    assert float(metrics["train/acc"]) == 1.0
+    assert float(metrics["nc/train_eval/nc1_pinv"]) < 1e-3  # starts near 0.5
+
+
+def test_free_features_size_from_data_and_checkpoint():
+    feats = FreeFeatures(dim=4, seed=3)
+    feats.bind_data(UFMDataModule(num_classes=3, samples_per_class=2))
+    assert feats.weight.shape == (6, 4)
+    assert torch.equal(feats.weight, FreeFeatures(dim=4, num_samples=6, seed=3).weight)
+    restored = FreeFeatures(dim=4)
+    restored.load_state_dict(feats.state_dict())  # sized by the stored tensor
+    assert torch.equal(restored.weight, feats.weight)
+    with pytest.raises(ValueError, match="holds 6 vectors"):
+        feats.bind_data(UFMDataModule(num_classes=3, samples_per_class=3))
+    with pytest.raises(RuntimeError, match="not sized"):
+        FreeFeatures(dim=4)(torch.tensor([0]))
