@@ -20,6 +20,7 @@ What it adds to a plain ``LightningCLI``:
 from __future__ import annotations
 
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,9 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         run: Run the subcommand; ``False`` only instantiates model, data and trainer.
     """
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    if args is None:
-        import sys
-
-        args = sys.argv[1:]
-    if isinstance(args, (list, tuple)):
+    if args is None:  # command line: resolve packaged config names in sys.argv itself
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    elif isinstance(args, (list, tuple)):
         args = resolve_config_args([str(a) for a in args])
     return HUGLightningCLI(
         LightningModule,
