@@ -2,7 +2,8 @@
 
 Both are written to cost nothing on GPUs in the common case: a check that needs the value of a
 device tensor on the host (``.item()``) stalls the CUDA stream, so on accelerators labels are
-checked on the first batches of each run only and the loss one step late.
+checked on the first batch of each stage only, and the loss's finiteness flag is copied to the
+host asynchronously and read a few steps later (the error still names the step it came from).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class FiniteLossGuard:
         self.policy = policy
         self.reduce_max = reduce_max
         self.skipped = 0
-        self._pending: tuple[Tensor, dict[str, Tensor], int, int] | None = None
+        self._pending: list[tuple] = []
 
     @staticmethod
     def _describe(terms: dict[str, Tensor], loss: Tensor) -> str:
@@ -82,22 +83,30 @@ class FiniteLossGuard:
                 self.skipped += 1
                 return False
             return True
-        if loss.device.type == "cpu":
+        if loss.device.type != "cuda":
             if not bool(torch.isfinite(loss)):
                 self._fail(loss, terms, epoch, step)
             return True
-        # accelerators: look at the previous step's flag (already computed: no stall)
-        if self._pending is not None:
-            prev_loss, prev_terms, prev_epoch, prev_step = self._pending
-            if not bool(torch.isfinite(prev_loss)):
-                self._fail(prev_loss, prev_terms, prev_epoch, prev_step)
-        self._pending = (loss, {k: v.detach() for k, v in terms.items()}, epoch, step)
+        # CUDA: copy a finiteness flag to pinned host memory without blocking and look at it
+        # once its event has completed (a few steps later): no stall of the stream
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(torch.isfinite(loss), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, flag, loss, {k: v.detach() for k, v in terms.items()},
+                              epoch, step))
+        while self._pending and (self._pending[0][0].query() or len(self._pending) > 64):
+            self._resolve(self._pending.pop(0))
         return True
 
+    def _resolve(self, item: tuple) -> None:
+        event, flag, loss, terms, epoch, step = item
+        event.synchronize()
+        if not bool(flag):
+            self._pending.clear()
+            self._fail(loss, terms, epoch, step)
+
     def flush(self) -> None:
-        """Check the last pending loss (call at the end of an epoch)."""
-        if self._pending is not None:
-            loss, terms, epoch, step = self._pending
-            self._pending = None
-            if not bool(torch.isfinite(loss)):
-                self._fail(loss, terms, epoch, step)
+        """Resolve every pending check (called at the end of each training epoch)."""
+        while self._pending:
+            self._resolve(self._pending.pop(0))

@@ -13,7 +13,7 @@ Either way the images are decoded once into a uint8 tensor ``(N, 3, 32, 32)`` he
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -23,6 +23,8 @@ from torchvision.transforms import v2
 from hug_lightning.data.arrays import TensorImageDataset
 from hug_lightning.data.augment import KeyedCropFlip
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
+from hug_lightning.data.device_loader import DeviceBatchLoader
+from hug_lightning.data.loading import EpochShardSampler, global_seed
 from hug_lightning.data.folders import decode_to_tensor, find_classes, scan_class_folders
 from hug_lightning.data.splits import check_label_range, split_indices
 
@@ -46,6 +48,9 @@ class _CIFARDataModule(ClassificationDataModule):
         seed: Seed of the validation split.
         augment: Random crop (4-pixel zero padding) and horizontal flip on training images.
         on_corrupt: ``raise`` on an unreadable image file (the message names it) or ``skip`` it.
+        device_resident: Keep the uint8 images on the accelerator and build each batch there
+            (gather, crop, flip, normalize: no DataLoader workers). The same batches as the
+            CPU path for the same seed; on a CPU-only machine it runs on the CPU.
     """
 
     name = "CIFAR"
@@ -68,8 +73,10 @@ class _CIFARDataModule(ClassificationDataModule):
         seed: int = 0,
         augment: bool = True,
         on_corrupt: Literal["raise", "skip"] = "raise",
+        device_resident: bool = False,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
+        self.device_resident = bool(device_resident)
         self.root = Path(root if root is not None else self.default_root).expanduser()
         self.download = bool(download)
         self.val_split = val_split
@@ -161,6 +168,31 @@ class _CIFARDataModule(ClassificationDataModule):
 
     def _to_float(self) -> list:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    # ------------------------------------------------------------------ device-resident path
+    def _device_loader(self, dataset: TensorImageDataset, train: bool) -> DeviceBatchLoader:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        idx = dataset.indices if dataset.indices is not None else slice(None)
+        sampler = (EpochShardSampler(dataset, world, rank, shuffle=True, seed=global_seed())
+                   if train else None)
+        return DeviceBatchLoader(
+            dataset.images[idx], dataset.labels[idx],
+            self.batch_size if train else self.eval_batch_size, self.mean, self.std, device,
+            sampler=sampler, augment=train and self.augment, drop_last=train and self.drop_last,
+            next_batch_fn=self._next_train_batch if train else None, world_size=world, rank=rank,
+        )
+
+    def train_dataloader(self) -> Any:
+        if self.device_resident:
+            return self._device_loader(self._require("train_set"), train=True)
+        return super().train_dataloader()
+
+    def _eval_loader(self, dataset: Any) -> Any:
+        if self.device_resident and isinstance(dataset, TensorImageDataset):
+            return self._device_loader(dataset, train=False)
+        return super()._eval_loader(dataset)
 
     def build_datasets(self, stage: str) -> None:
         test_images, test_labels = self.load_split(train=False)

@@ -105,6 +105,7 @@ class _LongTailCIFAR(_CIFARDataModule):
         seed: Seed of the images kept per class and of the validation split.
         augment: Random crop (4-pixel zero padding) and horizontal flip on training images.
         on_corrupt: ``raise`` on an unreadable image file (the message names it) or ``skip`` it.
+        device_resident: Keep the images on the accelerator and build batches there.
     """
 
     def __init__(
@@ -122,9 +123,10 @@ class _LongTailCIFAR(_CIFARDataModule):
         seed: int = 0,
         augment: bool = True,
         on_corrupt: Literal["raise", "skip"] = "raise",
+        device_resident: bool = False,
     ) -> None:
         super().__init__(root, download, val_split, batch_size, eval_batch_size, num_workers,
-                         pin_memory, drop_last, seed, augment, on_corrupt)
+                         pin_memory, drop_last, seed, augment, on_corrupt, device_resident)
         long_tail_counts(1, self.num_classes, imbalance_ratio, imbalance_type)  # checks args
         self.imbalance_ratio = float(imbalance_ratio)
         self.imbalance_type = imbalance_type

@@ -1,0 +1,88 @@
+"""The device-resident CIFAR path gives the CPU path's batches, order and shards."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_args
+from hug_lightning.cli import main
+from hug_lightning.data import CIFAR10DataModule
+from hug_lightning.data.augment import crop_flip_params, mix31, pad_crop_flip, sample_keys
+from hug_lightning.data.device_loader import DeviceBatchLoader
+from hug_lightning.data.loading import EpochShardSampler
+
+
+def _reference_crop_flip(img: torch.Tensor, dx: int, dy: int, flip: bool) -> torch.Tensor:
+    """torchvision-style zero-padded crop then flip, written out by hand."""
+    padded = torch.zeros(img.shape[0], 40, 40, dtype=img.dtype)
+    padded[:, 4:36, 4:36] = img
+    out = padded[:, dy:dy + 32, dx:dx + 32]
+    return out.flip(-1) if flip else out
+
+
+def test_pad_crop_flip_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    dx, dy, flip = crop_flip_params(torch.arange(64), pad=4)
+    out = pad_crop_flip(imgs, dx, dy, flip, pad=4)
+    for i in range(64):
+        ref = _reference_crop_flip(imgs[i], int(dx[i]), int(dy[i]), bool(flip[i]))
+        assert torch.equal(out[i], ref)
+
+
+def test_augmentation_distribution():
+    """Offsets uniform on 0..8, fair flips, independent of each other (chi-square bounds)."""
+    keys = sample_keys(seed=0, epoch=3, index=torch.arange(90_000))
+    dx, dy, flip = crop_flip_params(keys, pad=4)
+    expected = 90_000 / 81
+    joint = torch.bincount(dx * 9 + dy, minlength=81).double()
+    chi2 = ((joint - expected) ** 2 / expected).sum()
+    assert chi2 < 130  # 80 degrees of freedom: p < 1e-3 above ~124
+    assert abs(flip.double().mean() - 0.5) < 0.01
+    for value in range(9):  # flip independent of the offset
+        assert abs(flip[dx == value].double().mean() - 0.5) < 0.03
+    epoch4 = crop_flip_params(sample_keys(0, 4, torch.arange(90_000)), pad=4)[0]
+    assert (epoch4 == dx).double().mean() < 0.15  # a new draw each epoch (1/9 agree by chance)
+    assert int(mix31(torch.tensor(2**31 - 1))) < 2**31
+
+
+def test_device_path_equals_cpu_path(cifar10_folder_root):
+    dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                           batch_size=16, num_workers=0)
+    dm.setup("fit")
+    cpu_loader = dm.train_dataloader()
+    cpu_loader.sampler.set_epoch(2)
+    dm_dev = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                               batch_size=16, num_workers=0, device_resident=True)
+    dm_dev.setup("fit")
+    dev_loader = dm_dev.train_dataloader()
+    assert isinstance(dev_loader, DeviceBatchLoader) and len(dev_loader) == len(cpu_loader)
+    dev_loader.sampler.set_epoch(2)
+    for (xc, yc), (xd, yd) in zip(cpu_loader, dev_loader, strict=True):
+        assert torch.equal(yc, yd.cpu())
+        assert torch.allclose(xc, xd.cpu(), atol=1e-6)
+    val_cpu = torch.cat([x for x, _ in dm.val_dataloader()])
+    val_dev = torch.cat([x for x, _ in dm_dev.val_dataloader()]).cpu()
+    assert torch.allclose(val_cpu, val_dev, atol=1e-6)
+
+
+def test_shards_cover_the_epoch_like_distributed_sampler():
+    images = torch.zeros(50, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    seen = []
+    for rank in range(2):
+        sampler = EpochShardSampler(labels, num_replicas=2, rank=rank, seed=5)
+        sampler.set_epoch(1)
+        ref = torch.utils.data.DistributedSampler(labels, num_replicas=2, rank=rank, seed=5)
+        ref.set_epoch(1)
+        assert sampler.shard_indices().tolist() == list(ref)
+        loader = DeviceBatchLoader(images, labels, 8, (0, 0, 0), (1, 1, 1), "cpu",
+                                   sampler=sampler)
+        seen.append(torch.cat([y for _, y in loader]))
+    assert len(seen[0]) == len(seen[1]) == 25
+
+
+def test_fit_with_device_resident_data(cifar10_folder_root, tmp_path):
+    cli = main(["fit", *tiny_args(cifar10_folder_root, tmp_path,
+                                  "--data.init_args.device_resident", "true")])
+    assert cli.trainer.global_step == 5 and "val/acc" in cli.trainer.callback_metrics
