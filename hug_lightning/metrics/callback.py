@@ -45,6 +45,8 @@ class NeuralCollapseMonitor(Callback):
         track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
         figures_every: Every this many epochs rank 0 logs figures (cosine heat maps of class
             means and class vectors, pairwise-angle and feature-norm histograms); 0: never.
+        buffer_batches: Training batches concatenated before one collector update (fewer,
+            larger kernels: the update costs about 20 small kernels whatever the batch size).
     """
 
     def __init__(
@@ -58,10 +60,13 @@ class NeuralCollapseMonitor(Callback):
         spherical: bool = True,
         track_cov: bool = True,
         figures_every: int = 0,
+        buffer_batches: int = 8,
     ) -> None:
         super().__init__()
-        if eval_pass_every < 1 or figures_every < 0:
-            raise ValueError("eval_pass_every must be >= 1 and figures_every >= 0.")
+        if eval_pass_every < 1 or figures_every < 0 or buffer_batches < 1:
+            raise ValueError("eval_pass_every and buffer_batches must be >= 1, figures_every >= 0.")
+        self.buffer_batches = buffer_batches
+        self._buffer: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self.enabled = enabled
         self.stages = {"train": train, "train_eval": eval_pass, "val": val}
         self.eval_pass_every = eval_pass_every
@@ -92,6 +97,7 @@ class NeuralCollapseMonitor(Callback):
             self.load_state_dict(self._pending_state)
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()  # buffered batches belong in the saved sums
         return {"collectors": {n: c.state_dict() for n, c in self.collectors.items()},
                 "train_done_epoch": self._train_done_epoch}
 
@@ -120,7 +126,23 @@ class NeuralCollapseMonitor(Callback):
         col = self.collectors.get(stage)
         if col is None or not isinstance(outputs, dict) or "features" not in outputs:
             return
-        col.update(outputs["features"], outputs["labels"], logits=outputs.get("logits"))
+        if stage != "train":
+            col.update(outputs["features"], outputs["labels"], logits=outputs.get("logits"))
+            return
+        self._buffer.append((outputs["features"], outputs["labels"], outputs.get("logits")))
+        if len(self._buffer) >= self.buffer_batches:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Apply the buffered training batches to the ``train`` collector in one update."""
+        if not self._buffer or "train" not in self.collectors:
+            self._buffer = []
+            return
+        feats, labels, logits = zip(*self._buffer)
+        self._buffer = []
+        self.collectors["train"].update(
+            torch.cat(feats), torch.cat(labels),
+            logits=None if any(x is None for x in logits) else torch.cat(logits))
 
     def _finish(self, stage: str, pl_module: LightningModule) -> Tensor | None:
         col = self.collectors[stage]
@@ -137,6 +159,7 @@ class NeuralCollapseMonitor(Callback):
         self._train_done_epoch = trainer.current_epoch
         reference = None
         if "train" in self.collectors:
+            self._flush()
             reference = self._finish("train", pl_module)
         if "train_eval" in self.collectors and (trainer.current_epoch + 1) % self.eval_pass_every == 0:
             self._eval_pass(trainer, pl_module)
