@@ -9,8 +9,13 @@ What it adds to a plain ``LightningCLI``:
 * subclass mode for model and data (``class_path`` + ``init_args``), so any subclass of
   ``LightningModule`` / ``LightningDataModule`` in an importable module can be selected;
 * ``data.num_classes`` linked into ``model.init_args.num_classes`` at instantiation;
-* a ``checkpoint`` group (``ModelCheckpoint`` on ``val/acc`` plus ``last.ckpt``) and an ``nc``
-  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default);
+* a ``checkpoint`` group (``ModelCheckpoint``: the best on ``val/acc``), a ``last`` group
+  (``last.ckpt`` every epoch, ``--last.every_n_train_steps N`` for more), an ``nc``
+  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default) and an
+  ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
+  ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
+  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``);
+* an unwritable log folder is an error before any work;
 * TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
   resolved ``config.yaml`` saved next to the events (overwritten when it exists);
 * ``--config NAME`` also finds the YAML files shipped in the package (``hug_lightning.configs``),
@@ -29,6 +34,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from hug_lightning.checkpointing import InterruptCheckpoint, LastCheckpoint, find_last_checkpoint
+from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -40,10 +47,11 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.monitor": "val/acc",
     "checkpoint.mode": "max",
-    "checkpoint.save_last": True,
+    "checkpoint.save_last": False,  # last.ckpt comes from the `last` group (LastCheckpoint)
     "checkpoint.save_top_k": 1,
     "checkpoint.auto_insert_metric_name": False,
     "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}-val_acc{val/acc:.4f}",
+    "checkpoint.enable_version_counter": False,
 }
 
 
@@ -86,6 +94,58 @@ class HUGLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(NeuralCollapseMonitor, "nc")
+        parser.add_lightning_class_args(LastCheckpoint, "last")
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
+        parser.add_lightning_class_args(CalibrationMonitor, "calibration")  # cheap: on
+        parser.add_lightning_class_args(RobustnessEvaluation, "robust")
+        parser.set_defaults({"robust.enabled": False})  # opt-in: PGD costs steps x fwd+bwd
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        logger = _logger_init_args(cfg)
+        if logger is not None:
+            check_writable(Path(str(logger.get("save_dir") or ".")))
+        if self.config.get("subcommand") == "fit" and cfg.get("ckpt_path") == "last":
+            self._resolve_last(cfg, logger)
+
+    @staticmethod
+    def _resolve_last(cfg: Any, logger: Any) -> None:
+        """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
+        if logger is None:
+            raise ValueError("--ckpt_path last needs a TensorBoard/CSV logger with save_dir and "
+                             "name to find the run; pass the checkpoint file instead.")
+        save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
+        found = find_last_checkpoint(save_dir, name)
+        if found is None:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
+                "Start a fresh run (drop --ckpt_path) or give the checkpoint file.")
+        cfg["ckpt_path"] = str(found)
+        logger["version"] = found.parent.parent.name  # keep logging into the same run folder
+
+
+def _logger_init_args(cfg: Any) -> Any:
+    """The ``init_args`` of a single configured logger with a ``save_dir``, else None."""
+    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
+    init = getattr(logger, "init_args", None) if logger is not None else None
+    if init is None and isinstance(logger, dict):
+        init = logger.get("init_args")
+    return init if init is not None and "save_dir" in init else None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when the log folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".hug_write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot write the log folder {folder.resolve()} ({err.strerror or err}). Choose "
+            "another with --trainer.logger.init_args.save_dir <folder>."
+        ) from err
 
 
 def console_main() -> int:

@@ -215,6 +215,11 @@ class ClassifierModule(LightningModule):
         check_labels(y, self.num_classes, stage, always=first)
         self._labels_checked.add(stage)
         features = self.forward_features(x)
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:  # shapes: no sync
+            raise ValueError(
+                f"{stage}: the features fed to the head have shape {tuple(features.shape)}, "
+                f"expected (batch, {self.feature_dim}). The backbone's `num_features` must equal "
+                "the width it outputs (and images must have the size the backbone expects).")
         out = self.head.forward_train(features, y)
         return {
             "loss": out.loss,

@@ -185,6 +185,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         seed: Seed of the per-class image selection and of the validation split.
     """
 
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # used by the robustness evaluation
+
     def __init__(
         self,
         root: str = "data/imagenet",

@@ -1,0 +1,120 @@
+"""Calibration: expected calibration error, NLL and temperature scaling (pure functions).
+
+Score definition. Every head gives scores ``(N, K)`` whose argmax is the prediction; the
+predicted probabilities are ``softmax(scores / T)``:
+
+* cross-entropy head: the scores are logits and ``T = 1`` is the model's own distribution;
+  temperature scaling (Guo et al., ICML 2017) may still be fitted as a post-hoc correction;
+* HUG head: the scores are cosines to the proxies, in ``[-1, 1]``, and HUG has no softmax, so
+  ``T = 1`` gives nearly uniform probabilities (``T = 1`` numbers, ``*_raw``, say little). ``T``
+  must be fitted on held-out data; typical values are 0.05-0.1 (logit range 10-20).
+
+:func:`fit_temperature` minimizes the validation NLL over ``T``. ``NLL(1/T)`` is convex in
+``1/T`` (a log-sum-exp of functions linear in ``1/T`` minus a linear term), hence unimodal in
+``log T``: a golden-section search over ``log T`` in float64 finds the minimum
+deterministically (no random start, no learning rate). When the data are separable the NLL
+keeps decreasing as ``T -> 0`` and the search returns the lower bound.
+
+ECE uses ``torchmetrics.functional.classification.multiclass_calibration_error`` (top-label
+confidence, equal-width bins, l1 norm: ``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``) on the
+probabilities, never on raw scores: torchmetrics applies a softmax only when the values leave
+``[0, 1]``, so cosines that happen to be all non-negative would be taken for probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+_INV_PHI = (math.sqrt(5) - 1) / 2  # 1 / golden ratio
+
+
+def _check(logits: Tensor, labels: Tensor, temperature: float) -> None:
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"Expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+
+
+def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``softmax(logits / T)`` in float32 (float64 inputs stay float64)."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.softmax(z / temperature, dim=-1)
+
+
+def negative_log_likelihood(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean ``-log softmax(logits / T)[y]``."""
+    _check(logits, labels, temperature)
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(z / temperature, labels.long())
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                               n_bins: int = 15, norm: str = "l1") -> Tensor:
+    """Top-label ECE of ``softmax(logits / T)`` (torchmetrics, ``n_bins`` equal-width bins).
+
+    Args:
+        logits: Scores ``(N, K)`` (logits, or cosines for HUG).
+        labels: True classes ``(N,)``.
+        temperature: ``T`` of ``softmax(logits / T)``.
+        n_bins: Number of confidence bins.
+        norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (maximum calibration error).
+    """
+    _check(logits, labels, temperature)
+    probs = probabilities(logits, temperature).float()
+    return multiclass_calibration_error(probs, labels.long(), num_classes=logits.shape[1],
+                                        n_bins=n_bins, norm=norm)
+
+
+@torch.no_grad()
+def fit_temperature(logits: Tensor, labels: Tensor, bounds: tuple[float, float] = (1e-3, 1e3),
+                    tol: float = 1e-7, max_iter: int = 200) -> float:
+    """Temperature minimizing ``NLL(softmax(logits / T), labels)``: golden-section on ``log T``.
+
+    Args:
+        logits: Validation scores ``(N, K)``.
+        labels: Validation classes ``(N,)``.
+        bounds: Search interval of ``T``; the minimum is clipped to it.
+        tol: Stop when the bracket of ``log T`` is narrower than this.
+        max_iter: At most this many NLL evaluations after the first two.
+
+    Returns:
+        The fitted temperature (a Python float; deterministic for given inputs).
+    """
+    _check(logits, labels, 1.0)
+    lo_t, hi_t = float(bounds[0]), float(bounds[1])
+    if not 0 < lo_t < hi_t:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}.")
+    if logits.shape[0] == 0:
+        raise ValueError("fit_temperature needs at least one sample.")
+    z = logits.detach().to("cpu", torch.float64)
+    y = labels.detach().to("cpu", torch.long)
+
+    def nll(u: float) -> float:
+        return float(F.cross_entropy(z * math.exp(-u), y))
+
+    a, b = math.log(lo_t), math.log(hi_t)
+    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(max_iter):
+        if b - a < tol:
+            break
+        if fc <= fd:  # minimum in [a, d]
+            b, d, fd = d, c, fc
+            c = b - _INV_PHI * (b - a)
+            fc = nll(c)
+        else:  # minimum in [c, b]
+            a, c, fc = c, d, fd
+            d = a + _INV_PHI * (b - a)
+            fd = nll(d)
+    best = min((nll(a), a), (fc, c), (fd, d), (nll(b), b))  # the ends cover boundary minima
+    return math.exp(best[1])
+
+
+__all__ = ["expected_calibration_error", "fit_temperature", "negative_log_likelihood",
+           "probabilities"]

@@ -1,0 +1,108 @@
+"""Checkpoints you can resume from: ``last.ckpt`` every epoch (and on demand every N steps),
+and on interruption (SIGTERM or Ctrl-C during ``fit``).
+
+* :class:`LastCheckpoint` keeps ``<run>/checkpoints/last.ckpt`` current. (Since Lightning 2.6 a
+  ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when a top-k
+  checkpoint is saved, i.e. when the metric improves, so it is usually *not* the last epoch.)
+
+* SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current batch and raises
+  ``SIGTERMException``; :class:`InterruptCheckpoint` then writes ``last.ckpt``.
+* Ctrl-C: the first press is turned into the same request (the batch in progress finishes, the
+  checkpoint is written, the run stops); a second press aborts at once.
+* ``hug-lightning fit --config <same config> --ckpt_path last`` resumes the newest
+  ``last.ckpt`` of that experiment in its own log folder (see :func:`find_last_checkpoint`).
+
+Checkpoints are written at a batch boundary, so a resumed run continues exactly where the
+interrupted one stopped (the data order and augmentations are keyed by seed, epoch and index).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps.
+
+    Args:
+        every_n_train_steps: Save every this many optimizer steps instead of at epoch ends
+            (0: at epoch ends).
+        every_n_epochs: Save every this many epochs (when ``every_n_train_steps`` is 0).
+        enabled: Keep ``last.ckpt`` at all.
+    """
+
+    def __init__(self, every_n_train_steps: int = 0, every_n_epochs: int = 1,
+                 enabled: bool = True) -> None:
+        super().__init__(filename="last", monitor=None, save_top_k=1 if enabled else 0,
+                         save_last=False, every_n_train_steps=every_n_train_steps or None,
+                         every_n_epochs=0 if every_n_train_steps else every_n_epochs,
+                         enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+
+class InterruptCheckpoint(Callback):
+    """Write ``<checkpoint dir>/last.ckpt`` when ``fit`` is interrupted by SIGTERM or Ctrl-C.
+
+    Args:
+        enabled: Save on interruption (and turn the first Ctrl-C into a graceful stop).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._previous_handler: Any = None
+        self._trainer: Trainer | None = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        trainer = self._trainer
+        if trainer is None or getattr(trainer, "received_sigterm", False):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        rank_zero_info("\nCtrl-C: finishing this batch and saving last.ckpt "
+                       "(press Ctrl-C again to abort without saving).")
+        trainer._signal_connector.received_sigterm = True  # same path as SIGTERM
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._trainer = trainer
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+        self._trainer = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
+        if not self.enabled or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
+            return
+        dirpath = trainer.checkpoint_callback.dirpath
+        if dirpath is None:
+            return
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
+                       f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """Newest ``<save_dir>/<name>/*/checkpoints/last.ckpt`` (by modification time), or None."""
+    candidates = list(Path(save_dir, name).glob("*/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -1,0 +1,297 @@
+"""Robustness (adversarial / corruption accuracy) and calibration (ECE, temperature) callbacks.
+
+Ordinary Lightning callbacks, selectable from YAML or the command line, e.g.
+``--trainer.callbacks+ '{"class_path": "hug_lightning.evaluation.RobustnessEvaluation",
+"init_args": {"max_batches": 20}}'``. :class:`RobustnessEvaluation` runs in the test stage;
+:class:`CalibrationMonitor` fits the temperature every validation epoch, logs ECE / NLL.
+"""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import nullcontext
+from typing import Any, Literal, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from hug_lightning import calibration as cal
+from hug_lightning.robustness import (CORRUPTIONS, CorrectCounts, corrupt, fgsm, from_pixels, pgd,
+                                      to_pixels)
+
+Attack = Literal["fgsm", "pgd"]
+Corruption = Literal["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                     "gaussian_blur", "contrast", "jpeg_compression"]
+DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "contrast",
+                       "jpeg_compression")
+
+
+class RobustnessEvaluation(Callback):
+    """Adversarial (FGSM, PGD) and corruption accuracy on the test set, in pixel space.
+
+    On every test batch the images are un-normalized with the data module's ``mean`` / ``std``
+    (``[0, 1]`` assumed when it has none; a warning says so), attacked or corrupted, clamped to
+    ``[0, 1]`` and normalized again. Attacks maximize ``CE(scores / attack_temperature, y)``
+    through the model's own prediction scores (cosines for HUG; see ``hug_lightning.robustness``)
+    with input gradients only, in eval mode. Accuracies are summed in a torchmetrics state
+    (exact under DDP) and logged as ``test/robust/clean`` (equals ``test/acc`` when
+    ``max_batches`` is None), ``test/robust/<attack>_eps<k>`` (``k = eps * 255``),
+    ``test/robust/<corruption>_s<severity>`` and ``test/robust/corruption_mean`` (mean over
+    corruptions and severities). Random draws are seeded per (seed, rank, batch, corruption,
+    severity): a run is reproducible for a given world size and batch size.
+
+    Args:
+        enabled: Turn the evaluation on or off.
+        attacks: Attacks to run: ``fgsm`` and/or ``pgd`` (L-infinity).
+        eps: Attack radii in pixel units (``8/255`` ...); 0 gives the clean accuracy.
+        pgd_steps: Number of PGD steps.
+        pgd_step_size: PGD step length; ``None``: ``eps / 4``.
+        random_start: Start PGD from a uniform point of the eps-ball.
+        attack_temperature: ``T`` of the attack loss ``CE(scores / T, y)``; 1 suits logits,
+            and for HUG's cosines gives a cosine-margin loss.
+        corruptions: CIFAR-10-C corruptions to apply (``hug_lightning.robustness.CORRUPTIONS``).
+        severities: Corruption severities, 1-5 (0 is the identity).
+        max_batches: Evaluate only the first this many test batches (per process); ``None``:
+            all. PGD costs ``pgd_steps`` forward-backward passes per radius and batch.
+        seed: Seed of PGD's random start and of the noise corruptions.
+        mean: Normalization mean overriding the data module's (``None``: ``datamodule.mean``).
+        std: Normalization std overriding the data module's (``None``: ``datamodule.std``).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        attacks: Sequence[Attack] = ("fgsm", "pgd"),
+        eps: Sequence[float] = (2 / 255, 8 / 255),
+        pgd_steps: int = 10,
+        pgd_step_size: float | None = None,
+        random_start: bool = True,
+        attack_temperature: float = 1.0,
+        corruptions: Sequence[Corruption] = DEFAULT_CORRUPTIONS,
+        severities: Sequence[int] = (1, 2, 3, 4, 5),
+        max_batches: int | None = None,
+        seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        bad = [a for a in attacks if a not in ("fgsm", "pgd")]
+        bad += [c for c in corruptions if c not in CORRUPTIONS]
+        bad += [e for e in eps if e < 0] + [s for s in severities if not 0 <= int(s) <= 5]
+        if pgd_steps < 1 or attack_temperature <= 0 or (max_batches or 1) < 1:
+            bad.append("pgd_steps, attack_temperature and max_batches must be positive")
+        if bad:
+            raise ValueError(f"RobustnessEvaluation: invalid arguments {bad}; attacks: fgsm, "
+                             f"pgd; corruptions: {', '.join(CORRUPTIONS)}; eps >= 0; "
+                             "severities 0..5.")
+        self.enabled = enabled
+        self.attacks, self.eps = list(attacks), [float(e) for e in eps]
+        self.pgd_steps, self.pgd_step_size = int(pgd_steps), pgd_step_size
+        self.random_start, self.attack_temperature = random_start, float(attack_temperature)
+        self.corruptions, self.severities = list(corruptions), [int(s) for s in severities]
+        self.max_batches, self.seed = max_batches, int(seed)
+        self.mean, self.std = mean, std
+        self._norm: tuple[Sequence[float], Sequence[float]] = (mean or (0.0,), std or (1.0,))
+        self.keys = ["clean"] + [f"{a}_eps{round(e * 255, 4):g}" for a in self.attacks for e in self.eps]
+        self.corruption_keys = [f"{c}_s{s}" for c in self.corruptions for s in self.severities]
+        self.counts = CorrectCounts(len(self.keys) + len(self.corruption_keys))
+
+    # ------------------------------------------------------------------ normalization
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        mean = self.mean if self.mean is not None else getattr(dm, "mean", None)
+        std = self.std if self.std is not None else getattr(dm, "std", None)
+        if mean is None or std is None:
+            if self.enabled and stage == "test":
+                rank_zero_warn("RobustnessEvaluation: the data module has no mean/std "
+                               "attributes; assuming the inputs are pixels in [0, 1].")
+            mean, std = (0.0,), (1.0,)
+        self._norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Normalized inputs -> pixel images in ``[0, 1]`` (float32)."""
+        return to_pixels(x, *self._norm)
+
+    def from_pixels(self, p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Pixel images -> the normalized inputs the model expects (in ``dtype``)."""
+        return from_pixels(p, *self._norm, dtype=dtype)
+
+    # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def _forward(trainer: Trainer | None, pl_module: LightningModule, x: Tensor) -> Tensor:
+        context = trainer.precision_plugin.forward_context() if trainer else nullcontext()
+        with context:
+            return pl_module(x)
+
+    def _generator(self, rank: int, batch_idx: int, tag: str) -> torch.Generator:
+        key = f"{self.seed}/{rank}/{batch_idx}/{tag}".encode()
+        return torch.Generator().manual_seed(zlib.crc32(key))
+
+    def adversarial(self, pl_module: LightningModule, x: Tensor, y: Tensor, attack: str,
+                    eps: float, generator: torch.Generator | None = None,
+                    trainer: Trainer | None = None) -> Tensor:
+        """Attacked version of the normalized batch ``x`` (normalized, same dtype as ``x``)."""
+        def fn(pixels: Tensor) -> Tensor:
+            return self._forward(trainer, pl_module, self.from_pixels(pixels, x.dtype))
+
+        with torch.inference_mode(False), torch.enable_grad():  # the attacks clone x and y
+            p, t = self.to_pixels(x.detach().clone()), self.attack_temperature
+            if attack == "fgsm":
+                adv = fgsm(fn, p, y, eps, temperature=t)
+            else:
+                adv = pgd(fn, p, y, eps, self.pgd_steps, self.pgd_step_size, self.random_start,
+                          generator, temperature=t)
+            return self.from_pixels(adv, x.dtype)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.counts = self.counts.to(pl_module.device)  # the model is on its device by now
+        self.counts.reset()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
+                          dataloader_idx: int = 0) -> None:
+        if not self.enabled or (self.max_batches is not None and batch_idx >= self.max_batches):
+            return
+        x, y, rank = batch[0], batch[1], trainer.global_rank
+        with torch.no_grad():
+            has_logits = isinstance(outputs, dict) and "logits" in outputs
+            scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]
+            for attack in self.attacks:
+                for eps in self.eps:
+                    gen = self._generator(rank, batch_idx, f"{attack}/{eps!r}")
+                    adv = self.adversarial(pl_module, x, y, attack, eps, gen, trainer)
+                    scores.append(self._forward(trainer, pl_module, adv))
+            pixels = self.to_pixels(x)
+            for name in self.corruptions:
+                for sev in self.severities:
+                    gen = self._generator(rank, batch_idx, f"{name}/{sev}")
+                    xc = self.from_pixels(corrupt(pixels, name, sev, generator=gen), x.dtype)
+                    scores.append(self._forward(trainer, pl_module, xc))
+        correct = torch.stack([(s.argmax(-1) == y).sum() for s in scores])
+        self.counts.update(correct, int(y.shape[0]))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled:
+            return
+        acc = self.counts.compute().float()
+        n = len(self.keys)
+        for key, value in zip(self.keys + self.corruption_keys, acc):
+            pl_module.log(f"test/robust/{key}", value, sync_dist=False)
+        if self.corruption_keys:
+            pl_module.log("test/robust/corruption_mean", acc[n:].mean(), sync_dist=False)
+        self.counts.reset()
+
+
+class CalibrationMonitor(Callback):
+    """Fit the softmax temperature on validation scores; log ECE and NLL at validation and test.
+
+    Each validation epoch (not the sanity check) the scores and labels of every batch are kept
+    on the CPU; under DDP they are gathered from all processes at the epoch end (padded
+    ``all_gather``, exact for uneven shards), so every process fits the same ``T`` on the whole
+    validation set (:func:`hug_lightning.calibration.fit_temperature`, deterministic). Logged:
+    ``val/temperature``, ``val/ece`` and ``val/nll`` (with that ``T``; optimistic, since ``T`` is
+    fitted on the same data), ``val/ece_raw`` (``T = 1``); at test ``test/ece`` and ``test/nll``
+    with the stored ``T``, ``test/ece_raw`` and ``test/temperature``. ``T`` is part of the
+    callback's ``state_dict``, so it is saved in checkpoints and restored by ``test --ckpt_path``.
+    Probabilities are ``softmax(scores / T)``; see ``hug_lightning.calibration``.
+
+    Args:
+        enabled: Turn the monitor on or off.
+        fit_temperature: Fit ``T`` by minimizing the validation NLL (needed for HUG, whose
+            cosine scores give nearly uniform probabilities at ``T = 1``; for cross-entropy it is
+            post-hoc temperature scaling). ``False`` keeps ``temperature`` fixed.
+        temperature: ``T`` used before any fit, or always when ``fit_temperature`` is false.
+        n_bins: Number of equal-width confidence bins of the ECE.
+        bounds: Search interval of the fitted ``T``.
+    """
+
+    def __init__(self, enabled: bool = True, fit_temperature: bool = True,
+                 temperature: float = 1.0, n_bins: int = 15,
+                 bounds: tuple[float, float] = (1e-3, 1e3)) -> None:
+        super().__init__()
+        if temperature <= 0 or n_bins < 1:
+            raise ValueError("temperature and n_bins must be positive.")
+        self.enabled, self.fit_temperature = enabled, fit_temperature
+        self.temperature, self.fitted = float(temperature), False
+        self.n_bins, self.bounds = int(n_bins), (float(bounds[0]), float(bounds[1]))
+        self._logits: list[Tensor] = []
+        self._labels: list[Tensor] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "fitted": self.fitted}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.fit_temperature and state_dict.get("fitted", False):
+            self.temperature, self.fitted = float(state_dict["temperature"]), True
+
+    # ------------------------------------------------------------------ collection
+    def _reset(self, *_: Any) -> None:
+        self._logits, self._labels = [], []
+
+    def _collect(self, outputs: Any) -> None:
+        if isinstance(outputs, dict) and "logits" in outputs and "labels" in outputs:
+            self._logits.append(outputs["logits"].detach().float().cpu())
+            self._labels.append(outputs["labels"].detach().long().cpu())
+
+    @staticmethod
+    def _gather(trainer: Trainer, pl_module: LightningModule, rows: Tensor) -> Tensor:
+        """Concatenate ``rows`` of every process (uneven counts: pad, all_gather, trim)."""
+        if trainer.world_size == 1:
+            return rows
+        device = pl_module.device
+        sizes = pl_module.all_gather(torch.tensor(rows.shape[0], device=device)).view(-1)
+        pad = torch.zeros((int(sizes.max()),) + tuple(rows.shape[1:]), dtype=rows.dtype,
+                          device=device)
+        pad[: rows.shape[0]] = rows.to(device)
+        out = pl_module.all_gather(pad)
+        return torch.cat([out[r, : int(n)] for r, n in enumerate(sizes)]).cpu()
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Gather the epoch's scores, fit ``T`` (validation) and log ECE / NLL."""
+        k = int(getattr(pl_module, "num_classes", 1))  # shape of an empty shard
+        logits = torch.cat(self._logits) if self._logits else torch.zeros(0, k)
+        labels = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.long)
+        self._reset()
+        logits, labels = (self._gather(trainer, pl_module, t) for t in (logits, labels))
+        if logits.shape[0] == 0:
+            return
+        if stage == "val" and self.fit_temperature:
+            self.temperature = cal.fit_temperature(logits, labels, self.bounds)
+            self.fitted = True
+        elif stage == "test" and self.fit_temperature and not self.fitted:
+            rank_zero_warn("CalibrationMonitor: no fitted temperature (no validation epoch ran "
+                           f"and the checkpoint holds none); test/ece uses T = {self.temperature}.")
+        t = self.temperature
+        for name, value in (
+            ("ece", cal.expected_calibration_error(logits, labels, t, self.n_bins)),
+            ("ece_raw", cal.expected_calibration_error(logits, labels, 1.0, self.n_bins)),
+            ("nll", cal.negative_log_likelihood(logits, labels, t)),
+            ("temperature", t),
+        ):
+            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False)
+
+    # ------------------------------------------------------------------ hooks
+    on_validation_epoch_start = _reset
+    on_test_epoch_start = _reset
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
+                                dataloader_idx: int = 0) -> None:
+        if self.enabled and not trainer.sanity_checking:
+            self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
+                          dataloader_idx: int = 0) -> None:
+        if self.enabled:
+            self._collect(outputs)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled:
+            self._finish(trainer, pl_module, "test")
+
+
+__all__ = ["CalibrationMonitor", "RobustnessEvaluation"]

@@ -1,0 +1,170 @@
+"""ECE / temperature fitting (hug_lightning.calibration) and the CalibrationMonitor callback."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import tiny_args
+from hug_lightning.calibration import (expected_calibration_error, fit_temperature,
+                                       negative_log_likelihood, probabilities)
+from hug_lightning.cli import main
+from hug_lightning.evaluation import CalibrationMonitor
+from hug_lightning.robustness import CorrectCounts
+
+
+
+def synthetic(n: int, k: int = 10, scale: float = 3.0, seed: int = 0):
+    """Scores ``z`` and labels drawn from ``softmax(z)``: ``softmax(z)`` is calibrated."""
+    g = torch.Generator().manual_seed(seed)
+    z = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    return z, y
+
+
+def manual_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Textbook top-label ECE with equal-width bins (lower edge exclusive, as in Guo et al.)."""
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            total += mask.double().mean() * (correct[mask].mean() - conf[mask].double().mean()).abs()
+    return float(total)
+
+
+# --------------------------------------------------------------------------- pure functions
+def test_ece_of_hand_computed_example():
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.3, 0.7]]))
+    labels = torch.tensor([0, 1, 1, 1])  # bin 0.9: acc 1/2; bin 0.7: acc 1
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.7)
+    assert expected_calibration_error(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+    assert probabilities(logits, 2.0)[0, 0].item() == pytest.approx(0.75, abs=1e-6)  # 3:1
+
+
+def test_ece_matches_textbook_definition_on_cosines():
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(500, 5, generator=g)  # non-negative cosines: must not be taken as probs
+    labels = torch.randint(0, 5, (500,), generator=g)
+    for t in (0.05, 1.0):
+        got = expected_calibration_error(cos, labels, temperature=t).item()
+        assert got == pytest.approx(manual_ece(torch.softmax(cos / t, -1), labels), abs=1e-5)
+
+
+def test_ece_near_zero_when_calibrated_and_large_when_overconfident():
+    z, y = synthetic(200_000)
+    assert expected_calibration_error(z, y).item() < 0.01
+    assert expected_calibration_error(4 * z, y).item() > 0.15  # over-confident
+    assert expected_calibration_error(z / 4, y).item() > 0.15  # under-confident
+
+
+@pytest.mark.parametrize("t_true", [0.07, 1.0, 3.0])
+def test_fit_temperature_recovers_known_temperature(t_true):
+    z, y = synthetic(50_000)
+    logits = (t_true * z).float()  # softmax(logits / t_true) = softmax(z): calibrated at t_true
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(t_true, rel=0.03)
+    nll = negative_log_likelihood(logits, y, t).item()
+    for other in (t_true, 0.9 * t, 1.1 * t):  # a minimum of the NLL
+        assert nll <= negative_log_likelihood(logits, y, other).item() + 1e-6
+    assert fit_temperature(logits, y) == t  # deterministic
+
+
+def test_fit_temperature_separable_hits_lower_bound():
+    logits = torch.eye(4).repeat(10, 1)  # every prediction right with a margin: NLL -> 0 at T -> 0
+    labels = torch.arange(4).repeat(10)
+    assert fit_temperature(logits, labels, bounds=(0.01, 10.0)) == pytest.approx(0.01, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- callback state
+def test_state_dict_round_trip_and_fixed_temperature():
+    cb = CalibrationMonitor()
+    cb.temperature, cb.fitted = 0.0625, True
+    fresh = CalibrationMonitor()
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.temperature == 0.0625 and fresh.fitted
+    fixed = CalibrationMonitor(fit_temperature=False, temperature=0.1)
+    fixed.load_state_dict(cb.state_dict())  # a fixed T is not replaced by a checkpoint's
+    assert fixed.temperature == 0.1
+
+
+def test_cli_fitted_temperature_is_checkpointed_and_used_at_test(cifar10_tv_root, no_checksum,
+                                                                 tmp_path):
+    cli = main(["fit", *tiny_args(cifar10_tv_root, tmp_path, config="cifar10_hug")])
+    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    t_val = val["val/temperature"]
+    assert 0.005 < t_val < 1.0  # cosine scores need a small T
+    ckpt = next((tmp_path / "cifar10_hug").glob("version_*/checkpoints/last.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["CalibrationMonitor"]
+    assert state["fitted"] and state["temperature"] == pytest.approx(t_val, rel=1e-6)
+
+    cli = main(["test", *tiny_args(cifar10_tv_root, tmp_path, config="cifar10_hug"),
+                "--ckpt_path", str(ckpt)])  # the `calibration` group is on by default
+    m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert m["test/temperature"] == pytest.approx(t_val, rel=1e-6)
+    model, dm = cli.model.eval(), cli.datamodule  # recompute on the 2 test batches (debug.yaml)
+    logits, labels = [], []
+    with torch.no_grad():
+        for i, (x, y) in enumerate(dm.test_dataloader()):
+            if i == 2:
+                break
+            logits.append(model(x))
+            labels.append(y)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    assert m["test/ece"] == pytest.approx(expected_calibration_error(logits, labels, t_val).item(),
+                                          abs=1e-5)
+    assert m["test/ece_raw"] == pytest.approx(expected_calibration_error(logits, labels).item(),
+                                              abs=1e-5)
+    assert m["test/nll"] == pytest.approx(
+        negative_log_likelihood(logits, labels, t_val).item(), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- DDP (gloo, 2 ranks)
+class _Stub:
+    """What the callbacks use of the trainer and the module under DDP."""
+
+    world_size = 2
+    device = torch.device("cpu")
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    z, y = synthetic(301, k=5)
+    cut = 200  # uneven shards, as ShardedEvalSampler gives
+    part = slice(0, cut) if rank == 0 else slice(cut, None)
+    logits = CalibrationMonitor._gather(_Stub(), _Stub(), z[part].float())
+    labels = CalibrationMonitor._gather(_Stub(), _Stub(), y[part])
+    counts = CorrectCounts(2)
+    counts.update(torch.tensor([rank + 1, 2 * rank]), 10 + rank)
+    torch.save({"logits": logits, "labels": labels, "acc": counts.compute(),
+                "t": fit_temperature(logits, labels)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gather_and_counts_match_single_process(tmp_path):
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method=method)
+    z, y = synthetic(301, k=5)
+    t_single = fit_temperature(z.float(), y)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(res["logits"], z.float()) and torch.equal(res["labels"], y)
+        assert res["t"] == t_single  # every rank fits the same T on the whole set
+        assert torch.allclose(res["acc"], torch.tensor([3 / 21, 2 / 21], dtype=torch.float64))
+    assert not math.isnan(t_single)

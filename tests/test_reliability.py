@@ -1,0 +1,205 @@
+"""Reliability: exact resume after interruption, numerical faults, bad input, determinism."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, tiny_args
+from datagen import CIFAR10_CLASSES, write_image_folder
+from hug_lightning.backbones import SmallConvNet
+from hug_lightning.cli import main
+from hug_lightning.guards import NonFiniteLossError
+from hug_lightning.heads import CrossEntropyHead
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("rel"), CIFAR10_CLASSES,
+                              train_per_class=10, test_per_class=3)
+
+
+def _args(root: Path, log: Path, *extra: str) -> list[str]:
+    return tiny_args(root, log, "--trainer.deterministic", "true",
+                     "--model.init_args.scheduler", "null",
+                     "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
+                     "--data.init_args.batch_size", "16", "--trainer.max_epochs", "3",
+                     "--nc.train", "true", *extra)
+
+
+def _final_state(log: Path) -> dict:
+    ckpt = max(log.glob("cifar10_ce/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(ckpt, weights_only=True)
+    nc = next(v for k, v in state["callbacks"].items() if "NeuralCollapseMonitor" in k)
+    return {"weights": state["state_dict"], "nc": nc["collectors"], "step": state["global_step"]}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+    for stage, states in a["nc"].items():
+        for key, value in states.items():
+            assert torch.allclose(value, b["nc"][stage][key], rtol=1e-12, atol=1e-12,
+                                  equal_nan=True), (stage, key)
+
+
+@pytest.mark.parametrize("device_resident", ["false", "true"])
+def test_mid_epoch_resume_is_exact(small_root, tmp_path, device_resident):
+    extra = ("--data.init_args.device_resident", device_resident)
+    main(["fit", *_args(small_root, tmp_path / "ref", *extra)])
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--trainer.max_steps", "7",
+                        "--last.every_n_train_steps", "1")])
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--ckpt_path", "last")])
+    assert len(list((tmp_path / "cut" / "cifar10_ce").iterdir())) == 1  # resumed in place
+    _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
+
+
+def _wait_for_a_step(log: Path, since: float, proc: subprocess.Popen) -> None:
+    """Wait until the run writes a checkpoint (training has started), at most 5 minutes."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.stat().st_mtime > since for p in log.glob("cifar10_ce/*/checkpoints/last.ckpt")):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_fault_injection_kill_and_resume(small_root, tmp_path):
+    """Kill the training process at random moments (SIGTERM, Ctrl-C, SIGKILL) and resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ref = _args(small_root, tmp_path / "ref", "--trainer.max_epochs", "30")
+    subprocess.run([sys.executable, "-m", "hug_lightning", "fit", *ref], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=600)
+    cut = _args(small_root, tmp_path / "cut", "--trainer.max_epochs", "30")
+    every_step = ["--last.every_n_train_steps", "1"]  # SIGKILL leaves only periodic saves
+    rng = random.Random(1234)
+    resumed = 0
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, None):
+        resume = ["--ckpt_path", "last"] if (tmp_path / "cut").exists() else []
+        periodic = every_step if sig is not None else []  # the last run saves like the reference
+        proc = subprocess.Popen([sys.executable, "-m", "hug_lightning", "fit", *cut, *resume,
+                                 *periodic],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if sig is not None:
+            _wait_for_a_step(tmp_path / "cut", since=time.time(), proc=proc)
+            time.sleep(rng.uniform(0.1, 1.5))  # then a random number of steps (~10 ms each)
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=600)
+        finished = "`Trainer.fit` stopped" in err
+        if sig in (signal.SIGTERM, signal.SIGINT) and not finished:
+            assert "saved" in err and "last.ckpt" in err, err[-2000:]
+        resumed += bool(resume)
+    assert proc.returncode == 0, err[-3000:]
+    assert resumed >= 2
+    _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
+
+
+class _NaNAfter(CrossEntropyHead):
+    """Cross-entropy head whose loss becomes NaN from the 3rd call on (fault injection)."""
+
+    calls = 0
+
+    def loss(self, features, labels):
+        total, terms = super().loss(features, labels)
+        type(self).calls += 1
+        if type(self).calls >= 3:
+            total = total * float("nan")
+        return total, terms
+
+    def forward_train(self, features, labels):
+        return super(CrossEntropyHead, self).forward_train(features, labels)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_loss(small_root, tmp_path, policy):
+    import tests_nan_head  # noqa: F401  (registered below)
+
+    _NaNAfter.calls = 0
+    args = _args(small_root, tmp_path, "--model.init_args.head",
+                 '{"class_path": "tests_nan_head.NaNHead"}',
+                 "--model.init_args.nonfinite_loss", policy, "--trainer.max_epochs", "1")
+    if policy == "raise":
+        with pytest.raises(NonFiniteLossError, match=r"epoch 0, global step 2: loss=nan, ce="):
+            main(["fit", *args])
+    else:
+        cli = main(["fit", *args])
+        assert cli.model.loss_guard.skipped == 3  # 5 batches, NaN from the 3rd on
+        assert float(cli.trainer.callback_metrics["train/skipped_batches"]) == 3
+        assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+sys.modules["tests_nan_head"] = type(sys)("tests_nan_head")
+sys.modules["tests_nan_head"].NaNHead = _NaNAfter
+
+
+class _LyingBackbone(nn.Module):
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallConvNet(width=4)  # outputs 16 features
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_feature_width_mismatch_is_clear(small_root, tmp_path):
+    sys.modules["tests_nan_head"].LyingBackbone = _LyingBackbone
+    with pytest.raises(ValueError, match=r"shape \(16, 16\), expected \(batch, 8\)"):
+        main(["fit", *_args(small_root, tmp_path, "--model.init_args.backbone",
+                            '{"class_path": "tests_nan_head.LyingBackbone"}')])
+
+
+def test_same_seed_same_results_on_cpu(small_root, tmp_path):
+    for name in ("a", "b"):
+        main(["fit", *_args(small_root, tmp_path / name, "--trainer.max_epochs", "1")])
+    _assert_same(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+    main(["fit", *_args(small_root, tmp_path / "c", "--trainer.max_epochs", "1",
+                        "--seed_everything", "1")])
+    other = _final_state(tmp_path / "c")["weights"]
+    assert any(not torch.equal(v, other[k])
+               for k, v in _final_state(tmp_path / "a")["weights"].items())
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_counts_each_sample_once(tmp_path):
+    """39 validation images over 2 processes: the metrics equal the single-process ones."""
+    root = write_image_folder(tmp_path / "odd", CIFAR10_CLASSES, train_per_class=4,
+                              test_per_class=4)
+    next((root / "test" / "cat").iterdir()).unlink()  # 39 test images: an odd count
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = _args(root, tmp_path / "fit", "--data.init_args.val_split", "0",
+                 "--trainer.max_epochs", "1")
+    cli = main(["fit", *base])
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    n_val = len(cli.datamodule.val_set)
+    assert n_val % 2 == 1
+    values = {}
+    for devices, strategy in (("1", "auto"), ("2", "ddp")):
+        out = tmp_path / f"metrics{devices}.txt"
+        script = tmp_path / "validate.py"  # a file: Lightning's DDP launcher re-runs it per rank
+        script.write_text(
+            "import sys\nfrom hug_lightning.cli import main\n"
+            "cli = main()\nm = cli.trainer.callback_metrics\n"
+            f"if cli.trainer.is_global_zero:\n    open({str(out)!r}, 'w').write("
+            "repr({k: float(v) for k, v in m.items()}))\n")
+        args = ["validate", *_args(root, tmp_path / devices, "--data.init_args.val_split", "0"),
+                "--trainer.devices", devices, "--trainer.strategy", strategy,
+                "--ckpt_path", str(ckpt)]
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        values[devices] = eval(out.read_text())  # noqa: S307 (our own repr)
+    for key in ("val/acc", "val/loss"):
+        assert values["1"][key] == pytest.approx(values["2"][key], rel=1e-6), key
