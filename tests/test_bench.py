@@ -1,0 +1,34 @@
+"""The benchmarks stay runnable (toy sizes on the CPU; the GPU figures are in bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_bench_toy_runs(capsys):
+    out = _load("train_bench").main(["--toy"])
+    assert out["a_plain_loop"] > 0 and out["b_lightning_device"] > 0
+    assert "(b)/(a)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accuracy_runs_smoke(cifar10_folder_root, tmp_path):
+    results = _load("accuracy_runs").main([
+        "--root", str(cifar10_folder_root), "--device", "cpu", "--epochs", "1", "--seeds", "0",
+        "--out", str(tmp_path), "--robust-batches", "1", "--limit-batches", "1"])
+    for config in ("cifar10_ce", "cifar10_hug"):
+        run = results[config][0]
+        assert 0.0 <= run["test/acc"] <= 1.0 and "test/robust/pgd_eps8" in run
