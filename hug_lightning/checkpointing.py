@@ -29,6 +29,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
+#: "SIGINT" or "SIGTERM" after an interrupted fit in this process (for the exit status)
+LAST_INTERRUPT: str | None = None
+
+
 class LastCheckpoint(ModelCheckpoint):
     """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps.
 
@@ -60,6 +64,7 @@ class InterruptCheckpoint(Callback):
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.interrupted_by: str | None = None  # "SIGINT" or "SIGTERM" once interrupted
         self._previous_handler: Any = None
         self._trainer: Trainer | None = None
 
@@ -71,6 +76,7 @@ class InterruptCheckpoint(Callback):
         rank_zero_info("\nCtrl-C: finishing this batch and saving last.ckpt "
                        "(press Ctrl-C again to abort without saving).")
         trainer._signal_connector.received_sigterm = True  # same path as SIGTERM
+        self.interrupted_by = "SIGINT"
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -91,6 +97,10 @@ class InterruptCheckpoint(Callback):
         self._restore()
         if not self.enabled or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
+        global LAST_INTERRUPT
+        self.interrupted_by = self.interrupted_by or (
+            "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT")
+        LAST_INTERRUPT = self.interrupted_by
         if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
             return
         dirpath = trainer.checkpoint_callback.dirpath

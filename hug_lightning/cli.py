@@ -33,7 +33,9 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hug_lightning import checkpointing
 from hug_lightning.checkpointing import InterruptCheckpoint, LastCheckpoint, find_last_checkpoint
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
@@ -149,8 +151,16 @@ def check_writable(folder: Path) -> None:
 
 
 def console_main() -> int:
-    """Entry point of the ``hug-lightning`` script and ``python -m hug_lightning``."""
-    main(args=None)
+    """Entry point of the ``hug-lightning`` script and ``python -m hug_lightning``.
+
+    Exit status: 0 when the subcommand finished; 130 (Ctrl-C) or 143 (SIGTERM) when ``fit`` was
+    interrupted and saved ``last.ckpt`` (Lightning alone would exit with 0), so shells and job
+    schedulers can tell an interrupted run from a finished one.
+    """
+    try:
+        main(args=None)
+    except SIGTERMException:
+        return 130 if checkpointing.LAST_INTERRUPT == "SIGINT" else 143
     return 0
 
 

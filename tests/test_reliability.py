@@ -99,6 +99,7 @@ def test_fault_injection_kill_and_resume(small_root, tmp_path):
         finished = "`Trainer.fit` stopped" in err
         if sig in (signal.SIGTERM, signal.SIGINT) and not finished:
             assert "saved" in err and "last.ckpt" in err, err[-2000:]
+            assert proc.returncode == (130 if sig == signal.SIGINT else 143), proc.returncode
         resumed += bool(resume)
     assert proc.returncode == 0, err[-3000:]
     assert resumed >= 2

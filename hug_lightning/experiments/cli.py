@@ -1,0 +1,107 @@
+"""``python -m hug_lightning.experiments {list,run,table}``: the grid runner's command line.
+
+* ``list``: the shipped grids (``hug_lightning.configs/grids``) with their entries and seeds;
+* ``run GRID [--seeds 0 1] [--out runs] [--jobs 1] [--dry-run] [--extra ARGS...]``: run (or
+  resume) every entry x seed, then write ``<out>/<grid>/results.md`` and ``results.csv``;
+  ``--extra`` must come last: everything after it is appended to each ``fit`` command
+  (e.g. ``--extra --config gpu.yaml``);
+* ``table GRID [--out runs]``: rebuild the two tables from the runs' ``result.json`` files.
+
+``GRID`` is a YAML file or the name of a shipped grid (``paper_cifar10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from hug_lightning.experiments.grid import Grid, load_grid, shipped_grids
+from hug_lightning.experiments.results import build_table, markdown, write_csv
+from hug_lightning.experiments.runner import dry_run, grid_runs, run_all
+
+
+def collect_results(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
+    """The ``result.json`` of every finished run under ``<out>/<grid>/`` (any entry, any seed)."""
+    base = Path(out) / grid.name
+    return [json.loads(p.read_text()) for p in sorted(base.glob("*/seed*/result.json"))]
+
+
+def write_tables(grid: Grid, out: str | Path) -> Path | None:
+    """Write ``results.md`` and ``results.csv`` of a grid; returns the Markdown path.
+
+    Returns ``None`` (and writes nothing) when no run has finished yet.
+    """
+    results = collect_results(grid, out)
+    if not results:
+        return None
+    columns, rows = build_table(results, order=[e.name for e in grid.entries])
+    base = Path(out) / grid.name
+    write_csv(base / "results.csv", columns, rows)
+    md = base / "results.md"
+    md.write_text(markdown(grid.name, grid.description, columns, rows))
+    return md
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hug_lightning.experiments",
+                                     description="Run grids of hug-lightning experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="show the shipped grids")
+    run = sub.add_parser("run", help="run (or resume) a grid, then write its results table")
+    run.add_argument("grid", help="grid YAML file or shipped grid name")
+    run.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
+    run.add_argument("--out", default="runs", help="output folder (default: runs)")
+    run.add_argument("--jobs", type=int, default=1, help="runs at the same time (default: 1)")
+    run.add_argument("--dry-run", action="store_true", help="print the commands only")
+    run.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                     help="arguments appended to every fit command (must come last)")
+    table = sub.add_parser("table", help="rebuild results.md/results.csv from finished runs")
+    table.add_argument("grid", help="grid YAML file or shipped grid name")
+    table.add_argument("--out", default="runs", help="output folder (default: runs)")
+    return parser
+
+
+def _list() -> int:
+    grids = shipped_grids()
+    for name, path in grids.items():
+        grid = load_grid(path)
+        print(f"{name}  ({path})")
+        if grid.description:
+            print(f"  {grid.description.splitlines()[0]}")
+        print(f"  seeds: {list(grid.seeds)}; entries: {', '.join(e.name for e in grid.entries)}")
+    if not grids:
+        print("no shipped grids found")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (1: a run failed, 130: interrupted)."""
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        return _list()
+    grid = load_grid(args.grid)
+    if args.command == "table":
+        md = write_tables(grid, args.out)
+        if md is None:
+            print(f"no finished run under {Path(args.out) / grid.name}", file=sys.stderr)
+            return 1
+        print(md.read_text())
+        return 0
+    runs = grid_runs(grid, args.seeds or grid.seeds, Path(args.out))
+    if args.dry_run:
+        dry_run(runs, args.extra)
+        return 0
+    counts = run_all(runs, args.extra, jobs=args.jobs)
+    md = write_tables(grid, args.out)
+    if md is not None:
+        print(md.read_text())
+        print(f"table: {md} and {md.with_suffix('.csv')}")
+    print(f"{grid.name}: {counts['done']} run(s) done, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed, {counts['interrupted']} interrupted")
+    if counts["interrupted"]:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,190 @@
+"""Grid files: named entries (config files + CLI overrides) run over several seeds.
+
+A grid is a YAML file::
+
+    description: CIFAR-10, CE vs HUG          # optional, copied into results.md
+    seeds: [0, 1, 2]                          # default seeds ([0]; ``--seeds`` overrides)
+    common:                                   # optional, applied to every entry
+      configs: []                             # appended after each entry's configs
+      args: {trainer.enable_progress_bar: false}
+      test_args: {}                           # only for the ``test`` command
+    entries:
+      - name: ce                              # folder name: letters, digits, ``_.-``
+        configs: [cifar10_ce.yaml]            # as ``--config``: a path or a packaged name
+        args:                                 # ``--key value`` overrides (mapping or list)
+          trainer.max_epochs: 30
+
+``args`` is either a mapping (``key: value`` becomes ``--key value``; booleans are written
+``true``/``false``, lists and mappings as JSON) or a list of command-line strings. Config names
+are resolved like ``hug-lightning --config`` does: an existing path (relative to the current
+folder, then to the grid file's folder), else a YAML shipped in ``hug_lightning.configs``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hug_lightning.cli import packaged_config
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+GRID_KEYS = {"name", "description", "seeds", "common", "entries"}
+ENTRY_KEYS = {"name", "configs", "args", "test_args", "description"}
+COMMON_KEYS = {"configs", "args", "test_args"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row group of the table: the fit command's configs and overrides.
+
+    Attributes:
+        name: Folder and row name.
+        configs: Absolute paths of the config files, in ``--config`` order.
+        args: Overrides after the configs (``--key value`` strings).
+        test_args: Extra arguments of the ``test`` command only.
+    """
+
+    name: str
+    configs: tuple[Path, ...]
+    args: tuple[str, ...] = ()
+    test_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file.
+
+    Attributes:
+        name: Grid name (``name`` key, else the file's stem): the results folder.
+        path: The YAML file.
+        description: Free text for the results table.
+        seeds: Default seeds.
+        entries: Entries in file order.
+    """
+
+    name: str
+    path: Path
+    description: str
+    seeds: tuple[int, ...]
+    entries: tuple[Entry, ...]
+
+
+def shipped_grids() -> dict[str, Path]:
+    """Grids shipped in ``hug_lightning.configs/grids``: ``{name: path}``."""
+    try:
+        folder = resources.files("hug_lightning.configs") / "grids"
+    except ModuleNotFoundError:
+        return {}
+    if not folder.is_dir():
+        return {}
+    files = [Path(str(f)) for f in folder.iterdir() if f.name.endswith((".yaml", ".yml"))]
+    return {p.stem: p for p in sorted(files)}
+
+
+def find_grid(name_or_path: str | Path) -> Path:
+    """The grid file of a path or of a shipped grid's name (``paper_cifar10``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.resolve()
+    shipped = shipped_grids()
+    if path.stem in shipped and path.suffix in ("", ".yaml", ".yml"):
+        return shipped[path.stem]
+    raise FileNotFoundError(f"No grid file {str(name_or_path)!r}; shipped grids: "
+                            f"{', '.join(shipped) or 'none'}.")
+
+
+def resolve_config(name: str, base: Path) -> Path:
+    """Absolute path of a config named in a grid (path, path next to the grid, packaged name)."""
+    for candidate in (Path(name), base / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    found = packaged_config(name)
+    if found is None:
+        raise FileNotFoundError(f"Config {name!r} is neither a file (here or in {base}) nor a "
+                                "config shipped in hug_lightning.configs.")
+    return found.resolve()
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def to_cli_args(args: Any, where: str = "args") -> list[str]:
+    """Command-line strings of an ``args`` field (mapping, list of strings, or empty)."""
+    if not args:
+        return []
+    if isinstance(args, dict):
+        out: list[str] = []
+        for key, value in args.items():
+            out += [f"--{str(key).lstrip('-')}", _value(value)]
+        return out
+    if isinstance(args, (list, tuple)):
+        return [_value(a) for a in args]
+    raise TypeError(f"{where} must be a mapping or a list of strings, got {type(args).__name__}.")
+
+
+def _check_keys(data: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}.")
+
+
+def _configs(value: Any, base: Path, where: str) -> list[Path]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [resolve_config(str(n), base) for n in names]
+
+
+def load_grid(name_or_path: str | Path) -> Grid:
+    """Read and check a grid file; every config must resolve (nothing is run here).
+
+    Raises:
+        FileNotFoundError: The grid or one of its configs is missing.
+        ValueError: Unknown keys, bad or duplicate entry names, no entries.
+    """
+    path = find_grid(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a grid is a mapping with an `entries` list.")
+    _check_keys(data, GRID_KEYS, str(path))
+    common = data.get("common") or {}
+    _check_keys(common, COMMON_KEYS, f"{path}: common")
+    base = path.parent
+    common_configs = _configs(common.get("configs"), base, "common")
+    common_args = to_cli_args(common.get("args"), "common.args")
+    common_test = to_cli_args(common.get("test_args"), "common.test_args")
+    entries: list[Entry] = []
+    for i, raw in enumerate(data.get("entries") or []):
+        where = f"{path}: entry {i}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} must be a mapping with name, configs, args.")
+        _check_keys(raw, ENTRY_KEYS, where)
+        name = str(raw.get("name", ""))
+        if not NAME_RE.match(name):
+            raise ValueError(f"{where}: name {name!r} must match {NAME_RE.pattern}.")
+        if name in {e.name for e in entries}:
+            raise ValueError(f"{where}: duplicate entry name {name!r}.")
+        configs = _configs(raw.get("configs"), base, where) + common_configs
+        if not configs:
+            raise ValueError(f"{where}: no config files.")
+        args = common_args + to_cli_args(raw.get("args"), f"{where}: args")
+        test_args = common_test + to_cli_args(raw.get("test_args"), f"{where}: test_args")
+        entries.append(Entry(name, tuple(configs), tuple(args), tuple(test_args)))
+    if not entries:
+        raise ValueError(f"{path}: the grid has no entries.")
+    name = str(data.get("name") or path.stem)
+    if not NAME_RE.match(name):
+        raise ValueError(f"{path}: grid name {name!r} must match {NAME_RE.pattern}.")
+    seeds = tuple(int(s) for s in (data.get("seeds") or [0]))
+    return Grid(name, path, str(data.get("description") or "").strip(), seeds, tuple(entries))

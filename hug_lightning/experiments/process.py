@@ -1,0 +1,86 @@
+"""Subprocesses of the grid runner: launch, and stop them cleanly on Ctrl-C or SIGTERM.
+
+When the runner is interrupted, every running ``hug_lightning`` child gets SIGTERM: Lightning
+finishes the batch in progress and :class:`hug_lightning.checkpointing.InterruptCheckpoint`
+writes ``last.ckpt``, from which the next run of the same grid resumes. A child still running
+after :data:`GRACE_S` seconds (or after a second Ctrl-C) is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+GRACE_S = 120.0
+#: Set once the runner is interrupted: runs then stop without marking anything as finished.
+STOP = threading.Event()
+_LIVE: set[subprocess.Popen] = set()
+_LOCK = threading.Lock()
+
+
+def launch(cmd: list[str], log_file: Path) -> int:
+    """Run one subprocess, its output appended to ``log_file``; returns the exit status.
+
+    Raises:
+        KeyboardInterrupt: The runner was interrupted (the child was stopped first).
+    """
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_file, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with _LOCK:
+            _LIVE.add(proc)
+        try:
+            return proc.wait()
+        except BaseException:
+            STOP.set()
+            stop_children()
+            raise
+        finally:
+            with _LOCK:
+                _LIVE.discard(proc)
+
+
+def stop_children(grace_s: float = GRACE_S) -> None:
+    """SIGTERM every running child, wait up to ``grace_s`` for them, then kill the rest."""
+    with _LOCK:
+        procs = [p for p in _LIVE if p.poll() is None]
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        for proc in procs:
+            proc.wait(timeout=grace_s)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM to the runner into ``KeyboardInterrupt`` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,240 @@
+"""Run a grid: ``fit`` then ``test`` of the best checkpoint, each in a subprocess, per run.
+
+Layout of one run, ``<out>/<grid>/<entry>/seed<k>/``:
+
+* ``fit/``: the fit's TensorBoard events, ``config.yaml``, ``checkpoints/`` (best + ``last.ckpt``);
+* ``test/``: the events of ``test --config fit/config.yaml --ckpt_path <best checkpoint>``;
+* ``fit.log``, ``test.log``: the subprocesses' output; ``fit_completed.json``: written by the
+  fit itself when it ran to its end (:mod:`.callbacks`); ``fit.json``: the best checkpoint, once
+  the fit is complete; ``result.json``: written last (the metrics read from the events).
+
+Resume policy (rerun the same command): a run with ``result.json`` is skipped; a run whose fit
+is complete (``fit.json``) only reruns the test; an unfinished fit with a
+``fit/checkpoints/last.ckpt`` resumes from it (``--ckpt_path <last.ckpt>``: Lightning restores
+weights, optimizer, scheduler, loops and callbacks; the events continue in ``fit/``); an
+unfinished fit without it starts again in an emptied ``fit/``. Ctrl-C or SIGTERM stops the
+runner's subprocesses so that each fit saves ``last.ckpt`` (:mod:`.process`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hug_lightning.experiments import process
+from hug_lightning.experiments.callbacks import marker_callback_args
+from hug_lightning.experiments.grid import Entry, Grid
+from hug_lightning.experiments.results import last_values
+
+_PRINT_LOCK = threading.Lock()
+BEST_PLACEHOLDER = "<best checkpoint of fit>"
+
+
+def _say(message: str) -> None:
+    with _PRINT_LOCK:
+        print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (entry, seed) of a grid and its folder ``<out>/<grid>/<entry>/seed<k>``."""
+
+    grid: str
+    entry: Entry
+    seed: int
+    root: Path
+
+    @property
+    def fit_dir(self) -> Path:
+        return self.root / "fit"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "test"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.fit_dir / "checkpoints"
+
+    @property
+    def result_file(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def fit_file(self) -> Path:
+        return self.root / "fit.json"
+
+    @property
+    def completed_file(self) -> Path:
+        return self.root / "fit_completed.json"
+
+    def logger_args(self, version: str) -> list[str]:
+        """Put the TensorBoard folder at ``root/<version>``."""
+        return ["--trainer.logger.init_args.save_dir", str(self.root.parent),
+                "--trainer.logger.init_args.name", self.root.name,
+                "--trainer.logger.init_args.version", version]
+
+    def fit_command(self, extra: Sequence[str] = (), resume: Path | None = None) -> list[str]:
+        """``python -m hug_lightning fit`` with the entry's configs, overrides, seed and folders."""
+        cmd = [sys.executable, "-m", "hug_lightning", "fit"]
+        for config in self.entry.configs:
+            cmd += ["--config", str(config)]
+        cmd += [*self.entry.args, *extra, "--seed_everything", str(self.seed),
+                *self.logger_args("fit"), "--checkpoint.dirpath", str(self.ckpt_dir),
+                *marker_callback_args(self.completed_file)]
+        if resume is not None:
+            cmd += ["--ckpt_path", str(resume)]
+        return cmd
+
+    def test_command(self, ckpt: str) -> list[str]:
+        """``test`` with the fit's saved ``config.yaml`` and the best checkpoint."""
+        return [sys.executable, "-m", "hug_lightning", "test",
+                "--config", str(self.fit_dir / "config.yaml"), *self.entry.test_args,
+                *self.logger_args("test"), "--ckpt_path", ckpt]
+
+
+def grid_runs(grid: Grid, seeds: Sequence[int], out: Path) -> list[Run]:
+    """All runs of a grid, entry by entry, seed by seed."""
+    base = Path(out).resolve() / grid.name
+    return [Run(grid.name, e, int(s), base / e.name / f"seed{s}")
+            for e in grid.entries for s in seeds]
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path:
+    """Best checkpoint of a finished fit: the ``ModelCheckpoint`` state saved in ``last.ckpt``.
+
+    Falls back to the only other ``.ckpt`` file, else to ``last.ckpt`` (no validation ran).
+    """
+    import torch
+
+    last = ckpt_dir / "last.ckpt"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, or not loadable weights-only: look at the files
+        state = {}
+    for key, value in (state.get("callbacks") or {}).items():
+        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        if best and Path(best).is_file():
+            return Path(best)
+    others = sorted(p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith("last"))
+    if len(others) == 1 or (others and not last.is_file()):
+        return others[0]
+    if last.is_file():
+        return last
+    raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _failed(run: Run, stage: str) -> str:
+    log = run.root / f"{stage}.log"
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    _say(f"[{run.entry.name} seed {run.seed}] {stage} FAILED (see {log}):\n{tail}")
+    return "failed"
+
+
+def execute(run: Run, extra: Sequence[str] = ()) -> str:
+    """Run (or resume) one run; returns ``skipped``, ``done``, ``failed`` or ``interrupted``."""
+    tag = f"[{run.entry.name} seed {run.seed}]"
+    if process.STOP.is_set():
+        return "interrupted"
+    if run.result_file.is_file():
+        _say(f"{tag} done before: skipped")
+        return "skipped"
+    start = time.time()
+    if not run.fit_file.is_file():
+        last = run.ckpt_dir / "last.ckpt"
+        resume = last if last.is_file() else None
+        if resume is None and run.fit_dir.exists():
+            shutil.rmtree(run.fit_dir)
+        run.completed_file.unlink(missing_ok=True)
+        cmd = run.fit_command(extra, resume)
+        _say(f"{tag} fit" + (f" (resuming from {resume})" if resume else ""))
+        rc = process.launch(cmd, run.root / "fit.log")
+        if process.STOP.is_set() or (rc == 0 and not run.completed_file.is_file()):
+            _say(f"{tag} fit interrupted: rerun to resume from last.ckpt")
+            return "interrupted"
+        if rc != 0:
+            return _failed(run, "fit")
+        best = best_checkpoint(run.ckpt_dir)
+        _write_json(run.fit_file, {"best_ckpt": str(best), "command": cmd})
+    best = json.loads(run.fit_file.read_text())["best_ckpt"]
+    if not Path(best).is_file():  # the output folder was moved since
+        best = str(best_checkpoint(run.ckpt_dir))
+    if run.test_dir.exists():
+        shutil.rmtree(run.test_dir)
+    cmd = run.test_command(best)
+    _say(f"{tag} test {Path(best).name}")
+    rc = process.launch(cmd, run.root / "test.log")
+    if process.STOP.is_set():
+        return "interrupted"
+    if rc != 0:
+        return _failed(run, "test")
+    result = {"grid": run.grid, "entry": run.entry.name, "seed": run.seed, "best_ckpt": best,
+              "fit_command": json.loads(run.fit_file.read_text())["command"],
+              "test_command": cmd, "fit": last_values(run.fit_dir),
+              "test": last_values(run.test_dir), "seconds": round(time.time() - start, 1)}
+    _write_json(run.result_file, result)
+    _say(f"{tag} done in {result['seconds']} s: test/acc = {result['test'].get('test/acc')}")
+    return "done"
+
+
+def _execute_or_fail(run: Run, extra: Sequence[str]) -> str:
+    try:
+        return execute(run, extra)
+    except KeyboardInterrupt:
+        process.STOP.set()
+        return "interrupted"
+    except Exception as err:  # one broken run must not stop the others
+        _say(f"[{run.entry.name} seed {run.seed}] FAILED: {type(err).__name__}: {err}")
+        return "failed"
+
+
+def run_all(runs: Sequence[Run], extra: Sequence[str] = (), jobs: int = 1) -> dict[str, int]:
+    """Execute runs, ``jobs`` at a time; returns how many were done/skipped/failed/interrupted.
+
+    Runs go one per thread, each launching its own subprocesses; ``jobs > 1`` only makes sense
+    when the runs fit the machine together (CPU runs, or several GPUs chosen per entry).
+    """
+    process.STOP.clear()
+    statuses: list[str] = []
+    with process.sigterm_as_interrupt():
+        if jobs <= 1:
+            statuses = [_execute_or_fail(r, extra) for r in runs]
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(_execute_or_fail, r, extra) for r in runs]
+                try:
+                    statuses = [f.result() for f in futures]
+                except KeyboardInterrupt:  # only the main thread sees it: stop the children
+                    process.STOP.set()
+                    process.stop_children()
+                    statuses = [f.result() for f in futures]
+    counts = {"done": 0, "skipped": 0, "failed": 0, "interrupted": 0}
+    for status in statuses:
+        counts[status] += 1
+    return counts
+
+
+def dry_run(runs: Sequence[Run], extra: Sequence[str] = ()) -> None:
+    """Print each run's commands (and whether it is done) without running anything."""
+    for run in runs:
+        state = ("done: skipped" if run.result_file.is_file() else
+                 "fit done: test only" if run.fit_file.is_file() else
+                 "resumes from last.ckpt" if (run.ckpt_dir / "last.ckpt").is_file() else "new")
+        print(f"# {run.grid} / {run.entry.name} / seed {run.seed} ({state})")
+        resume = run.ckpt_dir / "last.ckpt" if state.startswith("resumes") else None
+        print(shlex.join(run.fit_command(extra, resume)))
+        print(shlex.join(run.test_command(BEST_PLACEHOLDER)))

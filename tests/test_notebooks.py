@@ -1,0 +1,58 @@
+"""The notebooks run end to end at tiny size (``HUG_NOTEBOOK_FAST=1``) and are saved clean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def python3_kernel(tmp_path_factory) -> Path:
+    """A ``python3`` kernel spec that starts this interpreter (not whatever ``python`` is)."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    jupyter_path = tmp_path_factory.mktemp("jupyter")
+    write_kernel_spec(jupyter_path / "kernels" / "python3")
+    return jupyter_path
+
+
+def test_three_notebooks_saved_without_outputs():
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_compare_runs.ipynb",
+                                            "03_extend.ipynb"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code), path.name
+        assert any(c.cell_type == "markdown" for c in nb.cells)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, python3_kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PATH", str(python3_kernel))
+    monkeypatch.setenv("HUG_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("HUG_NOTEBOOK_LOGS", str(tmp_path / "logs"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    monkeypatch.delenv("RUNS_DIR", raising=False)
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                                     resources={"metadata": {"path": str(REPO)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "no run was logged"
+    if path.stem.startswith("02"):  # it compared two runs it trained itself
+        assert {p.parent.parent.name for p in (tmp_path / "logs").rglob("events.*")} == {
+            "ufm_ce", "ufm_hug"}
