@@ -48,7 +48,9 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(filename="last", monitor=None, save_top_k=1 if enabled else 0,
                          save_last=False, every_n_train_steps=every_n_train_steps or None,
                          every_n_epochs=0 if every_n_train_steps else every_n_epochs,
-                         enable_version_counter=False)
+                         enable_version_counter=False,
+                         # after the epoch's last hooks, also in epochs without validation
+                         save_on_train_epoch_end=True)
 
     @property
     def state_key(self) -> str:

@@ -74,7 +74,8 @@ class ClassifierModule(LightningModule):
             ``skip`` (skip that batch's update and count it in ``train/skipped_batches``).
         channels_last: Use the channels-last memory format for images (faster convolutions
             on GPUs under mixed precision).
-        compile: Compile the backbone with ``torch.compile``.
+        compile: Compile the backbone with ``torch.compile`` (in place: checkpoints load with
+            or without it; the first steps are slower while it compiles).
     """
 
     def __init__(
@@ -121,8 +122,8 @@ class ClassifierModule(LightningModule):
             width, embedding_dim, embedding_norm
         )
         self.head = self.configure_head(head, self.num_classes, self.feature_dim)
-        if compile:
-            self.backbone = torch.compile(self.backbone)
+        if compile:  # in place: state_dict keys (and checkpoints) stay the same as without
+            self.backbone.compile()
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
         self._labels_checked: set[str] = set()
         self.configure_metrics()

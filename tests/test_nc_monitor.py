@@ -61,8 +61,14 @@ def test_collectors_are_separate_and_checkpointed(tmp_path):
     assert len(cols) == 3 and len({id(c.s) for c in cols}) == 3  # no shared (merged) states
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     saved = next(v for k, v in ckpt["callbacks"].items() if "NeuralCollapseMonitor" in k)
-    pivot = saved["collectors"]["train"]["pivot"]
-    assert torch.equal(pivot, monitor.collectors["train"].pivot.cpu())
+    assert set(saved["collectors"]) == {"train", "train_eval", "val"}
+    fresh = type(monitor)(train=True, eval_pass=True)
+    fresh.load_state_dict(saved)  # before setup: kept and applied once the collectors exist
+    fresh.setup(cli.trainer, cli.model, "fit")
+    for name, col in fresh.collectors.items():
+        for key, value in saved["collectors"][name].items():
+            assert torch.equal(col.state_dict()[key].cpu(), value), (name, key)
+    assert saved["collectors"]["train"]["pivot"].shape == (10, 32)
 
 
 @pytest.mark.slow

@@ -174,13 +174,20 @@ class NeuralCollapseMonitor(Callback):
             raise TypeError("eval_pass needs a data module with train_eval_dataloader().")
         was_training = pl_module.training
         pl_module.eval()
+        pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        collector = self.collectors["train_eval"]
         try:
             for batch in loader_fn():
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 with trainer.precision_plugin.forward_context():
                     features = pl_module.forward_features(batch[0])
                     logits = pl_module.head.logits(features)
-                self.collectors["train_eval"].update(features, batch[1], logits=logits)
+                pending.append((features, batch[1], logits))
+                if len(pending) >= self.buffer_batches:  # fewer, larger collector updates
+                    collector.update(*(torch.cat(t) for t in zip(*pending)))
+                    pending = []
+            if pending:
+                collector.update(*(torch.cat(t) for t in zip(*pending)))
         finally:
             pl_module.train(was_training)
 

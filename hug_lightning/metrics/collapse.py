@@ -72,6 +72,9 @@ class NCFeatureStats(Metric):
         global_mean: ``"class"`` (average of class means, default) or ``"sample"``.
         centered: Unit-vector NC2/GNC2 metrics on centred (default) or uncentred class means.
         acc_dtype: Accumulation dtype (float64; float32 only where float64 is unavailable).
+        compute_device: Where ``compute`` runs its float64 linear algebra after the sync:
+            ``"cpu"`` (default: a few hundred tiny operations, faster on the host than as GPU
+            kernel launches; the states cross once) or ``None`` for the states' device.
         kwargs: torchmetrics ``Metric`` options (``process_group``, ``dist_sync_fn``, ...).
     """
 
@@ -90,11 +93,13 @@ class NCFeatureStats(Metric):
         global_mean: Literal["class", "sample"] = "class",
         centered: bool = True,
         acc_dtype: torch.dtype = torch.float64,
+        compute_device: str | None = "cpu",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", all_reduce_sync)
         kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
+        self.compute_device = compute_device
         if int(num_classes) < 1 or int(dim) < 1:
             raise ValueError(f"num_classes and dim must be positive, got {num_classes}, {dim}")
         if global_mean not in ("class", "sample"):
@@ -223,6 +228,11 @@ class NCFeatureStats(Metric):
             W = self._classifier[0]  # noqa: N806
             b = self._classifier[1] if b is None else b
         states = self.nc_states()
+        if self.compute_device is not None:
+            dev = torch.device(self.compute_device)
+            states = {k: v.to(dev) for k, v in states.items()}
+            W = None if W is None else W.detach().to(dev)  # noqa: N806
+            b = None if b is None else b.detach().to(dev)
         self._means = {"raw": NF.class_means(states)}
         if self.spherical:
             self._means["sph"] = NF.class_means(states, spherical=True)
