@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, tiny_args
 from hug_lightning.cli import main
@@ -31,6 +32,11 @@ def test_fit_validate_test_predict(layout, cifar10_tv_root, cifar10_folder_root,
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(metrics)
     assert cli.model.num_classes == 10  # linked from the data module
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # HPARAMS tab
+    assert "hp/val_acc_best" in events.Tags()["scalars"]  # a real metric, no hp_metric=-1
+    assert "hp_metric" not in events.Tags()["scalars"]
 
     last = run / "checkpoints" / "last.ckpt"
     cli = main(["validate", *tiny_args(root, tmp_path), "--ckpt_path", str(last)])
