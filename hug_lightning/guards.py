@@ -13,6 +13,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from hug_lightning.data.splits import out_of_range_label
+
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or Inf and the policy is ``raise``."""
@@ -26,11 +28,8 @@ def check_labels(labels: Tensor, num_classes: int, stage: str, always: bool = Fa
     """
     if labels.device.type != "cpu" and not always:
         return
-    if labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
+    bad = out_of_range_label(labels, num_classes)
+    if bad is not None:
         raise ValueError(
             f"{stage}: label {bad} is outside [0, {num_classes}) (num_classes={num_classes}). "
             "Check that the data module's num_classes matches its labels, or that the model's "

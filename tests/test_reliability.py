@@ -124,8 +124,6 @@ class _NaNAfter(CrossEntropyHead):
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_loss(small_root, tmp_path, policy):
-    import tests_nan_head  # noqa: F401  (registered below)
-
     _NaNAfter.calls = 0
     args = _args(small_root, tmp_path, "--model.init_args.head",
                  '{"class_path": "tests_nan_head.NaNHead"}',

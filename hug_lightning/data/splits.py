@@ -32,13 +32,20 @@ def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Te
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def out_of_range_label(labels: Tensor, num_classes: int) -> int | None:
+    """A label outside ``[0, num_classes)`` (the lowest if negative, else the highest), or None."""
+    if labels.numel() == 0:
+        return None
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        return low
+    return high if high >= num_classes else None
+
+
 def check_label_range(labels: Tensor, num_classes: int, source: str) -> None:
     """Raise a ``ValueError`` naming ``source`` when a label is outside ``[0, num_classes)``."""
-    if labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
+    bad = out_of_range_label(labels, num_classes)
+    if bad is not None:
         where = int(((labels < 0) | (labels >= num_classes)).nonzero()[0])
         raise ValueError(
             f"Label {bad} (sample {where}) in {source} is outside [0, {num_classes}); "
