@@ -5,6 +5,10 @@ of the final weights with the robustness evaluation (FGSM/PGD at 2/255 and 8/255
 corruptions; ``--robust-batches`` batches) and calibration (ECE, HUG temperature fitted on the
 validation split). Prints a Markdown table; ``--json`` keeps every logged metric.
 
+``--sweep hug15`` runs the one-knob-at-a-time tuning of the HUG config instead of the two shipped
+configs; ``--parallel N`` runs N fits at once as subprocesses (one GPU holds several ResNet-18
+runs, each launch-bound on its own).
+
 GPU: ``python bench/accuracy_runs.py --root <cifar10 folder> --epochs 15 --seeds 0 1``
 CPU smoke test: ``--device cpu --epochs 1 --limit-batches 2``.
 """
@@ -13,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,17 +35,37 @@ COLUMNS = {
 }
 
 
-def one_run(config: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+HEAD = "--model.init_args.head.init_args."
+SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
+    # label, packaged config, extra CLI arguments
+    "default": [("cifar10_ce", "cifar10_ce", []), ("cifar10_hug", "cifar10_hug", [])],
+    # the 15-epoch tuning of cifar10_hug.yaml (bench/RESULTS.md): one knob at a time around it
+    "hug15": [
+        ("ce (cifar10_ce)", "cifar10_ce", []),
+        ("hug (cifar10_hug: beta 4, lr 0.8, embedding 512)", "cifar10_hug", []),
+        ("hug beta 2", "cifar10_hug", [HEAD + "beta", "2"]),
+        ("hug beta 8", "cifar10_hug", [HEAD + "beta", "8"]),
+        ("hug lr 1.6", "cifar10_hug", ["--model.init_args.optimizer.init_args.lr", "1.6"]),
+        ("hug no embedding", "cifar10_hug", ["--model.init_args.embedding_dim", "null"]),
+        ("hug BN-linear embedding", "cifar10_hug", ["--model.init_args.embedding_norm", "true"]),
+        ("hug proxies also pulled (detach_proxy false)", "cifar10_hug",
+         [HEAD + "detach_proxy", "false"]),
+    ],
+}
+
+
+def one_run(config: str, extra: list[str], seed: int, args: argparse.Namespace) -> dict[str, float]:
     argv = [
         "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
         "--data.init_args.root", args.root, "--data.init_args.download", "false",
         "--data.init_args.val_split", "0", "--seed_everything", str(seed),
         "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(Path(args.out) / "logs"),
-        "--robust.enabled", "true", "--robust.max_batches", str(args.robust_batches),
-        "--robust.corruptions", "[gaussian_noise, contrast, jpeg_compression]",
-        "--robust.severities", "[3, 5]",
     ]
+    if args.robust_batches > 0:
+        argv += ["--robust.enabled", "true", "--robust.max_batches", str(args.robust_batches),
+                 "--robust.corruptions", "[gaussian_noise, contrast, jpeg_compression]",
+                 "--robust.severities", "[3, 5]"]
     if args.device == "cuda":
         argv += ["--config", str(REPO / "configs" / "gpu.yaml"),
                  "--data.init_args.device_resident", "true"]
@@ -48,6 +75,7 @@ def one_run(config: str, seed: int, args: argparse.Namespace) -> dict[str, float
                  "--trainer.limit_val_batches", str(args.limit_batches),
                  "--trainer.limit_test_batches", str(args.limit_batches),
                  "--model.init_args.backbone", '{"class_path": "hug_lightning.backbones.SmallConvNet"}']
+    argv += extra  # after the configs: the sweep's knob wins
     start = time.perf_counter()
     cli = cli_main(argv)
     fit_s = time.perf_counter() - start
@@ -56,6 +84,47 @@ def one_run(config: str, seed: int, args: argparse.Namespace) -> dict[str, float
     metrics = {**fit_metrics, **{k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
     metrics["s_per_epoch"] = fit_s / args.epochs
     return metrics
+
+
+def _child_argv(args: argparse.Namespace, index: int, seed: int, out: Path) -> list[str]:
+    return [sys.executable, __file__, "--root", args.root, "--sweep", args.sweep,
+            "--epochs", str(args.epochs), "--device", args.device,
+            "--robust-batches", str(args.robust_batches), "--limit-batches",
+            str(args.limit_batches), "--out", str(Path(args.out) / f"run{index}_s{seed}"),
+            "--only", str(index), "--seeds", str(seed), "--json", str(out)]
+
+
+def run_parallel(args: argparse.Namespace, jobs: list[tuple[int, int]]
+                 ) -> list[tuple[int, int, dict[str, float] | None]]:
+    """Run ``(sweep index, seed)`` jobs as subprocesses, ``args.parallel`` at a time (one GPU
+    holds several ResNet-18 runs; each is launch-bound, so together they use it better)."""
+    done, running = [], []
+    pending = list(jobs)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            index, seed = pending.pop(0)
+            out = Path(args.out) / f"run{index}_s{seed}.json"
+            log = open(Path(args.out) / f"run{index}_s{seed}.log", "w")
+            proc = subprocess.Popen(_child_argv(args, index, seed, out), stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            running.append((proc, index, seed, out, log))
+        time.sleep(1.0)
+        for item in list(running):
+            proc, index, seed, out, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            runs = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+            label = SWEEPS[args.sweep][index][0]
+            done.append((index, seed, runs[label][0] if runs else None))
+            m = runs[label][0] if runs else {}
+            print(f"done {label} seed {seed}: rc {proc.returncode}, test/acc {m.get('test/acc')}, "
+                  f"min angle {m.get('geometry/min_angle')}, s/epoch {m.get('s_per_epoch')}",
+                  flush=True)
+    return done
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
@@ -78,23 +147,37 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="CIFAR-10 folder (either layout)")
-    parser.add_argument("--configs", nargs="+", default=["cifar10_ce", "cifar10_hug"])
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="default",
+                        help="which runs (see SWEEPS in this file)")
+    parser.add_argument("--only", type=int, nargs="+", help="indices into the sweep")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--robust-batches", type=int, default=4)
+    parser.add_argument("--robust-batches", type=int, default=4, help="0: no robustness eval")
     parser.add_argument("--limit-batches", type=int, default=2, help="CPU smoke test only")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses)")
     parser.add_argument("--out", default="accuracy_runs")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    results: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
-    for seed in args.seeds:
-        for config in args.configs:
-            results[config].append(one_run(config, seed, args))
-            print(f"done {config} seed {seed}: test/acc {results[config][-1].get('test/acc')}",
-                  flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
+    sweep = SWEEPS[args.sweep]
+    chosen = args.only if args.only is not None else list(range(len(sweep)))
+    results: dict[str, list[dict[str, float]]] = {sweep[i][0]: [] for i in chosen}
+    if args.parallel > 1:
+        jobs = [(i, seed) for seed in args.seeds for i in chosen]
+        for index, _, metrics in sorted(run_parallel(args, jobs)):
+            if metrics is not None:
+                results[sweep[index][0]].append(metrics)
+    else:
+        for seed in args.seeds:
+            for i in chosen:
+                label, config, extra = sweep[i]
+                results[label].append(one_run(config, extra, seed, args))
+                print(f"done {label} seed {seed}: test/acc {results[label][-1].get('test/acc')}",
+                      flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n### CIFAR-10, {args.epochs} epochs, seeds {args.seeds}\n\n{table(results)}")
     return results
 

@@ -36,11 +36,12 @@ MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
 
 
 class TensorCIFAR(CIFAR10DataModule):
-    """CIFAR-10 DataModule over tensors already in memory (no files)."""
+    """CIFAR-style DataModule over tensors already in memory (no files); any number of classes."""
 
-    def __init__(self, images: Tensor, labels: Tensor, **kwargs: Any) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int = 10, **kwargs: Any) -> None:
         super().__init__(root="unused", download=False, val_split=0, **kwargs)
         self._tensors = (images, labels)
+        self.num_classes = int(num_classes)
 
     def prepare_data(self) -> None:
         pass
@@ -50,29 +51,59 @@ class TensorCIFAR(CIFAR10DataModule):
         return (images, labels) if train else (images[:2048], labels[:2048])
 
 
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepTimer(Callback):
     """Wall time of the training batches after ``warmup`` (device synchronized)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.t1, self.steps = warmup, 0.0, 0.0, 0
 
-    def _sync(self, module: nn.Module) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.warmup:
-            self._sync(pl_module)
+            _sync(pl_module.device)
             self.t0 = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self._sync(pl_module)
+        _sync(pl_module.device)
         self.t1 = time.perf_counter()
         self.steps = trainer.global_step - self.warmup
 
 
-def make_backbone(toy: bool) -> nn.Module:
-    return SmallConvNet(width=8) if toy else CifarResNet(depth=18)
+class EpochTimer(Callback):
+    """Wall time of each whole epoch, epoch-end hooks (NC compute, logging) included.
+
+    An epoch runs from one ``on_train_epoch_start`` to the next (or to ``on_train_end``), so
+    everything Lightning, the module and the callbacks do at the epoch's end is inside it.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def _stamp(self, pl_module) -> None:  # noqa: ANN001
+        _sync(pl_module.device)
+        self.stamps.append(time.perf_counter())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._stamp(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._stamp(pl_module)
+
+    def epoch_seconds(self, skip: int = 1) -> float:
+        """Mean epoch time after the first ``skip`` epochs (cuDNN autotuning, allocator)."""
+        times = [b - a for a, b in zip(self.stamps, self.stamps[1:])][skip:]
+        return sum(times) / max(len(times), 1)
+
+
+def make_backbone(args: argparse.Namespace) -> nn.Module:
+    """ResNet-18 (CIFAR stem); ``--small-width W``: SmallConvNet with ``4 W`` features."""
+    if args.toy:
+        return SmallConvNet(width=8)
+    return SmallConvNet(width=args.small_width) if args.small_width else CifarResNet(depth=18)
 
 
 def optimizer_factory(params: Any) -> torch.optim.Optimizer:
@@ -83,7 +114,8 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace) -> floa
     """(a) images/s of a hand-written loop over the same device-resident batches."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = nn.Sequential(make_backbone(args.toy), nn.Linear(8 * 4 if args.toy else 512, 10))
+    backbone = make_backbone(args)
+    model = nn.Sequential(backbone, nn.Linear(backbone.num_features, 10))
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -115,38 +147,36 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace) -> floa
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, head: str = "ce",
                   device_resident: bool = True, nc: bool = False, eval_pass: bool = False,
-                  epochs: int | None = None) -> tuple[float, float]:
-    """(images/s over the timed steps, wall seconds of the whole fit)."""
+                  epochs: int | None = None, num_classes: int = 10) -> dict[str, float]:
+    """One fit: images/s over the timed steps (``max_steps`` mode) or epoch seconds (``epochs``)."""
     torch.manual_seed(0)
     head_factory = (CrossEntropyHead if head == "ce"
                     else lambda k, d: HUGHead(k, d, alpha=1.0, beta=4.0, intra_power=2))
-    model = ClassifierModule(backbone=make_backbone(args.toy), head=head_factory,
-                             optimizer=optimizer_factory, channels_last=args.channels_last,
-                             compile=args.compile)
-    data = TensorCIFAR(images, labels, batch_size=args.batch_size, drop_last=True,
-                       num_workers=0 if device_resident else args.workers,
+    model = ClassifierModule(backbone=make_backbone(args), head=head_factory,
+                             num_classes=num_classes, optimizer=optimizer_factory,
+                             channels_last=args.channels_last, compile=args.compile)
+    data = TensorCIFAR(images, labels, num_classes=num_classes, batch_size=args.batch_size,
+                       drop_last=True, num_workers=0 if device_resident else args.workers,
                        pin_memory=args.device == "cuda", device_resident=device_resident)
-    timer = StepTimer(args.warmup)
+    timer, epoch_timer = StepTimer(args.warmup), EpochTimer()
     monitor = NeuralCollapseMonitor(enabled=nc, val=False, eval_pass=eval_pass)
     trainer = Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
         precision="bf16-mixed" if args.bf16 else "32-true",
         max_steps=-1 if epochs else args.warmup + args.steps, max_epochs=epochs or 1000,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, monitor],
-        benchmark=args.device == "cuda",
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[monitor, timer, epoch_timer], benchmark=args.device == "cuda",
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
-    wall = time.perf_counter() - start
-    return timer.steps * args.batch_size / max(timer.t1 - timer.t0, 1e-9), wall
+    return {"images_s": timer.steps * args.batch_size / max(timer.t1 - timer.t0, 1e-9),
+            "epoch_s": epoch_timer.epoch_seconds(), "wall_s": time.perf_counter() - start}
+
+
+MEASURES = ("a", "b", "c", "hug", "nc10", "nc100", "eval")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -158,51 +188,90 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--num-images", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=8, help="classic DataLoader workers")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--no-eval-pass", action="store_true", help="skip the epoch timings")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--small-width", type=int, default=0,
+                        help="SmallConvNet of this width instead of ResNet-18 (CPU runs; "
+                             "128 gives d=512 features)")
+    parser.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
+                        help="a: plain loop, b: device path, c: classic loader, hug: HUG head, "
+                             "nc10/nc100: epoch time with collectors on/off at K=10/100, "
+                             "eval: eval-pass NC mode at K=100")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved repeats of each on/off pair (best kept)")
+    parser.add_argument("--nc-epochs", type=int, default=3, help="epochs per NC run (1st not timed)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.toy:
         args.device, args.steps, args.warmup, args.batch_size, args.num_images = "cpu", 4, 2, 32, 256
-        args.workers = 0
+        args.workers, args.repeats, args.nc_epochs = 0, 1, 2
     args.bf16 = args.device == "cuda"
     args.channels_last = args.device == "cuda"
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (args.num_images,), generator=gen)
+    labels = {k: torch.randint(0, k, (args.num_images,), generator=gen) for k in (10, 100)}
+    want = set(args.measure)
+    runs: dict[str, list[float]] = {}
 
-    res: dict[str, float] = {"a_plain_loop": plain_loop(images, labels, args)}
-    res["b_lightning_device"], _ = lightning_run(images, labels, args)
-    res["c_lightning_dataloader"], _ = lightning_run(images, labels, args, device_resident=False)
-    res["b_hug"], _ = lightning_run(images, labels, args, head="hug")
-    res["b_nc_on"], _ = lightning_run(images, labels, args, nc=True)
-    if not args.no_eval_pass:
-        epochs = 2
-        _, res["epochs_nc_train"] = lightning_run(images, labels, args, nc=True, epochs=epochs)
-        _, res["epochs_nc_eval_pass"] = lightning_run(images, labels, args, nc=True,
-                                                      eval_pass=True, epochs=epochs)
-    ratios = {
-        "(b)/(a) device-resident Lightning vs plain loop": res["b_lightning_device"] / res["a_plain_loop"],
-        "(b)/(c) device-resident vs classic DataLoader": res["b_lightning_device"] / res["c_lightning_dataloader"],
-        "HUG step / CE step": res["b_lightning_device"] / res["b_hug"],
-        "collectors on / off (step time)": res["b_lightning_device"] / res["b_nc_on"],
-    }
-    if "epochs_nc_eval_pass" in res:
-        ratios["eval-pass epoch / train-batch epoch"] = (res["epochs_nc_eval_pass"]
-                                                         / res["epochs_nc_train"])
+    def record(key: str, value: float) -> None:
+        runs.setdefault(key, []).append(value)
+
+    for _ in range(args.repeats):  # interleaved: a drift of clocks or caches hits both sides
+        if "a" in want:
+            record("a_plain_loop", plain_loop(images, labels[10], args))
+        if want & {"b", "c", "hug"}:
+            record("b_lightning_device", lightning_run(images, labels[10], args)["images_s"])
+        if "c" in want:
+            record("c_lightning_dataloader",
+                   lightning_run(images, labels[10], args, device_resident=False)["images_s"])
+        if "hug" in want:
+            record("b_hug", lightning_run(images, labels[10], args, head="hug")["images_s"])
+        for k in (10, 100):
+            if f"nc{k}" in want or (k == 100 and "eval" in want):
+                for nc in (False, True):
+                    out = lightning_run(images, labels[k], args, nc=nc, epochs=args.nc_epochs,
+                                        num_classes=k)
+                    record(f"epoch_s_K{k}_nc_{'on' if nc else 'off'}", out["epoch_s"])
+        if "eval" in want:
+            out = lightning_run(images, labels[100], args, nc=True, eval_pass=True,
+                                epochs=args.nc_epochs, num_classes=100)
+            record("epoch_s_K100_eval_pass", out["epoch_s"])
+    # best of the repeats: highest throughput, shortest epoch
+    res = {k: (min(v) if k.startswith("epoch") else max(v)) for k, v in runs.items()}
+    ratios: dict[str, float] = {}
+
+    def ratio(name: str, num: str, den: str) -> None:
+        if num in res and den in res:
+            ratios[name] = res[num] / res[den]
+
+    ratio("(b)/(a) device-resident Lightning vs plain loop", "b_lightning_device", "a_plain_loop")
+    ratio("(b)/(c) device-resident vs classic DataLoader", "b_lightning_device",
+          "c_lightning_dataloader")
+    ratio("HUG step / CE step", "b_lightning_device", "b_hug")
+    for k in (10, 100):
+        ratio(f"collectors on / off, epoch time, K={k}", f"epoch_s_K{k}_nc_on",
+              f"epoch_s_K{k}_nc_off")
+    ratio("eval-pass epoch / collectors-off epoch, K=100", "epoch_s_K100_eval_pass",
+          "epoch_s_K100_nc_off")
+    ratio("eval-pass epoch / train-collector epoch, K=100", "epoch_s_K100_eval_pass",
+          "epoch_s_K100_nc_on")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    model_name = (f"SmallConvNet width {args.small_width} (d={4 * args.small_width})"
+                  if args.small_width else "ResNet-18 CIFAR stem")
     print(f"\n### train_bench on {device_name} (batch {args.batch_size}, "
-          f"{'toy SmallConvNet' if args.toy else 'ResNet-18 CIFAR stem'}, "
-          f"{'bf16-mixed, channels_last' if args.bf16 else 'fp32'})\n")
-    print("| measurement | value |\n|---|---|")
+          f"{'toy SmallConvNet' if args.toy else model_name}, "
+          f"{'bf16-mixed, channels_last' if args.bf16 else 'fp32'}"
+          f"{', torch.compile' if args.compile else ', eager'}; best of {args.repeats})\n")
+    print("| measurement | value | all repeats |\n|---|---|---|")
     for key, value in res.items():
-        unit = "s" if key.startswith("epochs") else "images/s"
-        print(f"| {key} | {value:,.1f} {unit} |")
+        unit = "s" if key.startswith("epoch") else "images/s"
+        every = ", ".join(f"{v:,.3f}" if unit == "s" else f"{v:,.0f}" for v in runs[key])
+        print(f"| {key} | {value:,.3f} {unit} | {every} |")
     for key, value in ratios.items():
-        print(f"| {key} | {value:.3f} |")
+        print(f"| {key} | {value:.3f} | |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": res, "ratios": ratios, "device": device_name}, f, indent=1)
+            json.dump({"results": res, "repeats": runs, "ratios": ratios, "device": device_name,
+                       "compile": args.compile}, f, indent=1)
     return {**res, **ratios}
 
 

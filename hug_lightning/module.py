@@ -128,6 +128,15 @@ class ClassifierModule(LightningModule):
         self._labels_checked: set[str] = set()
         self.configure_metrics()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets `_current_fx_name` twice around every hook call (about 50 times a
+        # step); nn.Module.__setattr__ spends ~5 us on each checking parameters, buffers and
+        # submodules. That name is only ever a string or None: store it directly.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # ----------------------------------------------------------------- hooks to override
     def configure_backbone(self, backbone: nn.Module) -> nn.Module:
         """Return the backbone to use (override to wrap, freeze or replace it)."""

@@ -32,3 +32,18 @@ def test_accuracy_runs_smoke(cifar10_folder_root, tmp_path):
     for config in ("cifar10_ce", "cifar10_hug"):
         run = results[config][0]
         assert 0.0 <= run["test/acc"] <= 1.0 and "test/robust/pgd_eps8" in run
+
+
+@pytest.mark.slow
+def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, tmp_path):
+    """Every knob of the tuning sweep is a valid CLI override (run as 2 parallel subprocesses)."""
+    module = _load("accuracy_runs")
+    sweep = module.SWEEPS["hug15"]
+    results = module.main([
+        "--root", str(cifar10_folder_root), "--device", "cpu", "--epochs", "1", "--seeds", "0",
+        "--sweep", "hug15", "--parallel", "2", "--out", str(tmp_path), "--robust-batches", "0",
+        "--limit-batches", "1"])
+    assert list(results) == [label for label, _, _ in sweep]
+    for label, runs in results.items():
+        assert len(runs) == 1, f"{label}: the run failed (see {tmp_path}/run*.log)"
+        assert 0.0 <= runs[0]["test/acc"] <= 1.0

@@ -64,12 +64,29 @@ def pad_crop_flip(images: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, pad: int
     return gathered.view(b, c, h, w)
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float],
+def channel_stats(mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as float32 ``(C, 1, 1)`` tensors on ``device`` (for :func:`normalize`).
+
+    Make them once per loader: ``torch.tensor(list, device="cuda")`` copies from pageable host
+    memory and waits for the GPU, which per batch would stall the stream every step.
+    """
+    def column(values: Sequence[float] | Tensor) -> Tensor:
+        return torch.as_tensor(values, dtype=torch.float32).to(device).view(-1, 1, 1)
+
+    return column(mean), column(std)
+
+
+def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
               dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 ``(B, C, H, W)`` or ``(C, H, W)`` -> ``(x / 255 - mean) / std`` in ``dtype``."""
-    shape = (-1, 1, 1)
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(shape)
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(shape)
+    """uint8 ``(B, C, H, W)`` or ``(C, H, W)`` -> ``(x / 255 - mean) / std`` in ``dtype``.
+
+    ``mean`` / ``std`` are sequences or the tensors of :func:`channel_stats` (same numbers).
+    """
+    if isinstance(mean, Tensor) and isinstance(std, Tensor):
+        m, s = mean, std
+    else:
+        m, s = channel_stats(mean, std, images.device)
     return ((images.to(torch.float32) / 255.0 - m) / s).to(dtype)
 
 

@@ -23,7 +23,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from hug_lightning.data.augment import crop_flip_params, normalize, pad_crop_flip, sample_keys
+from hug_lightning.data.augment import (
+    channel_stats,
+    crop_flip_params,
+    normalize,
+    pad_crop_flip,
+    sample_keys,
+)
 from hug_lightning.data.loading import EpochShardSampler
 
 
@@ -70,6 +76,7 @@ class DeviceBatchLoader:
         self.labels = labels.to(self.device, non_blocking=True).long()
         self.batch_size = int(batch_size)
         self.mean, self.std = tuple(mean), tuple(std)
+        self._stats = channel_stats(self.mean, self.std, self.device)  # made once: no per-batch copy
         self.sampler = sampler
         self.augment, self.pad = bool(augment), int(pad)
         self.drop_last = bool(drop_last)
@@ -95,21 +102,32 @@ class DeviceBatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # one host-to-device copy and one hash per epoch; per batch only slices, the gather,
+        # crop/flip and normalization (a few kernels, no host synchronisation)
         idx, keys = self._order()
         idx = idx.to(self.device)
-        keys = keys.to(self.device) if keys is not None else None
+        params = None
+        if self.augment and keys is not None:
+            params = crop_flip_params(keys.to(self.device), self.pad)
         skip = int(self.next_batch_fn()) if self.next_batch_fn is not None else 0
         for b in range(skip, len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield self.make_batch(idx[sl], None if keys is None else keys[sl])
+            yield self.make_batch(idx[sl], None if params is None else tuple(p[sl] for p in params))
 
-    def make_batch(self, idx: Tensor, keys: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The normalized (augmented) images and labels of the samples ``idx``."""
+    def make_batch(self, idx: Tensor, crop_flip: tuple[Tensor, Tensor, Tensor] | None = None
+                   ) -> tuple[Tensor, Tensor]:
+        """The normalized images and labels of the samples ``idx``.
+
+        Args:
+            idx: Sample indices on the loader's device.
+            crop_flip: Per-sample ``(dx, dy, flip)`` of :func:`crop_flip_params`, or ``None``
+                for no augmentation.
+        """
         x = self.images.index_select(0, idx)
-        if self.augment and keys is not None:
-            dx, dy, flip = crop_flip_params(keys, self.pad)
-            x = pad_crop_flip(x, dx, dy, flip, self.pad)
-        return normalize(x, self.mean, self.std, self.out_dtype), self.labels.index_select(0, idx)
+        if crop_flip is not None:
+            x = pad_crop_flip(x, *crop_flip, self.pad)
+        x = normalize(x, *self._stats, self.out_dtype)
+        return x, self.labels.index_select(0, idx)
 
     # Lightning treats loaders with these methods as resumable; the position comes from
     # Lightning's batch progress (next_batch_fn).

@@ -1,0 +1,129 @@
+"""GPU-only checks: no host synchronisation per training step, device batches equal CPU batches.
+
+A ``.item()``, a pageable host-to-device copy or a data-dependent shape in the step makes the
+CPU wait for the GPU every step, so the host can no longer queue work ahead and every microsecond
+of Python (Lightning's hooks included) adds to the step time. These tests run the real training
+loop under ``torch.cuda.set_sync_debug_mode`` and list every synchronising call site. They are
+skipped without a GPU (CI has none); ``bench/gpu_session.sh`` runs them on the lent GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from hug_lightning.backbones import SmallConvNet
+from hug_lightning.data.cifar import CIFAR10DataModule
+from hug_lightning.data.device_loader import DeviceBatchLoader
+from hug_lightning.data.loading import EpochShardSampler
+from hug_lightning.heads import CrossEntropyHead, HUGHead
+from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from hug_lightning.module import ClassifierModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
+
+
+def _data(n: int = 1024, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+            torch.randint(0, k, (n,), generator=gen))
+
+
+class _TensorCIFAR(CIFAR10DataModule):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> None:
+        super().__init__(root="unused", download=False, val_split=0, **kwargs)
+        self._tensors = (images, labels)
+
+    def prepare_data(self) -> None:
+        pass
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._tensors
+
+
+class _SyncRecorder(Callback):
+    """Sync debug mode "warn" from the start of batch ``first`` to the end of batch ``last``."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.sites: list[str] = []
+        self._ctx = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.first:
+            self._ctx = warnings.catch_warnings(record=True)
+            self._log = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.last and self._ctx is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.sites = [f"{w.filename}:{w.lineno}" for w in self._log
+                          if "synchroniz" in str(w.message)]
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+
+def test_sync_detection_catches_a_pageable_copy():
+    """The detector used below sees what the old per-batch normalization did every step."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.tensor([0.5, 0.25], device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_device_batches_equal_cpu_batches():
+    images, labels = _data()
+    batches = []
+    for device in ("cpu", "cuda"):
+        sampler = EpochShardSampler(labels, 1, 0, shuffle=True, seed=3)
+        sampler.set_epoch(2)
+        loader = DeviceBatchLoader(images, labels, 128, MEAN, STD, device, sampler=sampler,
+                                   augment=True, drop_last=True)
+        batches.append([(x.cpu(), y.cpu()) for x, y in loader])
+    for (xc, yc), (xg, yg) in zip(*batches, strict=True):
+        assert torch.equal(yc, yg)
+        assert torch.allclose(xc, xg, atol=1e-6)
+
+
+def test_device_loader_batches_do_not_synchronize():
+    images, labels = _data()
+    sampler = EpochShardSampler(labels, 1, 0, shuffle=True, seed=0)
+    loader = DeviceBatchLoader(images, labels, 128, MEAN, STD, "cuda", sampler=sampler,
+                               augment=True, drop_last=True)
+    it = iter(loader)
+    next(it)  # the epoch's index copy happens here, once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            next(it)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("head", ["ce", "hug"])
+def test_training_steps_do_not_synchronize(head):
+    """Steps 3-10 of a bf16 fit with the NC collectors on: no synchronising call at all."""
+    torch.manual_seed(0)
+    factory = (CrossEntropyHead if head == "ce"
+               else lambda k, d: HUGHead(k, d, alpha=1.0, beta=4.0, intra_power=2))
+    model = ClassifierModule(backbone=SmallConvNet(width=16), head=factory, channels_last=True)
+    images, labels = _data()
+    data = _TensorCIFAR(images, labels, batch_size=64, drop_last=True, num_workers=0,
+                        device_resident=True)
+    recorder = _SyncRecorder(first=3, last=10)
+    trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=12,
+                      limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, log_every_n_steps=1000,
+                      callbacks=[recorder, NeuralCollapseMonitor(val=False, buffer_batches=2)])
+    trainer.fit(model, datamodule=data)
+    assert recorder.sites == [], f"host synchronisations in the training step: {recorder.sites}"
