@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.device, args.steps, args.warmup, args.batch_size, args.num_images = "cpu", 4, 2, 32, 256
         args.workers, args.repeats, args.nc_epochs = 0, 1, 2
     args.bf16 = args.device == "cuda"
+    torch.backends.cudnn.benchmark = args.device == "cuda"  # as Trainer(benchmark=True) does for (b)
     args.channels_last = args.device == "cuda"
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=gen)

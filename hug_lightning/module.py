@@ -72,8 +72,8 @@ class ClassifierModule(LightningModule):
         nonfinite_loss: What a NaN or Inf loss does: ``raise`` (stop with the epoch, step and
             loss terms; on GPUs read asynchronously, a few steps late, to avoid a host sync) or
             ``skip`` (skip that batch's update and count it in ``train/skipped_batches``).
-        channels_last: Use the channels-last memory format for images (faster convolutions
-            on GPUs under mixed precision).
+        channels_last: Use the channels-last memory format for images and the backbone's
+            convolution weights (faster convolutions on GPUs under mixed precision).
         compile: Compile the backbone with ``torch.compile`` (in place: checkpoints load with
             or without it; the first steps are slower while it compiles).
     """
@@ -122,6 +122,9 @@ class ClassifierModule(LightningModule):
             width, embedding_dim, embedding_norm
         )
         self.head = self.configure_head(head, self.num_classes, self.feature_dim)
+        if channels_last:  # weights too: a channels-last input with NCHW weights makes every
+            # convolution convert its weight (forward) and its gradient (backward) each step
+            self.backbone.to(memory_format=torch.channels_last)
         if compile:  # in place: state_dict keys (and checkpoints) stay the same as without
             self.backbone.compile()
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)

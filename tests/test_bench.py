@@ -47,3 +47,9 @@ def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, t
     for label, runs in results.items():
         assert len(runs) == 1, f"{label}: the run failed (see {tmp_path}/run*.log)"
         assert 0.0 <= runs[0]["test/acc"] <= 1.0
+
+
+def test_profile_host_toy_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    text = _load("profile_host").main(["--toy", "--top", "5"])
+    assert "training_step" in text and "epoch" in text

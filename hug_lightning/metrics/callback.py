@@ -118,9 +118,23 @@ class NeuralCollapseMonitor(Callback):
         bias = head.class_bias
         return head.class_vectors.detach(), None if bias is None else bias.detach()
 
-    def _log(self, pl_module: LightningModule, stage: str, values: dict[str, Tensor]) -> None:
-        for name, value in values.items():
-            pl_module.log(f"nc/{stage}/{name}", value.float(), sync_dist=False, rank_zero_only=False)
+    @staticmethod
+    def _log(trainer: Trainer, stage: str, values: dict[str, Tensor]) -> None:
+        """Log ``nc/<stage>/<name>`` to every logger and to ``trainer.callback_metrics``.
+
+        Not through ``pl_module.log``: its result collection costs about 1 ms of Python per key,
+        and with ~35 metrics per stage that alone made the collectors cost a fifth of a short GPU
+        epoch. Nothing is lost by going direct: the values are already identical on every rank
+        (computed after the all-reduce, no reduction left to do), loggers get them at the
+        current global step (rank 0 writes), and ``callback_metrics`` has them for
+        ``ModelCheckpoint`` / ``EarlyStopping`` monitors.
+        """
+        named = {f"nc/{stage}/{name}": value.detach().float().cpu() for name, value in values.items()}
+        trainer.callback_metrics.update(named)
+        if trainer.loggers:
+            scalars = {key: float(value) for key, value in named.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=trainer.global_step)
 
     def _update(self, stage: str, outputs: Any) -> None:
         col = self.collectors.get(stage)
@@ -147,7 +161,7 @@ class NeuralCollapseMonitor(Callback):
     def _finish(self, stage: str, pl_module: LightningModule) -> Tensor | None:
         col = self.collectors[stage]
         w, b = self._classifier(pl_module)
-        self._log(pl_module, stage, col.compute(W=w, b=b))
+        self._log(pl_module.trainer, stage, col.compute(W=w, b=b))
         col.reset()
         col.roll_reference()  # this epoch's means -> next epoch's pivots and NCC reference
         return col.means()
