@@ -25,6 +25,9 @@ timeout 100 python3 bench/train_bench.py --device cuda --measure a b c hug --rep
 stage "train_bench, eager: NC collectors, epoch times"
 timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
     --json "$OUT/nc.json" 2>> "$OUT/bench.err" | grep "|"
+stage "(a) vs (b) device time per step, kernel by kernel"
+timeout 60 python3 bench/profile_host.py --device cuda --compare --steps 20 --top 25 \
+    2>> "$OUT/bench.err" | tee "$OUT/compare.md" | cut -c1-160
 stage "host profile, K=100, collectors on"
 timeout 40 python3 bench/profile_host.py --device cuda --classes 100 --epochs 3 --top 22 \
     2>> "$OUT/bench.err" > "$OUT/profile.txt"; head -60 "$OUT/profile.txt" | cut -c1-150

@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -110,8 +110,12 @@ def optimizer_factory(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace) -> float:
-    """(a) images/s of a hand-written loop over the same device-resident batches."""
+def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace,
+               on_step: Callable[[], None] | None = None) -> float:
+    """(a) images/s of a hand-written loop over the same device-resident batches.
+
+    ``on_step`` is called after every optimizer step (e.g. a profiler's ``step``).
+    """
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = make_backbone(args)
@@ -139,6 +143,8 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace) -> floa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if on_step is not None:
+                on_step()
             done += 1
             if done == args.warmup + args.steps:
                 break
@@ -149,7 +155,8 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace) -> floa
 
 def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, head: str = "ce",
                   device_resident: bool = True, nc: bool = False, eval_pass: bool = False,
-                  epochs: int | None = None, num_classes: int = 10) -> dict[str, float]:
+                  epochs: int | None = None, num_classes: int = 10,
+                  extra_callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """One fit: images/s over the timed steps (``max_steps`` mode) or epoch seconds (``epochs``)."""
     torch.manual_seed(0)
     head_factory = (CrossEntropyHead if head == "ce"
@@ -168,7 +175,8 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
         max_steps=-1 if epochs else args.warmup + args.steps, max_epochs=epochs or 1000,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[monitor, timer, epoch_timer], benchmark=args.device == "cuda",
+        callbacks=[monitor, timer, epoch_timer, *extra_callbacks],
+        benchmark=args.device == "cuda",
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

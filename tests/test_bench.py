@@ -51,5 +51,8 @@ def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, t
 
 def test_profile_host_toy_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
-    text = _load("profile_host").main(["--toy", "--top", "5"])
+    module = _load("profile_host")
+    text = module.main(["--toy", "--top", "5"])
     assert "training_step" in text and "epoch" in text
+    table = module.main(["--toy", "--compare", "--top", "5"])
+    assert "| (a) | (b) |" in table and "aten::" in table
