@@ -31,14 +31,19 @@ from torch.profiler import ProfilerActivity, profile, schedule
 import train_bench as tb
 
 
-def _op_times(prof: profile, cuda: bool, steps: int) -> dict[str, float]:
-    """Microseconds per step by op name (device time on CUDA, self CPU time otherwise)."""
+def _op_times(prof: profile, cuda: bool, steps: int) -> tuple[dict[str, float], float]:
+    """Microseconds per step by op name (device time on CUDA, self CPU time otherwise), and
+    the wall time per step (the profiler's ``ProfilerStep`` ranges)."""
     out: dict[str, float] = defaultdict(float)
+    wall = 0.0
     for event in prof.key_averages():
+        if event.key.startswith("ProfilerStep"):
+            wall += event.cpu_time_total / steps
+            continue
         value = event.self_device_time_total if cuda else event.self_cpu_time_total
         if value > 0:
             out[event.key] += value / steps
-    return out
+    return out, wall
 
 
 class _ProfilerStep(Callback):
@@ -53,7 +58,7 @@ def compare(ns: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, 
     cuda = ns.device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     active = ns.steps
-    times = {}
+    times, walls = {}, {}
     for name in ("a", "b"):
         sched = schedule(wait=max(ns.warmup - 2, 0), warmup=2, active=active, repeat=1)
         with profile(activities=activities, schedule=sched) as prof:
@@ -61,12 +66,17 @@ def compare(ns: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, 
                 tb.plain_loop(images, labels, ns, on_step=prof.step)
             else:
                 tb.lightning_run(images, labels, ns, extra_callbacks=[_ProfilerStep(prof)])
-        times[name] = _op_times(prof, cuda, active)
+        times[name], walls[name] = _op_times(prof, cuda, active)
     keys = sorted(set(times["a"]) | set(times["b"]),
                   key=lambda k: -abs(times["b"].get(k, 0.0) - times["a"].get(k, 0.0)))
     unit = "device" if cuda else "self-CPU"
+    busy = {k: sum(times[k].values()) for k in times}
     lines = [f"per-step {unit} time, us (over {active} profiled steps)",
-             f"total: (a) {sum(times['a'].values()):,.0f}  (b) {sum(times['b'].values()):,.0f}",
+             f"total: (a) {busy['a']:,.0f}  (b) {busy['b']:,.0f}",
+             f"wall per step (profiled): (a) {walls['a']:,.0f}  (b) {walls['b']:,.0f}; busy "
+             f"fraction (a) {busy['a'] / max(walls['a'], 1e-9):.2f}  "
+             f"(b) {busy['b'] / max(walls['b'], 1e-9):.2f}  (near 1: the device is the limit; "
+             "well below: the host is)",
              "| op / kernel | (a) | (b) | (b) - (a) |", "|---|---|---|---|"]
     for key in keys[:top]:
         a, b = times["a"].get(key, 0.0), times["b"].get(key, 0.0)
