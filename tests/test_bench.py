@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_bench
 
 
 def test_train_bench_toy_runs(capsys):
-    out = _load("train_bench").main(["--toy"])
+    out = load_bench("train_bench").main(["--toy"])
     assert out["a_plain_loop"] > 0 and out["b_lightning_device"] > 0
     assert "(b)/(a)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_accuracy_runs_smoke(cifar10_folder_root, tmp_path):
-    results = _load("accuracy_runs").main([
+    results = load_bench("accuracy_runs").main([
         "--root", str(cifar10_folder_root), "--device", "cpu", "--epochs", "1", "--seeds", "0",
         "--out", str(tmp_path), "--robust-batches", "1", "--limit-batches", "1"])
     for config in ("cifar10_ce", "cifar10_hug"):
@@ -37,7 +26,7 @@ def test_accuracy_runs_smoke(cifar10_folder_root, tmp_path):
 @pytest.mark.slow
 def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, tmp_path):
     """Every knob of the tuning sweep is a valid CLI override (run as 2 parallel subprocesses)."""
-    module = _load("accuracy_runs")
+    module = load_bench("accuracy_runs")
     sweep = module.SWEEPS["hug15"]
     results = module.main([
         "--root", str(cifar10_folder_root), "--device", "cpu", "--epochs", "1", "--seeds", "0",
@@ -51,7 +40,7 @@ def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, t
 
 def test_profile_host_toy_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
-    module = _load("profile_host")
+    module = load_bench("profile_host")
     text = module.main(["--toy", "--top", "5"])
     assert "training_step" in text and "epoch" in text
     table = module.main(["--toy", "--compare", "--top", "5"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from conftest import load_bench
 from hug_lightning.backbones import SmallConvNet
 from hug_lightning.data.cifar import CIFAR10DataModule
 from hug_lightning.data.device_loader import DeviceBatchLoader
@@ -32,18 +33,6 @@ def _data(n: int = 1024, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
             torch.randint(0, k, (n,), generator=gen))
-
-
-class _TensorCIFAR(CIFAR10DataModule):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> None:
-        super().__init__(root="unused", download=False, val_split=0, **kwargs)
-        self._tensors = (images, labels)
-
-    def prepare_data(self) -> None:
-        pass
-
-    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._tensors
 
 
 class _SyncRecorder(Callback):
@@ -117,8 +106,8 @@ def test_training_steps_do_not_synchronize(head):
                else lambda k, d: HUGHead(k, d, alpha=1.0, beta=4.0, intra_power=2))
     model = ClassifierModule(backbone=SmallConvNet(width=16), head=factory, channels_last=True)
     images, labels = _data()
-    data = _TensorCIFAR(images, labels, batch_size=64, drop_last=True, num_workers=0,
-                        device_resident=True)
+    data = load_bench("train_bench").TensorCIFAR(images, labels, batch_size=64, drop_last=True,
+                                                 num_workers=0, device_resident=True)
     recorder = _SyncRecorder(first=3, last=10)
     trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=12,
                       limit_val_batches=0, num_sanity_val_steps=0, logger=False,
