@@ -81,6 +81,24 @@ def test_weights_and_options_reach_the_loss() -> None:
         assert not torch.allclose(make_head(**kw).loss(h, y)[0], base.loss(h, y)[0])
 
 
+def test_bf16_autocast_gives_float32_cosines() -> None:
+    """Logits are float32 cosines under bf16 autocast (bf16 resolves ~4e-3 near 1: close
+    proxies would tie in the argmax), in training and in prediction."""
+    head = HUGHead(6, 8)
+    with torch.no_grad():
+        head.proxies[1] = head.proxies[0] + 1e-3 * torch.randn(8)  # two proxies 0.06 deg apart
+    h = head.proxies.detach()[:2].repeat(8, 1) + 1e-4 * torch.randn(16, 8)
+    y = torch.arange(16) % 2
+    ref = torch.nn.functional.normalize(h, dim=1) @ torch.nn.functional.normalize(
+        head.proxies.detach(), dim=1).T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_logits = head.forward_train(h, y).logits
+        logits = head.logits(h)
+    for out in (train_logits, logits):
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_gives_float32_loss() -> None:
     head = HUGHead(6, 8)
     h = torch.randn(16, 8)
@@ -107,6 +125,11 @@ def test_bf16_autocast_gives_float32_loss() -> None:
         (dict(intra_power=3), "intra_power"),
         (dict(intra_reduction="mean"), "intra_reduction"),
         (dict(eps=0.0), "eps"),
+        (dict(alpha=float("inf")), "alpha"),
+        (dict(mhs_tau=float("inf")), "mhs_tau"),
+        (dict(energy_s=2.0), "energy_s"),  # stored as given otherwise: a float exponent
+        (dict(detach_proxy="false"), "detach_proxy"),  # bool("false") would be True
+        (dict(mgd_normalize=0), "mgd_normalize"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match) -> None:
@@ -171,6 +194,8 @@ def test_ddp_per_sample_equals_one_process(detach: bool) -> None:
 
 @pytest.mark.parametrize("variant", ["mhe", "mhs", "mgd"])
 def test_ddp_inter_term_equals_one_process(variant: str) -> None:
+    """Each rank's inter term uses all K proxies, whatever classes its shard holds (here rank 1
+    lacks classes 0-2): an inter term over the classes present in the local batch would fail."""
     h = torch.randn(12, 5, dtype=F64, requires_grad=True)
     y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 4])  # unbalanced halves
     inter_only = make_head(6, 5, variant=variant, beta=0.0)

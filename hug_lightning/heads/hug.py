@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hug_lightning.heads.base import Head, HeadOutput
 from hug_lightning.losses.hug import HUGConfig, check_inputs, hug_terms
-from hug_lightning.losses.uniformity import l2_normalize
+from hug_lightning.losses.uniformity import l2_normalize, no_autocast
 
 
 class HUGHead(Head):
@@ -65,9 +65,10 @@ class HUGHead(Head):
             proxies then move only under the inter term and weight decay.
         eps: Floor on squared norms and squared distances, positive: rows with norm below
             ``sqrt(eps)`` are divided by ``sqrt(eps)`` (a zero feature gives a finite loss and
-            gradient), the MHE energy uses ``max(||w_c - w_c'||^2, eps)`` (coincident proxies
-            cost a large finite penalty, not NaN/Inf), and with ``intra_power=1`` the gradient of
-            a distance below ``sqrt(eps)`` is set to 0 (the distance itself is exact).
+            gradient), the MHE energy uses ``max(||w_c - w_c'||^2, floor)`` with ``floor =
+            max(eps, 64 machine epsilons)`` (``7.6e-6`` in float32: coincident proxies cost a
+            large finite penalty, not NaN/Inf or rounding noise), and with ``intra_power=1`` the
+            gradient of a distance below ``sqrt(eps)`` is set to 0 (the distance is exact).
         proxy_init: ``"normal"``: i.i.d. Gaussian rows normalized to unit norm; ``"orthogonal"``:
             ``nn.init.orthogonal_`` then rows normalized (orthonormal rows when ``K <= d``).
         check_labels: Check that labels lie in ``[0, K)`` on every call, also on GPU (this reads the
@@ -103,10 +104,10 @@ class HUGHead(Head):
             mhs_mode=mhs_mode,
             mhs_tau=float(mhs_tau),
             mgd_jitter=float(mgd_jitter),
-            mgd_normalize=bool(mgd_normalize),
+            mgd_normalize=mgd_normalize,
             intra_power=intra_power,
             intra_reduction=intra_reduction,
-            detach_proxy=bool(detach_proxy),
+            detach_proxy=detach_proxy,
             eps=float(eps),
         )
         if proxy_init not in ("normal", "orthogonal"):
@@ -150,9 +151,12 @@ class HUGHead(Head):
                     )
 
     def logits(self, features: Tensor) -> Tensor:
-        x = l2_normalize(features, self.config.eps)
-        w = l2_normalize(self.proxies, self.config.eps)
-        return x @ w.T
+        # float32 cosines also under bf16 autocast: bf16 resolves only ~4e-3 near 1, so close
+        # proxies would tie or swap in the argmax
+        with no_autocast(features.device.type):
+            x = l2_normalize(features, self.config.eps)
+            w = l2_normalize(self.proxies, self.config.eps)
+            return x @ w.T
 
     def loss(self, features: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self._validate(features, labels)
@@ -164,7 +168,7 @@ class HUGHead(Head):
         self._validate(features, labels)
         out, unit = hug_terms(features, self.proxies, labels, self.config)
         b = features.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), no_autocast(features.device.type):  # float32 cosines
             logits = unit[:b] @ unit[b:].T
         terms = {"inter": out.inter.detach(), "intra": out.intra.detach()}
         return HeadOutput(out.total, terms, logits)

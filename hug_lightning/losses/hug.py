@@ -14,13 +14,15 @@ indexing: nothing waits on the device and shapes do not depend on the data. The 
 autograd Function (features and proxies normalized together, one gather ``w[y]`` for the intra
 term, the Gram matrix for the inter term, gradients written by hand): about 36 kernels for forward
 and backward on the default configuration, where op-by-op autograd launched about 90. Labels must
-lie in ``[0, K)``; they are not checked here (that would sync), an out-of-range label makes the
-gather fail (a device-side assert on GPU). ``HUGHead`` checks them on CPU or when asked.
+lie in ``[0, K)``; :func:`hug_loss` checks them on the CPU only (on a GPU that would sync: an
+out-of-range label makes the gather fail with a device-side assert). ``HUGHead`` checks them on
+CPU or when asked.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -31,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from hug_lightning.losses.uniformity import (
     InterSpec,
     as_loss_dtype,
+    check_eps,
     inter_backward,
     inter_forward,
     no_autocast,
@@ -65,24 +68,29 @@ class HUGConfig:
 
         if self.variant not in ("mhe", "mhs", "mgd"):
             raise bad("variant", self.variant, "one of 'mhe', 'mhs', 'mgd'")
-        if not (self.alpha >= 0 and self.beta >= 0):  # also rejects NaN
-            raise ValueError(f"HUG: alpha and beta must be >= 0, got {self.alpha}, {self.beta}.")
+        if not (0 <= self.alpha < math.inf and 0 <= self.beta < math.inf):  # rejects NaN, inf
+            raise ValueError(
+                f"HUG: alpha and beta must be finite and >= 0, got {self.alpha}, {self.beta}.")
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("HUG: alpha and beta are both 0; the loss would be constant.")
-        if self.energy_s not in (0, 1, 2) or isinstance(self.energy_s, bool):
-            raise bad("energy_s", self.energy_s, "0, 1 or 2")
+        for name, allowed, text in (("energy_s", (0, 1, 2), "0, 1 or 2"),
+                                    ("intra_power", (1, 2), "1 or 2")):
+            value = getattr(self, name)  # an integer: 2.0 or True would be stored as given
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) \
+                    or value not in allowed:
+                raise bad(name, value, text)
         if self.mhs_mode not in ("hard", "soft"):
             raise bad("mhs_mode", self.mhs_mode, "'hard' or 'soft'")
-        if not self.mhs_tau > 0:
-            raise bad("mhs_tau", self.mhs_tau, "positive")
-        if not self.mgd_jitter >= 0:
-            raise bad("mgd_jitter", self.mgd_jitter, ">= 0")
-        if self.intra_power not in (1, 2) or isinstance(self.intra_power, bool):
-            raise bad("intra_power", self.intra_power, "1 or 2")
+        if not 0 < self.mhs_tau < math.inf:
+            raise bad("mhs_tau", self.mhs_tau, "positive and finite")
+        if not 0 <= self.mgd_jitter < math.inf:
+            raise bad("mgd_jitter", self.mgd_jitter, "finite and >= 0")
+        for name in ("mgd_normalize", "detach_proxy"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "True or False (a bool)")
         if self.intra_reduction not in ("class_balanced", "per_sample"):
             raise bad("intra_reduction", self.intra_reduction, "'class_balanced' or 'per_sample'")
-        if not self.eps > 0:
-            raise bad("eps", self.eps, "positive")
+        check_eps(self.eps, "HUG")
         spec = InterSpec(self.variant, self.energy_s, "mean", self.mhs_mode, self.mhs_tau,
                          self.mgd_jitter, self.mgd_normalize, self.eps)
         object.__setattr__(self, "_inter_spec", spec)  # built once: the loss reads it every step
@@ -223,8 +231,9 @@ def hug_loss(
     Args:
         features: Features ``h`` ``(B, d)``, any scale; bf16/fp16 are upcast to float32.
         weight: Proxies ``W`` ``(K, d)``, any scale.
-        labels: Integer labels ``(B,)`` in ``[0, K)`` (not range-checked here: that would sync;
-            :class:`~hug_lightning.heads.hug.HUGHead` checks them).
+        labels: Integer labels ``(B,)`` in ``[0, K)``: checked when they are on the CPU (free),
+            not on accelerators (reading them back would sync; an out-of-range label then fails
+            in the gather; :class:`~hug_lightning.heads.hug.HUGHead` can check them).
         config: A validated :class:`HUGConfig`; when omitted it is built from ``options``.
         **options: Fields of :class:`HUGConfig` (``variant``, ``alpha``, ``beta``, ``energy_s``,
             ``mhs_mode``, ``mhs_tau``, ``mgd_jitter``, ``mgd_normalize``, ``intra_power``,
@@ -238,6 +247,12 @@ def hug_loss(
     elif options:
         raise ValueError("hug_loss: pass either config or keyword options, not both.")
     check_inputs(features, weight, labels)
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        k = weight.shape[0]
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= k:
+            raise ValueError(f"HUG: label {low if low < 0 else high} is outside [0, {k}) "
+                             f"(K = {k} proxies); labels must be class indices.")
     return hug_terms(features, weight, labels, config)[0]
 
 

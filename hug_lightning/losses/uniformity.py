@@ -10,9 +10,13 @@ supported.
 
 ``eps`` is, throughout the package, a floor on squared norms and squared distances: a row with
 ``||w||^2 < eps`` is divided by ``sqrt(eps)`` instead of its norm (finite value and gradient at a
-zero row), and the Riesz energy uses ``max(||w_c - w_c'||^2, eps)``, so coincident proxies get a
-large finite penalty (``eps^(-s/2)``, or ``-0.5 log eps`` for ``s = 0``) instead of being dropped or
-producing Inf/NaN; the gradient through a clamped entry is 0.
+zero row), and the Riesz energy uses ``max(||w_c - w_c'||^2, floor)``, so coincident proxies get a
+large finite penalty (``floor^(-s/2)``, or ``-0.5 log floor`` for ``s = 0``) instead of being
+dropped or producing Inf/NaN; the gradient through a clamped entry is 0. The distance floor is
+``max(eps, 64 * machine epsilon)`` (:func:`distance_floor`): ``2 - 2 <a, b>`` carries a rounding
+error of about ``1e-7`` in float32, so below ``7.6e-6`` a float32 distance is noise (a
+``1e-8`` floor would turn that noise into penalties and gradients of ``1e5``-``1e7`` in random
+directions); in float64 the floor is ``eps`` itself.
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(math.sqrt(eps))
 
 
+def distance_floor(eps: float, dtype: torch.dtype) -> float:
+    """Floor on squared distances of unit rows: ``eps``, raised to 64 machine epsilons of
+    ``dtype`` (``7.6e-6`` in float32, where ``2 - 2 <a, b>`` has a rounding error of ~``1e-7``)."""
+    return max(eps, 64.0 * torch.finfo(dtype).eps)
+
+
+def check_eps(eps: float, where: str) -> None:
+    """``ValueError`` unless ``eps`` is a positive finite number."""
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+            and 0 < eps < math.inf):
+        raise ValueError(f"{where}: eps must be a positive finite number, got {eps!r}.")
+
+
 def pairwise_sq_distances(unit: Tensor) -> Tensor:
     """Squared distances ``2 - 2 <u_c, u_c'>`` of unit rows, ``(K, K)``, from one Gram matrix."""
     return torch.rsub(unit @ unit.T, 2.0, alpha=2.0)
@@ -83,7 +100,7 @@ def inter_forward(w: Tensor, spec: InterSpec) -> tuple[Tensor, tuple[Tensor, ...
     if spec.variant == "mhe":
         s = spec.energy_s
         d2.diagonal().fill_(1.0 if s == 0 else math.inf)  # f(diag) = 0 exactly
-        d2.clamp_min_(spec.eps)
+        d2.clamp_min_(distance_floor(spec.eps, d2.dtype))
         e = d2.reciprocal() if s == 2 else d2.rsqrt() if s == 1 else d2.log().mul_(-0.5)
         scale = 1.0 / (k * (k - 1)) if spec.reduction == "mean" else 0.5
         return e.sum() * scale, (d2,)
@@ -118,7 +135,7 @@ def inter_backward(
         (d2,) = state
         s = spec.energy_s
         # -f'(d2) up to a constant, 0 where clamped: threshold sends d2 <= eps to inf
-        d2 = torch.threshold(d2, spec.eps, math.inf)
+        d2 = torch.threshold(d2, distance_floor(spec.eps, d2.dtype), math.inf)
         f = d2.pow(-2.0) if s == 2 else d2.pow(-1.5) if s == 1 else d2.reciprocal()
         if s == 0:
             f.diagonal().zero_()
@@ -168,6 +185,7 @@ def inter_loss(weight: Tensor, spec: InterSpec) -> Tensor:
             f"proxies must be a floating (K, d) matrix with K >= 2, got shape "
             f"{tuple(weight.shape)} and dtype {weight.dtype}."
         )
+    check_eps(spec.eps, "inter-class term")
     with no_autocast(weight.device.type):
         return _InterFunction.apply(weight, spec)
 
@@ -182,7 +200,8 @@ def riesz_energy(
         s: 2 (released HUG: ``1/||w_c - w_c'||^2``), 1 (``1/||w_c - w_c'||``) or 0 (log energy
             ``log(1/||w_c - w_c'||)``).
         reduction: ``"mean"`` (the HUG form) or ``"sum"`` over unordered pairs.
-        eps: Floor on squared norms and squared distances.
+        eps: Floor on squared norms and squared distances (positive; see
+            :func:`distance_floor` for the float32 floor on distances).
 
     Returns:
         Scalar energy (lower is more uniform).
@@ -245,5 +264,5 @@ def mgd_loss(weight: Tensor, jitter: float = 1e-6, normalize: bool = True,
     return inter_loss(weight, InterSpec("mgd", mgd_jitter=jitter, mgd_normalize=normalize, eps=eps))
 
 
-__all__ = ["InterSpec", "as_loss_dtype", "l2_normalize", "mgd_loss", "mhs_loss",
+__all__ = ["InterSpec", "as_loss_dtype", "distance_floor", "l2_normalize", "mgd_loss", "mhs_loss",
            "pairwise_sq_distances", "riesz_energy"]
