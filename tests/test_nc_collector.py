@@ -117,7 +117,13 @@ def test_matches_two_pass_reference(pivoted):
     pivot = ref + 0.1 if pivoted else None
     _, got = run(x, y, w, b, ref, pivot=pivot)
     assert_close(got, two_pass_reference(x, y, K, w, b, ref, x @ w.T + b))
-    assert got["pivot_cond"] >= 0 and got["nc1_pinv_rank"] == 6 and got["k_eff"] == 7
+    assert got["nc1_pinv_rank"] == 6 and got["k_eff"] == 7
+    # pivot_cond = max over classes (n > 1) of |mu_c - p_c|^2 / sigma_c^2, from the data here
+    p = torch.zeros(K, D, dtype=F64) if pivot is None else pivot
+    ratios = [((x[y == c].mean(0) - p[c]).square().sum()
+               / (x[y == c] - x[y == c].mean(0)).square().sum(1).mean()).item()
+              for c in range(K) if (y == c).sum() > 1]
+    assert float(got["pivot_cond"]) == pytest.approx(max(ratios), rel=1e-9)
 
 
 def test_cancellation_stress_offset_1024():
@@ -247,9 +253,12 @@ def test_key_presence_and_config():
     with pytest.raises(ValueError, match="track_cov"):
         NCFeatureStats(K, D, track_cov=False, metrics=["nc1_pinv"])
     assert m(x, y) is None  # forward only accumulates
+    before = m.compute()
     m.reset()
     m.roll_reference()  # last compute's means become pivots (and NCC reference)
     assert torch.allclose(m.pivot[:6], m.means()[:6], rtol=0, atol=0) and m._has_reference
+    m.update(x, y, logits=x @ w.T)  # same data around the new pivots: same metrics
+    assert float(m.compute()["nc1_cdnv"]) == pytest.approx(float(before["nc1_cdnv"]), rel=1e-12)
     sd = NCFeatureStats(K, D)
     sd.set_reference(ref)
     fresh = NCFeatureStats(K, D)

@@ -6,6 +6,7 @@ output of the code under test. Configurations are built here from their definiti
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -154,8 +155,7 @@ def test_nc2_table(name):
         assert abs(out[f"nc2_equinorm_{tag}"].item()) < 1e-12
 
 
-def test_named_angles_and_ovr_free_identities():
-    assert math.degrees(math.acos(-1 / 9)) == pytest.approx(96.38, abs=5e-3)
+def test_icosahedron_min_angle():
     u = icosahedron()
     out = compute_nc_metrics(feature_states(u, torch.arange(12), 12))
     assert out["gnc2_min_angle_means"].item() == pytest.approx(63.435, abs=5e-4)
@@ -237,3 +237,43 @@ def test_metric_selection_and_unknown_names():
     full = compute_nc_metrics(states, W=m, b=torch.zeros(10))
     assert set(full) == set(METRIC_NAMES) - {"nc4_ncc_mismatch", "ncc_accuracy", "linear_accuracy"}
     assert all(v.dtype == F64 and v.ndim == 0 for v in full.values())
+
+
+def test_equinorm_stays_centred_when_unit_metrics_are_not():
+    """``centered=False`` moves the unit-vector metrics to the uncentred means; the norms of
+    an offset ETF's centred means stay equal (equinorm 0)."""
+    m, states = _etf_states()  # ETF means offset by 1.5
+    centred = compute_nc_metrics(states)
+    raw = compute_nc_metrics(states, centered=False)
+    assert abs(raw["nc2_equinorm_means"].item()) < 1e-12
+    assert abs(centred["nc2_etf_dist_means"].item()) < 1e-7
+    assert raw["nc2_etf_dist_means"].item() > 0.1  # the offset ETF is not an ETF uncentred
+
+
+def test_nc3_needs_two_present_classes():
+    x = torch.randn(6, 4, dtype=F64)
+    states = feature_states(x, torch.zeros(6, dtype=torch.long), 3)
+    out = compute_nc_metrics(states, W=torch.randn(3, 4, dtype=F64))
+    for name in ("nc3_self_duality", "nc3_cos_mean", "nc3_cos_var"):
+        assert math.isnan(out[name].item()), name
+
+
+def test_feature_states_pivots_on_the_class_means():
+    """Offline states are exact for features far from the origin (offset 1e4, spread 1e-2):
+    compared with a two-pass computation written here; pivot 0 loses digits on such data."""
+    g = torch.Generator().manual_seed(3)
+    k, d = 5, 6
+    centres = 1e4 + torch.randn(k, d, generator=g, dtype=F64)
+    y = torch.arange(200) % k
+    x = centres[y] + 1e-2 * torch.randn(200, d, generator=g, dtype=F64)
+    mu = torch.stack([x[y == c].mean(0) for c in range(k)])
+    var = torch.stack([(x[y == c] - mu[c]).square().sum(1).mean() for c in range(k)])
+    pairs = list(itertools.combinations(range(k), 2))
+    cdnv = sum((var[i] + var[j]) / (2 * (mu[i] - mu[j]).square().sum()) for i, j in pairs)
+    cdnv = (cdnv / len(pairs)).item()
+    exact = compute_nc_metrics(feature_states(x, y, k), metrics=["nc1_cdnv"])["nc1_cdnv"]
+    assert exact.item() == pytest.approx(cdnv, rel=1e-10)
+    zero = compute_nc_metrics(feature_states(x, y, k, pivot="zero"), metrics=["nc1_cdnv"])
+    assert abs(zero["nc1_cdnv"].item() / cdnv - 1) > 1e-8  # the data does stress cancellation
+    with pytest.raises(ValueError, match="pivot"):
+        feature_states(x, y, k, pivot="median")

@@ -93,3 +93,48 @@ def test_ddp_logs_the_single_process_numbers(tmp_path):
     for tag in tags:
         a, b = torch.tensor(single[tag]), torch.tensor(ddp[tag])
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True), (tag, a, b)
+
+
+def _fake_module(k: int, d: int):
+    from types import SimpleNamespace
+
+    from hug_lightning.heads import CrossEntropyHead
+    trainer = SimpleNamespace(callback_metrics={}, loggers=[], global_step=0, current_epoch=0,
+                              is_global_zero=True, logger=None)
+    return SimpleNamespace(head=CrossEntropyHead(k, d), trainer=trainer)
+
+
+def test_every_validation_scores_against_the_training_means():
+    """Two validations in one epoch (``val_check_interval < 1``): the second must not use the
+    first one's own means as its NCC reference."""
+    from hug_lightning.metrics import NCFeatureStats
+    from hug_lightning.metrics.callback import NeuralCollapseMonitor
+    module = _fake_module(2, 2)
+    monitor = NeuralCollapseMonitor(metrics=["ncc_accuracy"])
+    monitor.collectors = {s: NCFeatureStats(2, 2, metrics=["ncc_accuracy"]) for s in ("train", "val")}
+    train_x = torch.tensor([[0.0, 0.0], [2.0, 0.0]]).repeat(4, 1)  # means (0, 0) and (2, 0)
+    monitor.collectors["train"].update(train_x, torch.tensor([0, 1] * 4))
+    monitor.collectors["val"].set_reference(monitor._finish("train", module))
+    # validation class 0 sits at x = 1.5: nearer the class-1 training mean; class 1 at x = 3
+    val_x = torch.tensor([[1.5, 0.1], [3.0, 0.1], [1.5, -0.1], [3.0, -0.1]])
+    val = {"features": val_x, "labels": torch.tensor([0, 1, 0, 1]),
+           "logits": module.head.logits(val_x)}
+    for _ in range(2):
+        monitor._update("val", val)
+        monitor._finish("val", module)
+        assert module.trainer.callback_metrics["nc/val/ncc_accuracy"].item() == 0.5
+
+
+def test_figures_use_computed_means_before_the_first_eval_pass(monkeypatch):
+    """``figures_every`` with ``eval_pass_every > 1``: epoch 0 has no eval-pass means yet."""
+    from hug_lightning.metrics import NCFeatureStats
+    from hug_lightning.metrics import callback as cb
+    module = _fake_module(3, 4)
+    monitor = cb.NeuralCollapseMonitor(eval_pass=True, eval_pass_every=2, figures_every=1)
+    monitor.collectors = {s: NCFeatureStats(3, 4) for s in ("train", "train_eval")}
+    monitor.collectors["train"].update(torch.randn(9, 4), torch.arange(9) % 3)
+    monitor.collectors["train"].compute()
+    seen = []
+    monkeypatch.setattr(cb, "log_figures", lambda logger, step, means, w, norms: seen.append(means))
+    monitor._maybe_figures(module.trainer, module)
+    assert len(seen) == 1 and torch.equal(seen[0], monitor.collectors["train"].means())

@@ -8,11 +8,17 @@ Three collectors (:class:`NCFeatureStats`, never merged in a ``MetricCollection`
 * ``train_eval`` (``eval_pass=True``): the canonical protocol of Papyan et al.; an extra
   eval-mode, non-augmented forward pass over the training set at the end of the epoch (measured:
   epochs 1.4x longer on an H200, 1.3x on a CPU). When on, its means are the validation reference.
-* ``val``: validation features against the current epoch's training means (NC4 / NCC accuracy).
+* ``val``: validation features against the latest training means (NC4 / NCC accuracy): those
+  of the epoch that just ended, or, for a validation in the middle of an epoch, of the last
+  completed one (never the validation's own means).
 
 Values are logged as ``nc/train/<name>``, ``nc/train_eval/<name>`` and ``nc/val/<name>``; they
 are computed after one all-reduce per state, so every rank logs the same numbers, identical to
-a single-process run. Every ``figures_every`` epochs rank 0 adds figures to TensorBoard.
+a single-process run (``train_eval`` and ``val`` read unpadded shards; the ``train`` collector
+also counts the up to ``world_size - 1`` duplicates the training sampler pads an epoch with).
+The first epoch accumulates around 0, later ones around the previous epoch's class means
+(``pivot_cond`` reports how far the data sat from its pivots). Every ``figures_every`` epochs
+rank 0 adds figures to TensorBoard.
 """
 
 from __future__ import annotations
@@ -163,8 +169,12 @@ class NeuralCollapseMonitor(Callback):
         w, b = self._classifier(pl_module)
         self._log(pl_module.trainer, stage, col.compute(W=w, b=b))
         col.reset()
-        col.roll_reference()  # this epoch's means -> next epoch's pivots and NCC reference
-        return col.means()
+        means = col.means()
+        # this epoch's means -> next epoch's pivots; and NCC reference, except for ``val``,
+        # whose NCC reference stays the training means (set by ``_finish_train``)
+        col.set_reference(means, col.means(spherical=True) if col.spherical else None,
+                          ncc=stage != "val")
+        return means
 
     def _finish_train(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute the training collectors once per epoch; hand their means to ``val``."""
@@ -240,7 +250,10 @@ class NeuralCollapseMonitor(Callback):
     def _maybe_figures(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.figures_every or (trainer.current_epoch + 1) % self.figures_every:
             return
-        source = self.collectors.get("train_eval") or self.collectors.get("train")
+        # the latest computed training means (the eval pass may not have run yet this epoch)
+        source = next((col for stage in ("train_eval", "train")
+                       if (col := self.collectors.get(stage)) is not None and col.has_means()),
+                      None)
         if source is None or not trainer.is_global_zero:
             return
         norms = torch.cat(self._val_norms) if self._val_norms else None

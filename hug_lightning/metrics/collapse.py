@@ -70,7 +70,9 @@ class NCFeatureStats(Metric):
         metrics: Subset of :data:`functional.METRIC_NAMES` to report (default all); states
             that no selected metric needs (``S``, spherical twins, NCC counters) are skipped.
         global_mean: ``"class"`` (average of class means, default) or ``"sample"``.
-        centered: Unit-vector NC2/GNC2 metrics on centred (default) or uncentred class means.
+        centered: Unit-vector NC2/GNC2 metrics (cosine std, max-angle deviation, ETF distance,
+            max cosine, energies) on centred (default) or uncentred class means; equinorm is
+            always on the centred means.
         acc_dtype: Accumulation dtype (float64; float32 only where float64 is unavailable).
         compute_device: Where ``compute`` runs its float64 linear algebra after the sync:
             ``"cpu"`` (default: a few hundred tiny operations, faster on the host than as GPU
@@ -239,6 +241,10 @@ class NCFeatureStats(Metric):
         return NF.compute_nc_metrics(
             states, W, b, self.metrics, global_mean=self.global_mean, centered=self.centered
         )
+
+    def has_means(self) -> bool:
+        """Whether :meth:`compute` has run (so :meth:`means` has values)."""
+        return "raw" in self._means
 
     def means(self, spherical: bool = False) -> Tensor:
         """Global class means ``(K, d)`` from the last ``compute`` (nan rows: absent classes)."""

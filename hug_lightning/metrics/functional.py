@@ -13,8 +13,9 @@
   structural rank ``r = min(K_eff - 1, d)``: ``sum_{i<=r} v_i^T Sigma_W v_i / s_i^2``;
 * CDNV (Galanti et al.): ``mean_{c<c'} (sigma_c^2 + sigma_c'^2) / (2 |mu_c - mu_c'|^2)`` with
   ``sigma_c^2 = q_c / n_c - |d_c|^2``;
-* std/var with ddof 1; unit-vector metrics on centred means (``centered=False``: uncentred)
-  and on the **uncentred** classifier rows (all K rows); energies are means over unordered
+* std/var with ddof 1; unit-vector metrics (cosine std, max-angle deviation, ETF distance,
+  max cosine, energies) on centred means (``centered=False``: uncentred; equinorm is always on
+  the centred means) and on the **uncentred** classifier rows (all K rows); energies are means over unordered
   pairs (Riesz ``s = 2`` and log), see :mod:`.functional_geometry`.
 """
 
@@ -240,8 +241,9 @@ def compute_nc_metrics(
     if "s_sph" in states:
         _nc1_family(out, want, states, "_sph", present, n, global_mean)
     mu, _, mu_g = _centre(states, "", present, n, global_mean)
-    means = centred if centered else mu
-    _geometry(out, want, means, "means", "")
+    _geometry(out, want, centred if centered else mu, "means", "")
+    if not centered and "nc2_equinorm_means" in want:  # norms: always of the centred means
+        out["nc2_equinorm_means"] = geo.equinorm(centred)
     if W is not None:
         w = _f64(W).to(centred.device)
         _geometry(out, want, w, "weights", "_weights")

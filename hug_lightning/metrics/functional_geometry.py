@@ -155,6 +155,8 @@ def log_energy(vectors: Tensor) -> tuple[Tensor, Tensor]:
 def nc3_self_duality(weights: Tensor, means: Tensor) -> Tensor:
     """Papyan's NC3: ``| W/|W|_F - M/|M|_F |_F^2`` in ``[0, 4]`` (rows paired by class)."""
     w, m = _f64(weights), _f64(means)
+    if m.shape[0] < 2:  # one class: its centred mean is 0, nothing to compare
+        return _nan(m)
     return (w / torch.linalg.matrix_norm(w) - m / torch.linalg.matrix_norm(m)).square().sum()
 
 
@@ -165,5 +167,7 @@ def nc3_cos(weights: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
         ``(mean_c (1 - cos_c), var_c cos_c)``: Jiang et al.'s GNC3 and the Linguistic Collapse
         "uniform duality" UNC3 (variance with ddof 1).
     """
+    if means.shape[0] < 2:  # fewer than two present classes: undefined (nan)
+        return _nan(_f64(means)), _nan(_f64(means))
     cos = (unit_rows(weights) * unit_rows(means)).sum(dim=1)
     return (1.0 - cos).mean(), var1(cos)

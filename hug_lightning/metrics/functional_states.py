@@ -170,8 +170,21 @@ def feature_states(
     ref_means: Tensor | None = None,
     spherical: bool = True,
     track_cov: bool = True,
+    pivot: str = "means",
 ) -> dict[str, Tensor]:
-    """States of a whole feature matrix in one call (pivots 0), for offline use and tests."""
+    """States of a whole feature matrix in one call, for offline use and tests.
+
+    Args:
+        pivot: ``"means"`` (default): accumulate around each class's own (weighted) mean,
+            computed first from the same features (two passes, exact whatever the features'
+            offset); the pivots are returned as ``pivot`` / ``pivot_sph``, which
+            :func:`~hug_lightning.metrics.functional.compute_nc_metrics` reads. ``"zero"``:
+            around 0, as a collector's first epoch does (relative error of the second moments
+            about ``1e-16 (|mean| / spread)^2``).
+        Others: as in :func:`update_states`.
+    """
+    if pivot not in ("means", "zero"):
+        raise ValueError(f"feature_states: pivot must be 'means' or 'zero', got {pivot!r}.")
     states = init_states(
         num_classes,
         features.shape[-1],
@@ -180,5 +193,19 @@ def feature_states(
         ncc=ref_means is not None,
         device=features.device,
     )
-    update_states(states, features, labels, weight=weight, logits=logits, ref_means=ref_means)
+    pivots: dict[str, Tensor] = {}
+    if pivot == "means":
+        d = features.shape[-1]
+        x = features.detach().reshape(-1, d).to(states["s"].dtype)
+        y = labels.detach().reshape(-1).long()
+        w = (torch.ones_like(x[:, 0]) if weight is None
+             else weight.detach().reshape(-1).to(device=x.device, dtype=x.dtype))
+        n = torch.zeros_like(states["n"]).index_add_(0, y, w).clamp_min(1e-300)[:, None]
+        pivots["pivot"] = torch.zeros_like(states["s"]).index_add_(0, y, x * w[:, None]) / n
+        if spherical:
+            u = F.normalize(x, dim=1) * w[:, None]
+            pivots["pivot_sph"] = torch.zeros_like(states["s"]).index_add_(0, y, u) / n
+    update_states(states, features, labels, weight=weight, logits=logits, ref_means=ref_means,
+                  pivot=pivots.get("pivot"), pivot_sph=pivots.get("pivot_sph"))
+    states.update(pivots)
     return states
