@@ -14,7 +14,8 @@ What it adds to a plain ``LightningCLI``:
   group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default) and an
   ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
   ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
-  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``);
+  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``) and ``predictions``
+  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder);
 * an unwritable log folder is an error before any work;
 * TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
   resolved ``config.yaml`` saved next to the events (overwritten when it exists);
@@ -39,6 +40,7 @@ from hug_lightning import checkpointing
 from hug_lightning.checkpointing import InterruptCheckpoint, LastCheckpoint, find_last_checkpoint
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from hug_lightning.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -100,6 +102,7 @@ class HUGLightningCLI(LightningCLI):
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.add_lightning_class_args(CalibrationMonitor, "calibration")  # cheap: on
         parser.add_lightning_class_args(RobustnessEvaluation, "robust")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # predict only
         parser.set_defaults({"robust.enabled": False})  # opt-in: PGD costs steps x fwd+bwd
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -108,23 +111,81 @@ class HUGLightningCLI(LightningCLI):
         logger = _logger_init_args(cfg)
         if logger is not None:
             check_writable(Path(str(logger.get("save_dir") or ".")))
-        if self.config.get("subcommand") == "fit" and cfg.get("ckpt_path") == "last":
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and cfg.get("ckpt_path") == "last":
             self._resolve_last(cfg, logger)
+        elif subcommand in ("validate", "test", "predict"):
+            if cfg.get("ckpt_path") in ("last", "best"):
+                self._resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
+            if logger is not None:
+                _never_into_a_run_folder(logger, subcommand)
 
     @staticmethod
-    def _resolve_last(cfg: Any, logger: Any) -> None:
-        """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
+    def _find_last(logger: Any, flag: str) -> Path:
         if logger is None:
-            raise ValueError("--ckpt_path last needs a TensorBoard/CSV logger with save_dir and "
-                             "name to find the run; pass the checkpoint file instead.")
+            raise ValueError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
+                             "and name to find the run; pass the checkpoint file instead.")
         save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
         found = find_last_checkpoint(save_dir, name)
         if found is None:
             raise FileNotFoundError(
-                f"--ckpt_path last: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
-                "Start a fresh run (drop --ckpt_path) or give the checkpoint file.")
+                f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
+                "Give the checkpoint file instead (or train first).")
+        return found
+
+    @classmethod
+    def _resolve_last(cls, cfg: Any, logger: Any) -> None:
+        """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
+        found = cls._find_last(logger, "last")
         cfg["ckpt_path"] = str(found)
         logger["version"] = found.parent.parent.name  # keep logging into the same run folder
+
+    @classmethod
+    def _resolve_evaluated(cls, cfg: Any, logger: Any, which: str) -> None:
+        """``validate|test|predict --ckpt_path last|best``: the newest run of this experiment.
+
+        Lightning alone resolves these only inside the process that trained: in a new process
+        ``last`` silently evaluates the untrained model and ``best`` fails with a misleading
+        message. ``best`` is the best checkpoint recorded in that run's ``last.ckpt``.
+        """
+        found = cls._find_last(logger, which)
+        if which == "best":
+            best = best_checkpoint(found)
+            if best is None:
+                raise FileNotFoundError(
+                    f"--ckpt_path best: {found} records no best checkpoint (or its file is "
+                    "gone); give the checkpoint file instead.")
+            found = best
+        cfg["ckpt_path"] = str(found)
+
+
+def best_checkpoint(last: Path) -> Path | None:
+    """The ``ModelCheckpoint``'s best file recorded in a ``last.ckpt`` (if it still exists)."""
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    for key, value in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
+            path = value.get("best_model_path")
+            for candidate in (Path(path), last.parent / Path(path).name) if path else ():
+                if candidate.is_file():  # as recorded, or next to last.ckpt (a moved run)
+                    return candidate
+    return None
+
+
+def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:
+    """``validate|test|predict`` log into a new version folder, never a training run's: the
+    config saved by a resumed fit names its version, and reusing it would overwrite that run's
+    ``config.yaml`` with the evaluation's."""
+    version = logger.get("version")
+    if version is None:
+        return
+    folder = Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
+                  version if isinstance(version, str) else f"version_{version}")
+    if (folder / "config.yaml").is_file():
+        logger["version"] = None
+        print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
+              file=sys.stderr)
 
 
 def _logger_init_args(cfg: Any) -> Any:

@@ -35,7 +35,9 @@ from hug_lightning.optim import total_steps_context
 
 _PLAIN = (str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-HP_METRICS = {"hp/val_acc_best": 0.0, "hp/test_acc": 0.0}
+#: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
+#: as a measured accuracy in runs that never ran that stage)
+HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
 
 
 def _is_plain(value: Any) -> bool:

@@ -46,6 +46,14 @@ def test_fit_validate_test_predict(layout, cifar10_tv_root, cifar10_folder_root,
     cli = main(["predict", *tiny_args(root, tmp_path), "--ckpt_path", str(last)])
     preds = cli.trainer.predict_loop.predictions
     assert preds and preds[0]["pred"].shape == preds[0]["label"].shape
+    saved = torch.load(Path(cli.trainer.log_dir) / "predictions.pt", weights_only=True)
+    assert torch.equal(saved["pred"], torch.cat([p["pred"] for p in preds]))
+    assert torch.equal(saved["label"], torch.cat([p["label"] for p in preds]))
+    assert saved["logits"].shape == (len(saved["pred"]), 10)
+    assert torch.equal(saved["index"], torch.arange(len(saved["pred"])))  # unshuffled set
+    rows = (Path(cli.trainer.log_dir) / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,pred,label" and len(rows) == len(saved["pred"]) + 1
+    assert rows[1] == f"0,{int(saved['pred'][0])},{int(saved['label'][0])}"
 
 
 def test_config_saved_twice_does_not_crash(cifar10_folder_root, tmp_path):
@@ -98,6 +106,31 @@ def test_resume_from_last_checkpoint(cifar10_folder_root, tmp_path):
     assert cli.trainer.fit_loop.epoch_progress.total.completed == 3
     resumed_run = Path(cli.trainer.log_dir)
     assert (resumed_run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_evaluate_last_and_best_of_a_resumed_run(cifar10_folder_root, tmp_path):
+    """`test|validate --ckpt_path best|last` in a new process find the run's checkpoints (plain
+    Lightning would evaluate the untrained model for `last` and fail for `best`), and never
+    write into the training run's folder (a resumed run's config names its version)."""
+    args = tiny_args(cifar10_folder_root, tmp_path, "--data.init_args.val_split", "0",
+                     "--trainer.limit_val_batches", "1.0", "--trainer.limit_test_batches", "1.0")
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    cli = main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])  # resumed
+    run = Path(cli.trainer.log_dir)
+    best = cli.trainer.checkpoint_callback
+    best_path, best_score = best.best_model_path, float(best.best_model_score)
+    run_config = run / "config.yaml"
+    saved = run_config.read_bytes()
+    assert yaml.safe_load(saved)["trainer"]["logger"]["init_args"]["version"] == run.name
+    cli = main(["test", "--config", str(run_config), "--ckpt_path", "best"])
+    assert cli.trainer.ckpt_path == best_path
+    assert float(cli.trainer.callback_metrics["test/acc"]) == best_score  # val_split 0
+    assert Path(cli.trainer.log_dir) != run and run_config.read_bytes() == saved
+    cli = main(["validate", "--config", str(run_config), "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match="no .*last.ckpt found"):
+        main(["test", "--config", str(run_config), "--ckpt_path", "last",
+              "--trainer.logger.init_args.name", "never_trained"])
 
 
 def test_unknown_config_key_is_a_clear_error(cifar10_folder_root, tmp_path, capsys):

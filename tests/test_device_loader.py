@@ -46,6 +46,22 @@ def test_augmentation_distribution():
     assert int(mix31(torch.tensor(2**31 - 1))) < 2**31
 
 
+def test_folder_layout_evaluation_batches_mix_classes(cifar10_folder_root):
+    """Image folders are read class by class: validation (random split order) and test (a
+    fixed shuffle) must not give `limit_*_batches` runs a single class."""
+    def first_labels(split: str, seed: int = 0):
+        dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                               batch_size=16, num_workers=0, seed=seed)
+        dm.setup("fit" if split == "val" else "test")
+        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+        return next(iter(loader))[1]
+    for split in ("val", "test"):
+        labels = first_labels(split)
+        assert labels.unique().numel() > 3, (split, labels)
+        assert torch.equal(labels, first_labels(split))  # the same order in every run
+    assert torch.equal(first_labels("test"), first_labels("test", seed=5))  # seed-independent
+
+
 def test_device_path_equals_cpu_path(cifar10_folder_root):
     dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
                            batch_size=16, num_workers=0)

@@ -102,11 +102,13 @@ class _CIFARDataModule(ClassificationDataModule):
             f"  1. torchvision's format: {self.tv_dir}/ (what torchvision downloads);\n"
             f"  2. image folders: {self.root / 'train'}/<class>/*.png|jpg and "
             f"{self.root / 'test'}/<class>/*.png|jpg.\n"
-            "Point --data.init_args.root at such a folder, or set "
-            "--data.init_args.download true to download it (needs network)."
+            "Point --data.init_args.root at such a folder"
+            + (", or set --data.init_args.download true to download it (needs network)."
+               if not self.download else ".")
         )
         if cause is not None:
-            msg += f"\nThe download failed: {type(cause).__name__}: {cause}"
+            msg += (f"\nThe download failed ({type(cause).__name__}: {cause}): without network, "
+                    "copy the data into that folder in one of the layouts above.")
         return msg
 
     def prepare_data(self) -> None:
@@ -144,14 +146,20 @@ class _CIFARDataModule(ClassificationDataModule):
             if len(classes) != self.num_classes:
                 raise DataNotFoundError(
                     f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
-                    f"{', ...' if len(classes) > 12 else ''}); {self.name} needs "
-                    f"{self.num_classes}. {self.missing_message()}"
+                    f"{', ...' if len(classes) > 12 else ''}); {self.name} needs exactly "
+                    f"{self.num_classes}, one per class (labels are the sorted folder names). "
+                    "Remove the extra folders or point --data.init_args.root at the right copy."
                 )
             _, samples = scan_class_folders(split_dir, classes)
             if not samples:
                 raise DataNotFoundError(f"No image files under {split_dir}/<class>/. "
                                         + self.missing_message())
             images, labels = decode_to_tensor(samples, 32, on_corrupt=self.on_corrupt)
+            # class folders come class by class: one fixed shuffle (seed 0, the same for every
+            # run and rank) mixes them as torchvision's files are, so `limit_test_batches` and
+            # the first batches of any evaluation see every class
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+            images, labels = images[order], labels[order]
             source = str(split_dir)
         check_label_range(labels, self.num_classes, source)
         return images, labels

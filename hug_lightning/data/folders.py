@@ -63,8 +63,8 @@ def load_rgb(path: Path) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
-            f"Cannot read image file {path}: {err}. Replace or delete the file, or set "
-            "`on_corrupt: skip` in the data module to skip unreadable images."
+            f"Cannot read image file {path}: {err}. Replace or delete the file, or pass "
+            "--data.init_args.on_corrupt skip to skip unreadable images (they are listed)."
         ) from err
 
 

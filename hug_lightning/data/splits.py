@@ -7,7 +7,8 @@ from torch import Tensor
 
 
 def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded split of ``range(n)`` into ``(train, val)`` index tensors.
+    """Seeded split of ``range(n)`` into ``(train, val)`` index tensors (train sorted,
+    validation in the permutation's order, mixing the classes of class-ordered data).
 
     Args:
         n: Number of samples.
@@ -29,7 +30,9 @@ def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Te
     if n_val == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    # validation keeps the random order: data stored class by class (image folders) would
+    # otherwise give `limit_val_batches` runs a single class
+    return perm[n_val:].sort().values, perm[:n_val]
 
 
 def out_of_range_label(labels: Tensor, num_classes: int) -> int | None:

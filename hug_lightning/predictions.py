@@ -1,0 +1,76 @@
+"""``predict`` writes what it computed: ``predictions.pt`` and ``predictions.csv`` in the run folder.
+
+Without a writer, Lightning's ``predict`` keeps the outputs in memory and a command-line run
+throws them away. :class:`PredictionWriter` (the CLI's ``predictions`` group, on) concatenates
+the outputs of :meth:`~hug_lightning.module.ClassifierModule.predict_step` over the whole
+prediction set and saves
+
+* ``predictions.pt``: a dict of tensors, ``index`` (the sample's index in the data set),
+  ``pred`` (predicted class), ``label`` (when the data has labels) and ``logits`` (``N x K``;
+  for HUG these are cosines to the proxies), loadable with ``torch.load(path)``;
+* ``predictions.csv``: ``index,pred[,label]``, one row per sample.
+
+Under DDP every process writes its own shard, ``predictions-rank<r>.pt`` / ``.csv``; ``index``
+puts them back together (the evaluation samplers do not pad, so every sample appears once).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Save the outputs of ``predict`` to the run folder (``trainer.log_dir``).
+
+    Args:
+        enabled: Write ``predictions.pt`` and ``predictions.csv`` at the end of ``predict``.
+        logits: Also keep the ``N x K`` logits in ``predictions.pt`` (large for big ``K``).
+    """
+
+    def __init__(self, enabled: bool = True, logits: bool = True) -> None:
+        super().__init__(write_interval="epoch")
+        self.enabled = enabled
+        self.logits = logits
+        self.written: list[Path] = []
+
+    @staticmethod
+    def _flatten(nested: Sequence[Any]) -> list[Any]:
+        """Lightning nests per-dataloader lists when there are several dataloaders."""
+        if nested and isinstance(nested[0], list):
+            return [item for group in nested for item in group]
+        return list(nested)
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule,
+                           predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # same call on every rank
+        outputs = [o for o in self._flatten(predictions) if isinstance(o, dict)]
+        if not self.enabled or not outputs:
+            return
+        keys = [k for k in ("pred", "label", "logits") if k in outputs[0]
+                and (k != "logits" or self.logits)]
+        table = {k: torch.cat([o[k].detach().cpu() for o in outputs]) for k in keys}
+        indices = [i for batch in self._flatten(batch_indices) for i in (batch or [])]
+        n = len(table["pred"])
+        table["index"] = (torch.as_tensor(indices, dtype=torch.long) if len(indices) == n
+                          else torch.arange(n))
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        folder.mkdir(parents=True, exist_ok=True)
+        pt_path, csv_path = folder / f"predictions{suffix}.pt", folder / f"predictions{suffix}.csv"
+        torch.save(table, pt_path)
+        columns = ["index", "pred"] + (["label"] if "label" in table else [])
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(zip(*(table[c].tolist() for c in columns)))
+        self.written = [pt_path, csv_path]
+        rank_zero_info(f"predict: {n} predictions written to {pt_path} and {csv_path.name}")
+
+
+__all__ = ["PredictionWriter"]
