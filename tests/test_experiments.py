@@ -217,6 +217,11 @@ def test_dry_run_prints_shipped_grids_commands(tmp_path, monkeypatch, capsys):
         heads = [ln.split(" / ") for ln in lines if ln.startswith("# ")]
         assert all(h[0] == f"# {name}" and h[2].endswith("(new)") for h in heads)
         commands[name] = {f"{h[1]}/{h[2].split()[1]}": fit for h, fit in zip(heads, fits)}
+    # the runner's own options after --extra would reach every fit: refused before any run
+    with pytest.raises(SystemExit):
+        main(["run", "paper_cifar10", "--out", str(tmp_path), "--extra", "--config",
+              "gpu.yaml", "--dry-run"])
+    assert "put the runner's own options before --extra" in capsys.readouterr().err
     paper = commands["paper_cifar10"]
     assert set(e.name for e in load_grid("paper_cifar10").entries) == {
         "ce", "mhe_paper", "mhs_paper", "mgd_paper", "mhe_tuned", "mhs_tuned", "mgd_tuned"}

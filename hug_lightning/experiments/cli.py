@@ -79,7 +79,13 @@ def _list() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (1: a run failed, 130: interrupted)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    own = {"--dry-run", "--seeds", "--out", "--jobs"}  # swallowed by --extra's REMAINDER
+    misplaced = [a for a in getattr(args, "extra", []) if a.split("=")[0] in own]
+    if misplaced:
+        parser.error(f"{', '.join(misplaced)} after --extra would be passed to every fit: put "
+                     "the runner's own options before --extra (it must come last).")
     if args.command == "list":
         return _list()
     grid = load_grid(args.grid)
