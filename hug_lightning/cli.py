@@ -89,8 +89,28 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+class ConfigError(ValueError):
+    """A configured value was rejected while building the model, data, trainer or callbacks."""
+
+
+def _reasons(err: BaseException) -> str:
+    """The rejection reasons inside jsonargparse's instantiation error, without the dump of
+    the whole configuration it appends."""
+    text = str(err)
+    lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
+    lines = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
+    return "; ".join(lines) if lines else text.split("\nGiven value")[0]
+
+
 class HUGLightningCLI(LightningCLI):
     """LightningCLI with the links, callbacks and defaults of hug_lightning."""
+
+    def instantiate_classes(self) -> None:
+        """Build everything; a rejected value raises :class:`ConfigError` with the reason only."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"invalid configuration: {_reasons(err)}") from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes",
@@ -216,12 +236,19 @@ def console_main() -> int:
 
     Exit status: 0 when the subcommand finished; 130 (Ctrl-C) or 143 (SIGTERM) when ``fit`` was
     interrupted and saved ``last.ckpt`` (Lightning alone would exit with 0), so shells and job
-    schedulers can tell an interrupted run from a finished one.
+    schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
+    value (one line naming the reason, no traceback).
     """
     try:
         main(args=None)
     except SIGTERMException:
         return 130 if checkpointing.LAST_INTERRUPT == "SIGINT" else 143
+    except ConfigError as err:
+        if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
+            raise
+        print(f"hug-lightning: error: {err}\n(fix the value in the YAML or the matching "
+              "--key flag; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

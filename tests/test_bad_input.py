@@ -18,10 +18,12 @@ from hug_lightning.module import ClassifierModule
 from hug_lightning.backbones import SmallConvNet
 
 
-def _assert_layout_help(message: str, root) -> None:
+def _assert_layout_help(message: str, root, downloading: bool = False) -> None:
     assert str(root.resolve()) in message
     assert "cifar-10-batches-py" in message and "train" in message and "test" in message
-    assert "--data.init_args.root" in message and "--data.init_args.download" in message
+    assert "--data.init_args.root" in message
+    # the download flag is suggested only when it is off
+    assert ("--data.init_args.download" in message) != downloading
 
 
 @pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "empty"])
@@ -45,8 +47,9 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     root = tmp_path / "cifar"
     with pytest.raises(DataNotFoundError) as err:
         CIFAR10DataModule(root=str(root), download=True).prepare_data()
-    _assert_layout_help(str(err.value), root)
+    _assert_layout_help(str(err.value), root, downloading=True)
     assert "download failed" in str(err.value) and "name resolution" in str(err.value)
+    assert "without network, copy the data into that folder" in str(err.value)
 
 
 def test_missing_root_through_the_cli(tmp_path):
@@ -112,3 +115,25 @@ def test_bad_hyperparameters():
         ClassifierModule(backbone=SmallConvNet(width=4), embedding_dim=0)
     with pytest.raises(TypeError, match="num_features"):
         ClassifierModule(backbone=torch.nn.Linear(3, 4))
+
+
+def test_rejected_value_is_one_line_from_the_console(tmp_path):
+    """A value a constructor rejects: exit status 2 and the reason, not a traceback followed by
+    a dump of the whole configuration."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    proc = subprocess.run(
+        [sys.executable, "-m", "hug_lightning", "fit", "--config", "ufm_hug",
+         "--model.init_args.head.init_args.alpha", "-0.1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "invalid configuration: HUG: alpha and beta must be finite and >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Given value" not in proc.stderr
+    assert not list(tmp_path.rglob("version_*"))  # nothing started, no run folder
+    from hug_lightning.cli import ConfigError
+    with pytest.raises(ConfigError, match="unknown NC metric"):  # Python: an exception
+        main(["fit", "--config", "ufm_hug", "--nc.metrics", "[nc9]",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])

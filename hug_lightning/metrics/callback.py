@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hug_lightning.metrics.collapse import NCFeatureStats
 from hug_lightning.metrics.figures import log_figures
+from hug_lightning.metrics.functional import select_metrics
 
 STAGES = ("train", "train_eval", "val")
 
@@ -77,6 +78,8 @@ class NeuralCollapseMonitor(Callback):
         self.stages = {"train": train, "train_eval": eval_pass, "val": val}
         self.eval_pass_every = eval_pass_every
         self.metrics = list(metrics) if metrics is not None else None
+        if self.metrics is not None:
+            select_metrics(self.metrics)  # unknown names: an error now, not at the first epoch
         self.spherical, self.track_cov = spherical, track_cov
         self.figures_every = figures_every
         self.collectors: dict[str, NCFeatureStats] = {}
