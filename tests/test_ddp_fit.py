@@ -29,3 +29,34 @@ def test_ddp_two_process_fit_logs_once(cifar10_folder_root, tmp_path):
     assert (runs[0] / "config.yaml").is_file()
     ckpts = {p.name for p in (runs[0] / "checkpoints").iterdir()}
     assert "last.ckpt" in ckpts
+
+
+@pytest.mark.slow
+def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
+    """2-process `predict`: each rank writes its shard; `index` puts them back together, every
+    test sample exactly once (unpadded), with the single-process predictions."""
+    import torch
+
+    ckpt_args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.max_epochs", "1",
+                          "--trainer.limit_predict_batches", "1.0")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hug_lightning", *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    proc = run("fit", *ckpt_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for devices, strategy in (("1", "auto"), ("2", "ddp")):
+        proc = run("predict", *ckpt_args, "--ckpt_path", "last", "--trainer.devices", devices,
+                   "--trainer.strategy", strategy, "--trainer.accelerator", "cpu")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "cifar10_ce").glob("version_*"), key=lambda p: int(p.name[8:]))
+    single = torch.load(runs[1] / "predictions.pt", weights_only=True)
+    shards = [torch.load(runs[2] / f"predictions-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    index = torch.cat([s["index"] for s in shards])
+    assert sorted(index.tolist()) == list(range(len(single["pred"])))  # each sample once
+    order, single_order = index.argsort(), single["index"].argsort()
+    for key in ("pred", "label"):
+        merged = torch.cat([s[key] for s in shards])[order]
+        assert torch.equal(merged, single[key][single_order]), key
