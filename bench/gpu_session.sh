@@ -19,15 +19,21 @@ stage() { echo "=== $1 ($(date +%T))"; }
 stage "GPU tests: no host sync per step, device batches = CPU batches"
 timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
 
-stage "train_bench, eager: throughput"
-timeout 100 python3 bench/train_bench.py --device cuda --measure a b c hug --repeats 2 \
-    --steps 300 --json "$OUT/throughput.json" 2> "$OUT/bench.err" | grep "|"
-stage "train_bench, eager: NC collectors, epoch times"
-timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
-    --json "$OUT/nc.json" 2>> "$OUT/bench.err" | grep "|"
+# first: what decides (b)/(a) (issue 6): device time kernel by kernel, then host time
+
 stage "(a) vs (b) device time per step, kernel by kernel"
 timeout 60 python3 bench/profile_host.py --device cuda --compare --steps 20 --top 25 \
     2>> "$OUT/bench.err" | tee "$OUT/compare.md" | cut -c1-160
+stage "host time per step that Lightning adds: NullBackbone (no compute), (b) - (a)"
+timeout 60 python3 bench/train_bench.py --device cuda --overhead --measure a b --repeats 2 \
+    --steps 500 --warmup 50 --json "$OUT/overhead.json" 2>> "$OUT/bench.err" | grep "|"
+
+stage "train_bench, eager: throughput"
+timeout 100 python3 bench/train_bench.py --device cuda --measure a b c hug --repeats 2 \
+    --steps 300 --json "$OUT/throughput.json" 2>> "$OUT/bench.err" | grep "|"
+stage "train_bench, eager: NC collectors, epoch times"
+timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
+    --json "$OUT/nc.json" 2>> "$OUT/bench.err" | grep "|"
 stage "host profile, K=100, collectors on"
 timeout 40 python3 bench/profile_host.py --device cuda --classes 100 --epochs 3 --top 22 \
     2>> "$OUT/bench.err" > "$OUT/profile.txt"; head -60 "$OUT/profile.txt" | cut -c1-150

@@ -99,8 +99,25 @@ class EpochTimer(Callback):
         return sum(times) / max(len(times), 1)
 
 
+class NullBackbone(nn.Module):
+    """A model that costs (almost) nothing: one tiny linear layer on 2x2 pixels. With it the
+    step time of (a) and (b) is framework and data time only, so (b) - (a) per step is the host
+    time Lightning and the module add (``--overhead``)."""
+
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, self.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x[:, :, :2, :2].flatten(1)).tanh()
+
+
 def make_backbone(args: argparse.Namespace) -> nn.Module:
     """ResNet-18 (CIFAR stem); ``--small-width W``: SmallConvNet with ``4 W`` features."""
+    if getattr(args, "overhead", False):
+        return NullBackbone()
     if args.toy:
         return SmallConvNet(width=8)
     return SmallConvNet(width=args.small_width) if args.small_width else CifarResNet(depth=18)
@@ -207,8 +224,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repeats of each on/off pair (best kept)")
     parser.add_argument("--nc-epochs", type=int, default=3, help="epochs per NC run (1st not timed)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="NullBackbone (no compute), batch 4: (b) - (a) is the host time per "
+                             "step that Lightning and the module add; prints ms/step")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.overhead:
+        args.batch_size, args.num_images = 4, min(args.num_images, 4096)
     if args.toy:
         args.device, args.steps, args.warmup, args.batch_size, args.num_images = "cpu", 4, 2, 32, 256
         args.workers, args.repeats, args.nc_epochs = 0, 1, 2
@@ -264,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ratio("eval-pass epoch / train-collector epoch, K=100", "epoch_s_K100_eval_pass",
           "epoch_s_K100_nc_on")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    model_name = (f"SmallConvNet width {args.small_width} (d={4 * args.small_width})"
+    model_name = ("NullBackbone (overhead probe)" if args.overhead else
+                  f"SmallConvNet width {args.small_width} (d={4 * args.small_width})"
                   if args.small_width else "ResNet-18 CIFAR stem")
     print(f"\n### train_bench on {device_name} (batch {args.batch_size}, "
           f"{'toy SmallConvNet' if args.toy else model_name}, "
@@ -277,6 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"| {key} | {value:,.3f} {unit} | {every} |")
     for key, value in ratios.items():
         print(f"| {key} | {value:.3f} | |")
+    if "a_plain_loop" in res and "b_lightning_device" in res:
+        ms = {k: 1e3 * args.batch_size / res[k] for k in ("a_plain_loop", "b_lightning_device")}
+        print(f"| per step: (a) {ms['a_plain_loop']:.3f} ms, (b) {ms['b_lightning_device']:.3f} ms, "
+              f"(b) - (a) = {ms['b_lightning_device'] - ms['a_plain_loop']:.3f} ms | | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": res, "repeats": runs, "ratios": ratios, "device": device_name,

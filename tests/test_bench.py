@@ -13,6 +13,14 @@ def test_train_bench_toy_runs(capsys):
     assert "(b)/(a)" in capsys.readouterr().out
 
 
+def test_train_bench_overhead_probe(capsys):
+    out = load_bench("train_bench").main(["--device", "cpu", "--overhead", "--measure", "a", "b",
+                                          "--steps", "6", "--warmup", "2", "--repeats", "1"])
+    assert out["a_plain_loop"] > 0 and out["b_lightning_device"] > 0
+    printed = capsys.readouterr().out
+    assert "NullBackbone" in printed and "(b) - (a) =" in printed and "batch 4" in printed
+
+
 @pytest.mark.slow
 def test_accuracy_runs_smoke(cifar10_folder_root, tmp_path):
     results = load_bench("accuracy_runs").main([
