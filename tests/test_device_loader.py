@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_args
 from hug_lightning.cli import main
 from hug_lightning.data import CIFAR10DataModule
-from hug_lightning.data.augment import crop_flip_params, mix31, pad_crop_flip, sample_keys
+from hug_lightning.data.augment import crop_flip_params, pad_crop_flip, sample_keys
 from hug_lightning.data.device_loader import DeviceBatchLoader
-from hug_lightning.data.loading import EpochShardSampler
+from hug_lightning.data.loading import ORDER_SEED_STRIDE, EpochShardSampler
 
 
 def _reference_crop_flip(img: torch.Tensor, dx: int, dy: int, flip: bool) -> torch.Tensor:
@@ -43,7 +44,6 @@ def test_augmentation_distribution():
         assert abs(flip[dx == value].double().mean() - 0.5) < 0.03
     epoch4 = crop_flip_params(sample_keys(0, 4, torch.arange(90_000)), pad=4)[0]
     assert (epoch4 == dx).double().mean() < 0.15  # a new draw each epoch (1/9 agree by chance)
-    assert int(mix31(torch.tensor(2**31 - 1))) < 2**31
 
 
 def test_folder_layout_evaluation_batches_mix_classes(cifar10_folder_root):
@@ -82,23 +82,56 @@ def test_device_path_equals_cpu_path(cifar10_folder_root):
     assert torch.allclose(val_cpu, val_dev, atol=1e-6)
 
 
-def test_shards_cover_the_epoch_like_distributed_sampler():
-    images = torch.zeros(50, 3, 32, 32, dtype=torch.uint8)
-    labels = torch.arange(50) % 10
-    seen = []
+@pytest.mark.parametrize("n", [50, 51])
+def test_shards_cover_the_epoch_like_distributed_sampler(n):
+    """DistributedSampler's permutation (seed ``ORDER_SEED_STRIDE * seed``), padding and
+    interleaving; the device loader yields exactly its shard, in that order."""
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 32, 32)
+    labels = torch.arange(n)  # the label is the sample index
+    shards = []
     for rank in range(2):
         sampler = EpochShardSampler(labels, num_replicas=2, rank=rank, seed=5)
         sampler.set_epoch(1)
-        ref = torch.utils.data.DistributedSampler(labels, num_replicas=2, rank=rank, seed=5)
+        ref = torch.utils.data.DistributedSampler(labels, num_replicas=2, rank=rank,
+                                                  seed=5 * ORDER_SEED_STRIDE)
         ref.set_epoch(1)
         assert sampler.shard_indices().tolist() == list(ref)
-        loader = DeviceBatchLoader(images, labels, 8, (0, 0, 0), (1, 1, 1), "cpu",
+        loader = DeviceBatchLoader(images.contiguous(), labels, 8, (0, 0, 0), (1, 1, 1), "cpu",
                                    sampler=sampler)
-        seen.append(torch.cat([y for _, y in loader]))
-    assert len(seen[0]) == len(seen[1]) == 25
+        shards.append(torch.cat([y for _, y in loader]))
+        assert shards[-1].tolist() == list(ref)
+    assert len(shards[0]) == len(shards[1]) == -(-n // 2)
+    assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(range(n))
+    assert len(set(shards[0].tolist()) & set(shards[1].tolist())) == n % 2  # the padding only
+
+
+def test_seeds_do_not_share_shifted_orders():
+    """With ``seed + epoch`` (DistributedSampler), seed 1 would replay seed 0's orders one epoch
+    later; repeats with consecutive seeds must not."""
+    labels = torch.arange(100)
+
+    def order(seed, epoch):
+        sampler = EpochShardSampler(labels, seed=seed)
+        sampler.set_epoch(epoch)
+        return sampler.shard_indices().tolist()
+    orders = {(s, e): order(s, e) for s in range(3) for e in range(4)}
+    assert len({tuple(o) for o in orders.values()}) == len(orders)
 
 
 def test_fit_with_device_resident_data(cifar10_folder_root, tmp_path):
     cli = main(["fit", *tiny_args(cifar10_folder_root, tmp_path,
                                   "--data.init_args.device_resident", "true")])
     assert cli.trainer.global_step == 5 and "val/acc" in cli.trainer.callback_metrics
+
+
+def test_resume_with_another_seed_is_refused():
+    images, labels = torch.zeros(16, 3, 32, 32, dtype=torch.uint8), torch.arange(16) % 4
+
+    def loader(seed):
+        return DeviceBatchLoader(images, labels, 4, (0, 0, 0), (1, 1, 1), "cpu",
+                                 sampler=EpochShardSampler(labels, seed=seed))
+    state = loader(3).state_dict()
+    assert state["seed"] == 3
+    loader(3).load_state_dict(state)  # same seed: fine
+    with pytest.raises(ValueError, match="seed 3, this run uses 4"):
+        loader(4).load_state_dict(state)

@@ -8,7 +8,7 @@ padded random crop + flip (one gather, :func:`~hug_lightning.data.augment.pad_cr
 normalization.
 
 * Order and sharding are :class:`~hug_lightning.data.loading.EpochShardSampler`'s (the order of
-  ``DistributedSampler`` for ``seed + epoch``), and the crop offsets and flips are the same keyed
+  ``DistributedSampler`` with a strided seed, plus the epoch), and the crop offsets and flips are the same keyed
   hash as the CPU path: for the same seed and epoch both paths produce identical batches.
 * Without a GPU it runs on the CPU (same code), e.g. in tests.
 * Lightning sets the epoch through ``loader.sampler.set_epoch`` and the loader resumes mid-epoch
@@ -132,7 +132,15 @@ class DeviceBatchLoader:
     # Lightning treats loaders with these methods as resumable; the position comes from
     # Lightning's batch progress (next_batch_fn).
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": int(self.sampler.epoch) if self.sampler is not None else 0}
+        if self.sampler is None:
+            return {"epoch": 0}
+        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        del state_dict
+        """Refuse a checkpoint whose data order came from another seed (as the CPU path)."""
+        seed = getattr(self.sampler, "seed", None)
+        if seed is not None and int(state_dict.get("seed", seed)) != int(seed):
+            raise ValueError(
+                f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
+                f"{seed}: set seed_everything to the original value to resume."
+            )

@@ -124,7 +124,7 @@ class ImageFileDataset(Dataset):
         if self.transform is not None:
             with torch.random.fork_rng(devices=[], enabled=key is not None):
                 if key is not None:  # the draws become a function of (seed, epoch, index)
-                    torch.manual_seed(int(key))
+                    torch.default_generator.manual_seed(int(key))  # CPU only: CUDA untouched
                 image = self.transform(image)
         return image, int(self.labels[i])
 

@@ -1,9 +1,11 @@
 """Training-order sampling that is seeded, sharded for DDP, keyed and resumable mid-epoch.
 
-:class:`EpochShardSampler` draws the same per-epoch permutation as ``DistributedSampler``
-(``seed + epoch``, padded to a multiple of the world size, rank ``r`` taking every ``W``-th
-index) and yields ``(index, key)`` pairs to data sets that declare ``accepts_keys = True``
-(plain indices to others): the key (a hash of seed, epoch and index) drives the sample's
+:class:`EpochShardSampler` draws the per-epoch permutation of ``DistributedSampler`` with seed
+``ORDER_SEED_STRIDE * seed`` (so the generator gets ``ORDER_SEED_STRIDE * seed + epoch``: runs
+with seeds ``s`` and ``s + 1`` do not share orders shifted by one epoch), padded to a multiple
+of the world size, rank ``r`` taking every ``W``-th index, and yields ``(index, key)`` pairs to
+data sets that declare ``accepts_keys = True`` (plain indices to others): the key (a hash of
+seed, epoch and index) drives the sample's
 augmentation (:mod:`hug_lightning.data.augment`). Lightning leaves a
 ``DistributedSampler`` subclass in place, so the same sampler serves 1 and N processes.
 
@@ -30,6 +32,12 @@ def global_seed(default: int = 0) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", default))
 
 
+#: The order of epoch ``e`` under seed ``s`` is ``DistributedSampler``'s with seed
+#: ``ORDER_SEED_STRIDE * s``: with its plain ``seed + epoch``, seed 1 would replay seed 0's
+#: orders shifted by one epoch (runs meant as independent repeats would share them).
+ORDER_SEED_STRIDE = 1_000_003
+
+
 class EpochShardSampler(DistributedSampler):
     """Seeded per-epoch order, DDP shards, ``(index, key)`` items, optional start offset.
 
@@ -37,7 +45,7 @@ class EpochShardSampler(DistributedSampler):
         dataset: The training set (only its length is used).
         num_replicas: World size.
         rank: Global rank of this process.
-        shuffle: Permute the indices every epoch (seeded by ``seed + epoch``).
+        shuffle: Permute the indices every epoch (seeded by ``ORDER_SEED_STRIDE * seed + epoch``).
         seed: Seed of the order and of the augmentation keys.
         drop_last: Drop the tail instead of padding it to a multiple of the world size.
     """
@@ -52,7 +60,7 @@ class EpochShardSampler(DistributedSampler):
         """This rank's indices for the current epoch, in order (DistributedSampler's rule)."""
         n = len(self.dataset)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            gen = torch.Generator().manual_seed(ORDER_SEED_STRIDE * self.seed + self.epoch)
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
