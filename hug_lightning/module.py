@@ -171,8 +171,10 @@ class ClassifierModule(LightningModule):
         # device sync per step); labels are checked by the data modules and check_labels
         acc = {"num_classes": self.num_classes, "average": "micro", "validate_args": False}
         # training accuracy: two counters (correct, seen), 3 small kernels per step, summed over
-        # processes at the end of the epoch; kept in checkpoints for exact mid-epoch resume
-        self.register_buffer("train_counts", torch.zeros(2, dtype=torch.long))
+        # processes at the end of the epoch; kept in checkpoints for exact mid-epoch resume.
+        # Not a registered buffer: DDP broadcasts buffers from rank 0 before every forward,
+        # which would replace each rank's counts by rank 0's (see on_save_checkpoint)
+        self.train_counts = torch.zeros(2, dtype=torch.long)
         self.val_acc = MulticlassAccuracy(**acc)
         self.test_acc = MulticlassAccuracy(**acc)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -256,6 +258,24 @@ class ClassifierModule(LightningModule):
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # the sanity check must not count
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
+        this hook on every rank, so the reduction is collective)."""
+        counts = self.train_counts.clone()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        checkpoint["train_counts"] = counts.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the counts on rank 0 (they are already the sum over processes); checkpoints
+        that stored them as a module buffer are read too."""
+        saved = checkpoint.pop("train_counts", None)
+        legacy = checkpoint.get("state_dict", {}).pop("train_counts", None)
+        saved = saved if saved is not None else legacy
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self.train_counts = (saved.clone().long() if saved is not None and rank == 0
+                             else torch.zeros(2, dtype=torch.long))
+
     def on_train_epoch_end(self) -> None:
         self.loss_guard.flush()
         counts = self.train_counts.clone()
@@ -291,8 +311,11 @@ class ClassifierModule(LightningModule):
         if not self.loss_guard.check(out["loss"], out["terms"], self.current_epoch, self.global_step):
             self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
             return None
-        self.train_counts[0] += (out["logits"].argmax(-1) == out["labels"]).sum()
-        self.train_counts[1] += n  # a scalar argument: no host-to-device copy
+        counts = self.train_counts
+        if counts.device != out["labels"].device:  # a plain tensor: follows the data once
+            self.train_counts = counts = counts.to(out["labels"].device)
+        counts[0] += (out["logits"].argmax(-1) == out["labels"]).sum()
+        counts[1] += n  # a scalar argument: no host-to-device copy
         if self._log_this_step():
             self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n)
             for name, value in out["terms"].items():

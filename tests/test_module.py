@@ -39,3 +39,22 @@ def test_current_fx_name_fast_path_keeps_module_attributes_intact():
     assert module._current_fx_name is None
     module.extra = torch.nn.Linear(2, 2)  # other names still register as submodules
     assert "extra" in module._modules
+
+
+def test_training_accuracy_counts_are_not_a_ddp_buffer_and_are_checkpointed():
+    """DDP broadcasts registered buffers from rank 0 every forward: the per-rank counts must
+    not be one (the 2-process equality is in test_nc_monitor); checkpoints still carry them,
+    also those written when they were a buffer."""
+    model = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead)
+    assert "train_counts" not in dict(model.named_buffers())
+    assert "train_counts" not in model.state_dict()
+    model.train_counts = torch.tensor([3, 8])
+    ckpt: dict = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    fresh = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead)
+    fresh.on_load_checkpoint(ckpt)
+    assert fresh.train_counts.tolist() == [3, 8]
+    legacy = {"state_dict": {**model.state_dict(), "train_counts": torch.tensor([5, 9])}}
+    fresh.on_load_checkpoint(legacy)
+    assert fresh.train_counts.tolist() == [5, 9] and "train_counts" not in legacy["state_dict"]
+    fresh.load_state_dict(legacy["state_dict"])  # strict: nothing unexpected is left

@@ -73,7 +73,8 @@ def test_collectors_are_separate_and_checkpointed(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_logs_the_single_process_numbers(tmp_path):
-    """lr=0 keeps the features fixed: 2 gloo processes must log the 1-process NC values."""
+    """lr=0 keeps the features fixed: 2 gloo processes must log the 1-process NC values and
+    accuracies."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--trainer.max_epochs", "2", "--nc.train", "true",
               "--model.init_args.optimizer.init_args.lr", "0.0",
@@ -90,6 +91,7 @@ def test_ddp_logs_the_single_process_numbers(tmp_path):
     single, ddp = runs["1"], runs["2"]
     tags = [t for t in single if t.startswith("nc/")]
     assert len(tags) > 30 and set(tags) == {t for t in ddp if t.startswith("nc/")}
+    tags += ["train/acc", "val/acc"]  # train/acc: per-rank counts summed (not rank 0's twice)
     for tag in tags:
         a, b = torch.tensor(single[tag]), torch.tensor(ddp[tag])
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True), (tag, a, b)
