@@ -37,6 +37,37 @@ def check_labels(labels: Tensor, num_classes: int, stage: str, always: bool = Fa
         )
 
 
+class RunningStatsSnapshot:
+    """The running statistics of a module's BatchNorm-type layers, saved before a forward and
+    put back when the batch is skipped: a NaN in the inputs reaches ``running_mean`` and
+    ``running_var`` during the forward, before the loss is seen, and would make every later
+    evaluation NaN. One fused copy per step (``nonfinite_loss: skip`` only).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.saved: list[Tensor] = []
+        self.buffers: list[Tensor] = []
+
+    def save(self) -> None:
+        # collected at every call: `module.to(...)` replaces buffer tensors
+        self.buffers = [b for m in self.module.modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                        for b in m.buffers(recurse=False)]
+        same = len(self.saved) == len(self.buffers) and all(
+            a.shape == b.shape and a.device == b.device and a.dtype == b.dtype
+            for a, b in zip(self.saved, self.buffers))
+        if not same:
+            self.saved = [b.detach().clone() for b in self.buffers]
+        elif self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+
+
 class FiniteLossGuard:
     """Stops (or skips a batch) when the loss is NaN or Inf.
 

@@ -28,7 +28,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from hug_lightning.backbones import CifarResNet
-from hug_lightning.guards import FiniteLossGuard, check_labels
+from hug_lightning.guards import FiniteLossGuard, RunningStatsSnapshot, check_labels
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
 from hug_lightning.optim import total_steps_context
@@ -130,6 +130,7 @@ class ClassifierModule(LightningModule):
         if compile:  # in place: state_dict keys (and checkpoints) stay the same as without
             self.backbone.compile()
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
+        self._norm_snapshot = RunningStatsSnapshot(self)
         self._labels_checked: set[str] = set()
         self.configure_metrics()
 
@@ -306,9 +307,14 @@ class ClassifierModule(LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        skipping = self.loss_guard.policy == "skip"
+        if skipping:  # a skipped batch must leave the BatchNorm running statistics untouched
+            self._norm_snapshot.save()
         out = self.step(batch, "train")
         n = out["labels"].shape[0]
         if not self.loss_guard.check(out["loss"], out["terms"], self.current_epoch, self.global_step):
+            if skipping:
+                self._norm_snapshot.restore()
             self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
             return None
         counts = self.train_counts

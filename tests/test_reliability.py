@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 
 from conftest import REPO, tiny_args
@@ -140,6 +141,27 @@ def test_nonfinite_loss(small_root, tmp_path, policy):
 
 sys.modules["tests_nan_head"] = type(sys)("tests_nan_head")
 sys.modules["tests_nan_head"].NaNHead = _NaNAfter
+
+
+class _PoisonBatch(Callback):
+    """NaN pixels in the 2nd training batch: BatchNorm sees them in the forward."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            batch[0].fill_(float("nan"))
+
+
+sys.modules["tests_nan_head"].PoisonBatch = _PoisonBatch
+
+
+def test_skipped_nan_batch_leaves_batchnorm_statistics_intact(small_root, tmp_path):
+    cli = main(["fit", *_args(small_root, tmp_path, "--model.init_args.nonfinite_loss", "skip",
+                              "--trainer.max_epochs", "1",
+                              "--trainer.callbacks+=tests_nan_head.PoisonBatch")])
+    assert cli.model.loss_guard.skipped == 1
+    norms = [m for m in cli.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(torch.isfinite(b).all() for m in norms for b in m.buffers())
+    assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["val/loss"])))
 
 
 class _LyingBackbone(nn.Module):
