@@ -7,7 +7,8 @@ predicted probabilities are ``softmax(scores / T)``:
   temperature scaling (Guo et al., ICML 2017) may still be fitted as a post-hoc correction;
 * HUG head: the scores are cosines to the proxies, in ``[-1, 1]``, and HUG has no softmax, so
   ``T = 1`` gives nearly uniform probabilities (``T = 1`` numbers, ``*_raw``, say little). ``T``
-  must be fitted on held-out data; typical values are 0.05-0.1 (logit range 10-20).
+  must be fitted on held-out data; measured: about 0.14-0.25 (bench/RESULTS.md: 0.24 for a
+  ResNet-18 at 15 epochs), i.e. a logit range of about 4-7.
 
 :func:`fit_temperature` minimizes the validation NLL over ``T``. ``NLL(1/T)`` is convex in
 ``1/T`` (a log-sum-exp of functions linear in ``1/T`` minus a linear term), hence unimodal in

@@ -15,6 +15,8 @@ except the loss), so callbacks such as the neural-collapse monitor read what the
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from typing import Any, Literal, Sequence
 
@@ -393,4 +395,5 @@ class ClassifierModule(LightningModule):
     def _total_steps(self) -> int:
         if self.scheduler_interval == "epoch":
             return int(self.trainer.max_epochs or 1)
-        return int(self.trainer.estimated_stepping_batches)
+        steps = self.trainer.estimated_stepping_batches  # inf without max_epochs/max_steps
+        return int(steps) if math.isfinite(steps) else -1  # -1: resolve_total_steps explains

@@ -59,7 +59,8 @@ class OneCycleLR(lr_scheduler.OneCycleLR):
 
     Args:
         optimizer: The optimizer (injected by the module).
-        max_lr: Peak learning rate; ``None`` takes the optimizer's ``lr`` of each group.
+        max_lr: Peak learning rate of the first parameter group, the others keeping their ratio
+            to it (e.g. ``head_lr_scale``); ``None`` takes the optimizer's ``lr`` of each group.
         total_steps: Optimizer steps of the whole run; ``None`` takes it from the trainer.
         pct_start: Fraction of the steps spent increasing the learning rate.
         anneal_strategy: ``cos`` or ``linear`` annealing.
@@ -80,7 +81,9 @@ class OneCycleLR(lr_scheduler.OneCycleLR):
         three_phase: bool = False,
     ) -> None:
         steps = resolve_total_steps(total_steps, "OneCycleLR")
-        peak = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
+        # an explicit max_lr keeps each group's ratio to the first (head_lr_scale included)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        peak = lrs if max_lr is None else [max_lr * lr / lrs[0] if lrs[0] else max_lr for lr in lrs]
         super().__init__(
             optimizer,
             max_lr=peak,
@@ -103,7 +106,20 @@ class OneCycleLR(lr_scheduler.OneCycleLR):
                 stacklevel=2,
             )
         super().load_state_dict(state_dict)
-        self.total_steps, self._schedule_phases = total, phases
+        if (self.total_steps, self._schedule_phases) != (total, phases):
+            self.total_steps, self._schedule_phases = total, phases
+            _apply_current_lr(self)  # the next step already follows the new schedule
+
+
+def _apply_current_lr(scheduler: lr_scheduler.LRScheduler) -> None:
+    """Set the groups' learning rates to the schedule's value at its restored step (after a
+    resume into a run of another length; otherwise the first step would use the old value)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns
+        lrs = scheduler.get_lr()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
 
 
 class WarmupCosineLR(lr_scheduler.LambdaLR):
@@ -114,7 +130,9 @@ class WarmupCosineLR(lr_scheduler.LambdaLR):
         warmup: Warm-up length: a fraction of the run when below 1, else a number of steps.
         total_steps: Optimizer steps of the whole run; ``None`` takes it from the trainer.
         start_factor: Learning-rate factor at step 0.
-        min_factor: Learning-rate factor at the last step.
+        min_factor: Learning-rate factor reached at ``total_steps`` (the usual convention: the
+            last step taken, ``total_steps - 1``, is one cosine step above it, so
+            ``min_factor = 0`` never spends a step at learning rate 0).
     """
 
     def __init__(
@@ -146,4 +164,9 @@ class WarmupCosineLR(lr_scheduler.LambdaLR):
         """Restore progress but keep this run's length (a resumed run may be longer)."""
         length = (self.total_steps, self.warmup_steps)
         super().load_state_dict(state_dict)
-        self.total_steps, self.warmup_steps = length
+        if (self.total_steps, self.warmup_steps) != length:
+            warnings.warn(
+                f"WarmupCosineLR: the checkpoint's schedule had {self.total_steps} steps, this "
+                f"run has {length[0]}; continuing on the new schedule.", stacklevel=2)
+            self.total_steps, self.warmup_steps = length
+            _apply_current_lr(self)

@@ -11,7 +11,7 @@ The attack loss is the cross-entropy of those scores divided by ``temperature``,
 scores are the logits and ``T = 1`` is the usual attack. For the HUG head they are cosines to
 the proxies, in ``[-1, 1]``: at ``T = 1`` the softmax of cosines is nearly uniform, so the loss is
 close to ``mean_c cos_c - cos_y`` (a cosine-margin loss) and its gradient sign is a sensible
-ascent direction (default). A small ``T`` (e.g. the fitted calibration temperature, ~0.05) is
+ascent direction (default). A small ``T`` (e.g. the fitted calibration temperature, ~0.2) is
 the CE attack on calibrated probabilities; it saturates on confidently right samples, and on
 a small trained HUG model it was no stronger than ``T = 1`` (FGSM at 8/255). Both attacks use only ``torch.autograd.grad`` with respect to
 the input: model parameters never receive ``.grad``. They work under ``torch.no_grad`` and

@@ -1,0 +1,101 @@
+"""Learning-rate schedules and parameter groups against formulas written here."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from hug_lightning.backbones import SmallConvNet
+from hug_lightning.heads import HUGHead
+from hug_lightning.module import ClassifierModule
+from hug_lightning.optim import OneCycleLR, WarmupCosineLR
+
+
+def _opt(lrs=(0.2, 0.1)):
+    return torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs],
+                           momentum=0.9)
+
+
+def _run(scheduler, steps):
+    """Learning rates used by each of ``steps`` optimizer steps."""
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in scheduler.optimizer.param_groups])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_warmup_cosine_follows_its_formula():
+    total, warmup, start, low = 40, 8, 0.01, 0.05
+    sched = WarmupCosineLR(_opt(), warmup=warmup, total_steps=total, start_factor=start,
+                           min_factor=low)
+
+    def factor(t):  # linear warm-up, then cosine from 1 at t = warmup to `low` at t = total
+        if t < warmup:
+            return start + (1 - start) * t / warmup
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+    for t, (a, b) in enumerate(_run(sched, total)):
+        assert a == pytest.approx(0.2 * factor(t), rel=1e-12)
+        assert b == pytest.approx(0.1 * factor(t), rel=1e-12)
+
+
+def test_one_cycle_explicit_max_lr_keeps_group_ratios():
+    """An explicit max_lr is the first group's peak; the head's group keeps its scale."""
+    total, pct, div, final = 20, 0.25, 25.0, 1e4
+    sched = OneCycleLR(_opt((0.2, 0.1)), max_lr=1.0, total_steps=total, pct_start=pct,
+                       div_factor=div, final_div_factor=final)
+    up = pct * total - 1  # torch's phase boundary (steps)
+
+    def lr(t, peak):  # cosine up from peak/div, then cosine down to peak/(div*final)
+        cos = lambda a, b, x: b + (a - b) / 2 * (math.cos(math.pi * x) + 1)  # noqa: E731
+        if t <= up:
+            return cos(peak / div, peak, t / up)
+        return cos(peak, peak / (div * final), (t - up) / (total - 1 - up))
+    for t, (a, b) in enumerate(_run(sched, total)):
+        assert a == pytest.approx(lr(t, 1.0), rel=1e-9)
+        assert b == pytest.approx(lr(t, 0.5), rel=1e-9)
+
+
+@pytest.mark.parametrize("cls", [WarmupCosineLR, OneCycleLR])
+def test_resume_into_a_longer_run_uses_the_new_schedule_at_once(cls):
+    first = cls(_opt(), total_steps=20)
+    _run(first, 7)
+    state = first.state_dict()
+    longer = cls(_opt(), total_steps=40)
+    reference = cls(_opt(), total_steps=40)
+    _run(reference, 7)
+    with pytest.warns(UserWarning, match="continuing on the new schedule"):
+        longer.load_state_dict(state)
+    # the 8th step already uses the 40-step schedule's value at step 7
+    assert [g["lr"] for g in longer.optimizer.param_groups] == pytest.approx(
+        [g["lr"] for g in reference.optimizer.param_groups], rel=1e-12)
+
+
+def test_unbounded_run_has_a_clear_schedule_error():
+    model = ClassifierModule(backbone=SmallConvNet(width=4), scheduler=OneCycleLR)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"), max_epochs=-1)
+    with pytest.raises(ValueError, match="Set trainer.max_epochs or trainer.max_steps"):
+        model.configure_optimizers()
+
+
+def test_parameter_groups_weight_decay_and_head_scale():
+    model = ClassifierModule(backbone=SmallConvNet(width=4), head=HUGHead,
+                             no_weight_decay=["norm", "bias"], head_lr_scale=0.5,
+                             optimizer=lambda p: torch.optim.SGD(p, lr=0.4, weight_decay=1e-3))
+    optimizer = model.configure_optimizers()
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    norm_or_bias = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) or n == "bias"}
+    assert set(by_name) == {"body", "body_no_decay", "head"}
+    assert {id(p) for p in by_name["body_no_decay"]["params"]} == norm_or_bias
+    assert not norm_or_bias & {id(p) for p in by_name["body"]["params"]}
+    assert by_name["body_no_decay"]["weight_decay"] == 0.0 and by_name["body"]["weight_decay"] == 1e-3
+    assert [id(p) for p in by_name["head"]["params"]] == [id(model.head.proxies)]
+    assert by_name["head"]["lr"] == pytest.approx(0.2) and by_name["body"]["lr"] == 0.4
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once
