@@ -136,14 +136,19 @@ class RobustnessEvaluation(Callback):
         def fn(pixels: Tensor) -> Tensor:
             return self._forward(trainer, pl_module, self.from_pixels(pixels, x.dtype))
 
-        with torch.inference_mode(False), torch.enable_grad():  # the attacks clone x and y
-            p, t = self.to_pixels(x.detach().clone()), self.attack_temperature
-            if attack == "fgsm":
-                adv = fgsm(fn, p, y, eps, temperature=t)
-            else:
-                adv = pgd(fn, p, y, eps, self.pgd_steps, self.pgd_step_size, self.random_start,
-                          generator, temperature=t)
-            return self.from_pixels(adv, x.dtype)
+        was_training = pl_module.training  # attacks run in eval mode: BatchNorm untouched
+        pl_module.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # the attacks clone x, y
+                p, t = self.to_pixels(x.detach().clone()), self.attack_temperature
+                if attack == "fgsm":
+                    adv = fgsm(fn, p, y, eps, temperature=t)
+                else:
+                    adv = pgd(fn, p, y, eps, self.pgd_steps, self.pgd_step_size,
+                              self.random_start, generator, temperature=t)
+                return self.from_pixels(adv, x.dtype)
+        finally:
+            pl_module.train(was_training)
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.counts = self.counts.to(pl_module.device)  # the model is on its device by now
@@ -178,8 +183,11 @@ class RobustnessEvaluation(Callback):
         n = len(self.keys)
         for key, value in zip(self.keys + self.corruption_keys, acc):
             pl_module.log(f"test/robust/{key}", value, sync_dist=False)
-        if self.corruption_keys:
-            pl_module.log("test/robust/corruption_mean", acc[n:].mean(), sync_dist=False)
+        severities = [sev for _ in self.corruptions for sev in self.severities]
+        corrupted = [i for i, sev in enumerate(severities) if sev > 0]  # 0: the clean image
+        if corrupted:
+            pl_module.log("test/robust/corruption_mean", acc[n:][corrupted].mean(),
+                          sync_dist=False)
         self.counts.reset()
 
 
@@ -217,6 +225,14 @@ class CalibrationMonitor(Callback):
         self.n_bins, self.bounds = int(n_bins), (float(bounds[0]), float(bounds[1]))
         self._logits: list[Tensor] = []
         self._labels: list[Tensor] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if self.enabled and self.fit_temperature and getattr(dm, "val_split", None) == 0:
+            rank_zero_warn("CalibrationMonitor: val_split is 0, so validation runs on the test "
+                           "split and the temperature behind test/ece is fitted on the test "
+                           "data. Set --data.init_args.val_split (e.g. 0.1) for a held-out "
+                           "calibration split.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "fitted": self.fitted}

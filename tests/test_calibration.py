@@ -168,3 +168,17 @@ def test_ddp_gather_and_counts_match_single_process(tmp_path):
         assert res["t"] == t_single  # every rank fits the same T on the whole set
         assert torch.allclose(res["acc"], torch.tensor([3 / 21, 2 / 21], dtype=torch.float64))
     assert not math.isnan(t_single)
+
+
+def test_warns_when_the_temperature_would_be_fitted_on_the_test_split():
+    from types import SimpleNamespace
+
+    from hug_lightning.evaluation import CalibrationMonitor
+    with pytest.warns(UserWarning, match="fitted on the test data"):
+        CalibrationMonitor().setup(SimpleNamespace(datamodule=SimpleNamespace(val_split=0)),
+                                   None, "fit")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CalibrationMonitor().setup(SimpleNamespace(datamodule=SimpleNamespace(val_split=0.1)),
+                                   None, "fit")

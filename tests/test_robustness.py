@@ -160,14 +160,18 @@ def test_callback_attack_respects_ball_in_pixel_space():
     torch.manual_seed(0)
     dm = CIFAR10DataModule
     cb = RobustnessEvaluation(mean=dm.mean, std=dm.std)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                        nn.Linear(4 * 30 * 30, 10)).eval()
     u8 = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     m, s = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
     x = (u8.float() / 255 - m) / s
     y = torch.randint(0, 10, (16,))
     with torch.inference_mode():
         for attack in ("fgsm", "pgd"):
+            net.train()  # a direct caller's model in train mode: the attack must not touch BN
+            stats = [b.clone() for b in net.buffers()]
             adv = cb.adversarial(net, x, y, attack, EPS, torch.Generator().manual_seed(0))
+            assert net.training and all(torch.equal(a, b) for a, b in zip(stats, net.buffers()))
             pix = adv * s + m
             assert (pix - u8.float() / 255).abs().max() <= EPS + 1e-6
             assert pix.min() >= -1e-6 and pix.max() <= 1 + 1e-6
@@ -185,7 +189,8 @@ def test_cli_eps0_equals_test_accuracy(cifar10_tv_root, no_checksum, tmp_path):
     acc = m["test/acc"]
     for key in ("clean", "fgsm_eps0", "pgd_eps0", "gaussian_noise_s0", "contrast_s0"):
         assert m[f"test/robust/{key}"] == pytest.approx(acc, abs=1e-7), key
-    corr = [m[f"test/robust/{c}_s{s}"] for c in ("gaussian_noise", "contrast") for s in (0, 3)]
-    assert m["test/robust/corruption_mean"] == pytest.approx(sum(corr) / 4, abs=1e-6)
+    corr = [m[f"test/robust/{c}_s3"] for c in ("gaussian_noise", "contrast")]
+    # severity 0 (the clean image) is reported but not part of the corruption mean
+    assert m["test/robust/corruption_mean"] == pytest.approx(sum(corr) / 2, abs=1e-6)
     assert {"test/robust/fgsm_eps8", "test/robust/pgd_eps8"} <= set(m)
     assert all(p.grad is None for p in cli.model.parameters())
