@@ -54,9 +54,16 @@ def _assert_same(a: dict, b: dict) -> None:
                                   equal_nan=True), (stage, key)
 
 
-@pytest.mark.parametrize("device_resident", ["false", "true"])
-def test_mid_epoch_resume_is_exact(small_root, tmp_path, device_resident):
-    extra = ("--data.init_args.device_resident", device_resident)
+ONE_CYCLE_15 = ("--model.init_args.scheduler", '{"class_path": "hug_lightning.optim.OneCycleLR", '
+                '"init_args": {"total_steps": 15}}')  # 3 epochs x 5 steps, whatever max_steps
+
+
+@pytest.mark.parametrize("device_resident, scheduler", [("false", ()), ("true", ()),
+                                                        ("false", ONE_CYCLE_15)])
+def test_mid_epoch_resume_is_exact(small_root, tmp_path, device_resident, scheduler):
+    """Same weights (and NC sums) as the uninterrupted run; with a one-cycle schedule the
+    learning rate of every resumed step must be restored as well."""
+    extra = ("--data.init_args.device_resident", device_resident, *scheduler)
     main(["fit", *_args(small_root, tmp_path / "ref", *extra)])
     main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--trainer.max_steps", "7",
                         "--last.every_n_train_steps", "1")])
