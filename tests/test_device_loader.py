@@ -135,3 +135,12 @@ def test_resume_with_another_seed_is_refused():
     loader(3).load_state_dict(state)  # same seed: fine
     with pytest.raises(ValueError, match="seed 3, this run uses 4"):
         loader(4).load_state_dict(state)
+
+
+def test_keys_of_large_seeds_do_not_repeat_small_ones():
+    idx = torch.arange(1000)
+    keys = {s: sample_keys(s, 3, idx) for s in (0, 1, 2**31, 2**31 + 1, 2**31 - 1, -1, 2**62)}
+    for a in keys:
+        for b in keys:
+            if a != b:  # 1000 31-bit keys: equal ones only by chance (~1000 / 2**31)
+                assert (keys[a] == keys[b]).float().mean() < 0.01, (a, b)

@@ -35,8 +35,16 @@ def mix31(x: Tensor) -> Tensor:
 
 
 def sample_keys(seed: int, epoch: int, index: Tensor) -> Tensor:
-    """One 31-bit key per sample index for ``(seed, epoch)``."""
-    base = mix31(torch.tensor(seed, dtype=torch.int64) & _M31)
+    """One 31-bit key per sample index for ``(seed, epoch)`` (seeds of any size: the bits above
+    the 31st are hashed in, so seed ``2**31`` does not repeat seed 0's keys)."""
+    base = mix31(torch.tensor(seed & _M31, dtype=torch.int64))
+    high = seed >> 31  # Python int: arbitrary size (negative seeds too)
+    while high:
+        base = mix31(base ^ mix31(torch.tensor((high & _M31) ^ 0x5BD1E995, dtype=torch.int64)))
+        high >>= 31
+        if high == -1:  # the sign of a negative seed, folded in once
+            base = mix31(base ^ 0x27D4EB2F)
+            break
     base = mix31(base ^ (epoch & _M31))
     return mix31(base.to(index.device) ^ (index.to(torch.int64) & _M31))
 
