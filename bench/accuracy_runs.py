@@ -51,6 +51,19 @@ SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("hug proxies also pulled (detach_proxy false)", "cifar10_hug",
          [HEAD + "detach_proxy", "false"]),
     ],
+    # next round, around the shipped cifar10_hug.yaml (BN-linear embedding): the proxies' own
+    # step size and decay, the intra weight and power, and the seed noise of the default
+    "hug15b": [
+        ("ce (cifar10_ce)", "cifar10_ce", []),
+        ("hug (cifar10_hug)", "cifar10_hug", []),
+        ("hug, seed + 1 (noise of the default)", "cifar10_hug", ["--seed_everything", "1"]),
+        ("hug proxies without weight decay", "cifar10_hug",
+         ["--model.init_args.no_weight_decay", "[head]"]),
+        ("hug proxies lr x 0.25", "cifar10_hug", ["--model.init_args.head_lr_scale", "0.25"]),
+        ("hug proxies lr x 4", "cifar10_hug", ["--model.init_args.head_lr_scale", "4"]),
+        ("hug beta 6", "cifar10_hug", [HEAD + "beta", "6"]),
+        ("hug intra power 1 (released)", "cifar10_hug", [HEAD + "intra_power", "1"]),
+    ],
 }
 
 

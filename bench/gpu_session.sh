@@ -4,7 +4,8 @@
 # .whl: jsonargparse + docstring_parser + typeshed_client wheels (the GPU image lacks them);
 # .carry/cifar10-jpg.tar.gz: the real CIFAR-10 images (only the accuracy sweep needs them).
 # Results land in $OUT. Each stage has its own time limit so one slow stage cannot starve the
-# others. SWEEP=1 adds the 15-epoch HUG tuning sweep (about 4 more minutes).
+# others. SWEEP=1 adds the 15-epoch HUG tuning sweep (about 4 more minutes; SWEEP_NAME picks
+# one of bench/accuracy_runs.py's SWEEPS, default hug15b, the round after hug15).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 JSONARGPARSE_DEPRECATION_WARNINGS=off OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -39,9 +40,10 @@ timeout 40 python3 bench/profile_host.py --device cuda --classes 100 --epochs 3 
     2>> "$OUT/bench.err" > "$OUT/profile.txt"; head -60 "$OUT/profile.txt" | cut -c1-150
 
 if [ "${SWEEP:-0}" = 1 ]; then
-  stage "HUG 15-epoch sweep (8 fits at once on the one GPU)"
+  stage "HUG 15-epoch sweep ${SWEEP_NAME:-hug15b} (8 fits at once on the one GPU)"
   mkdir -p /tmp/data && tar xzf .carry/cifar10-jpg.tar.gz -C /tmp/data
-  timeout 230 python3 bench/accuracy_runs.py --root /tmp/data/cifar10-jpg --sweep hug15 \
+  timeout 230 python3 bench/accuracy_runs.py --root /tmp/data/cifar10-jpg \
+      --sweep "${SWEEP_NAME:-hug15b}" \
       --epochs 15 --seeds 0 --parallel 8 --robust-batches 0 --out /tmp/acc \
       --json "$OUT/sweep.json" 2>&1 | grep -E "^done|^\||^###" | tee "$OUT/sweep.md"
 fi

@@ -46,6 +46,18 @@ def test_hug15_sweep_arguments_parse_in_parallel_children(cifar10_folder_root, t
         assert 0.0 <= runs[0]["test/acc"] <= 1.0
 
 
+def test_every_sweep_entry_is_a_valid_configuration():
+    """Each knob of every accuracy sweep parses and builds (no training): a typo would
+    otherwise surface only on the GPU machine."""
+    from hug_lightning.cli import main as cli_main
+    module = load_bench("accuracy_runs")
+    for name, sweep in module.SWEEPS.items():
+        for label, config, extra in sweep:
+            cli = cli_main(["--config", str(REPO / "configs" / f"{config}.yaml"), *extra,
+                            "--data.init_args.download", "false"], run=False)
+            assert cli.model.num_classes == 10, (name, label)
+
+
 def test_profile_host_toy_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     module = load_bench("profile_host")
