@@ -6,11 +6,18 @@ chosen in YAML (``class_path``) or one small hook to override in a subclass:
 * :meth:`configure_backbone`, :meth:`configure_embedding`, :meth:`configure_head` build the
   three stages;
 * :meth:`parameter_groups` decides which parameters get weight decay;
-* :meth:`step` is the shared train/val/test step (features -> head -> loss, logits).
+* :meth:`step` is the shared train/val/test step (features -> head -> loss, logits);
+* :meth:`configure_metrics` creates the per-stage metrics and :meth:`update_metrics` feeds and
+  logs them at validation and test (override both to add a metric).
 
-Every ``*_step`` returns a dict with ``loss``, ``features``, ``logits`` and ``labels`` (detached
-except the loss), so callbacks such as the neural-collapse monitor read what they need from
-``outputs`` without touching the module.
+:meth:`step` returns a dict with ``loss``, ``features`` (``(B, feature_dim)``), ``logits``
+(``(B, K)``), ``labels`` and optionally ``terms`` (named loss terms to log), all detached except
+the loss; every ``*_step`` passes it on, so callbacks such as the neural-collapse monitor read
+what they need from ``outputs`` without touching the module. The NC eval pass and ``predict``
+call :meth:`forward_features` and the head's ``logits`` directly (not :meth:`step`).
+
+The ``configure_*`` hooks run inside ``__init__``: a subclass sets the attributes they read
+before calling ``super().__init__()``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class ClassifierModule(LightningModule):
         scheduler: Learning-rate scheduler factory called with the optimizer, or ``None``.
             ``hug_lightning.optim.OneCycleLR`` and ``WarmupCosineLR`` learn the run length.
         scheduler_interval: Step the scheduler every ``step`` (batch) or every ``epoch``.
+        scheduler_monitor: The logged metric a ``ReduceLROnPlateau`` scheduler follows (it is
+            then stepped once per epoch, after validation); ignored by other schedulers.
         no_weight_decay: Parameter kinds exempt from weight decay: ``norm`` (normalization
             layers), ``bias``, ``head`` (class vectors / proxies), ``embedding``.
         head_lr_scale: Multiplier of the learning rate of the head's parameters (class
@@ -92,6 +101,7 @@ class ClassifierModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        scheduler_monitor: str = "val/loss",
         no_weight_decay: Sequence[Literal["norm", "bias", "head", "embedding"]] = (),
         head_lr_scale: float = 1.0,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -110,6 +120,7 @@ class ClassifierModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
         self.no_weight_decay = tuple(no_weight_decay)
         if head_lr_scale <= 0:
             raise ValueError(f"head_lr_scale must be positive, got {head_lr_scale}.")
@@ -118,9 +129,13 @@ class ClassifierModule(LightningModule):
         self.backbone = self.configure_backbone(backbone)
         width = getattr(self.backbone, "num_features", None)
         if not isinstance(width, int):
+            built = (type(backbone).__name__ if self.backbone is backbone else
+                     f"{type(self.backbone).__name__} (returned by configure_backbone for "
+                     f"{type(backbone).__name__})")
             raise TypeError(
-                f"The backbone {type(backbone).__name__} must expose its feature width as an "
-                "integer attribute `num_features` (the backbones in hug_lightning.backbones do)."
+                f"The backbone {built} must expose its feature width as an integer attribute "
+                "`num_features` (the backbones in hug_lightning.backbones do; a wrapper built in "
+                "configure_backbone must set it too)."
             )
         self.embedding, self.feature_dim = self.configure_embedding(
             width, embedding_dim, embedding_norm
@@ -314,7 +329,8 @@ class ClassifierModule(LightningModule):
             self._norm_snapshot.save()
         out = self.step(batch, "train")
         n = out["labels"].shape[0]
-        if not self.loss_guard.check(out["loss"], out["terms"], self.current_epoch, self.global_step):
+        terms = out.get("terms") or {}
+        if not self.loss_guard.check(out["loss"], terms, self.current_epoch, self.global_step):
             if skipping:
                 self._norm_snapshot.restore()
             self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
@@ -326,21 +342,27 @@ class ClassifierModule(LightningModule):
         counts[1] += n  # a scalar argument: no host-to-device copy
         if self._log_this_step():
             self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n)
-            for name, value in out["terms"].items():
+            for name, value in terms.items():
                 self.log(f"train/{name}", value, batch_size=n)
             if self.trainer.optimizers:
                 self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
                          batch_size=n)
         return out
 
-    def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(batch, stage)
+    def update_metrics(self, out: dict[str, Any], stage: str) -> None:
+        """Feed one validation/test batch's :meth:`step` output to the stage's metrics and log
+        them (epoch values). Override to add metrics created in :meth:`configure_metrics`
+        (call ``super().update_metrics(out, stage)`` to keep loss and accuracy)."""
         n = out["labels"].shape[0]
         acc, loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         acc.update(out["logits"].argmax(-1), out["labels"])
         loss.update(out["loss"].detach(), weight=n)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+
+    def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self.step(batch, stage)
+        self.update_metrics(out, stage)
         return out
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -389,7 +411,10 @@ class ClassifierModule(LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+            "lr_scheduler": (
+                {"scheduler": scheduler, "interval": "epoch", "monitor": self.scheduler_monitor}
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                else {"scheduler": scheduler, "interval": self.scheduler_interval}),
         }
 
     def _total_steps(self) -> int:

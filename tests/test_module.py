@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hug_lightning.backbones import SmallConvNet
@@ -25,9 +26,11 @@ def test_channels_last_converts_the_weights_and_changes_no_number():
     x = torch.randn(3, 3, 32, 32)
     plain.eval(), fast.eval()
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
-    # and back: a channels-last checkpoint loads into a default module
-    plain.load_state_dict(fast.state_dict())
-    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    # and back: a channels-last checkpoint loads into a default module (other weights)
+    other = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead).eval()
+    assert not torch.allclose(other(x), fast(x))
+    other.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fast(x), other(x), rtol=1e-5, atol=1e-5)
 
 
 def test_current_fx_name_fast_path_keeps_module_attributes_intact():
@@ -58,3 +61,65 @@ def test_training_accuracy_counts_are_not_a_ddp_buffer_and_are_checkpointed():
     fresh.on_load_checkpoint(legacy)
     assert fresh.train_counts.tolist() == [5, 9] and "train_counts" not in legacy["state_dict"]
     fresh.load_state_dict(legacy["state_dict"])  # strict: nothing unexpected is left
+
+
+class NoTermsStep(ClassifierModule):
+    """A step written to the documented contract: loss, features, logits, labels (no terms)."""
+
+    def step(self, batch, stage):
+        out = super().step(batch, stage)
+        return {k: out[k] for k in ("loss", "features", "logits", "labels")}
+
+
+class Top2(ClassifierModule):
+    """A metric added through configure_metrics + update_metrics."""
+
+    def configure_metrics(self) -> None:
+        super().configure_metrics()
+        from torchmetrics.classification import MulticlassAccuracy
+        self.val_top2 = MulticlassAccuracy(self.num_classes, top_k=2, average="micro")
+
+    def update_metrics(self, out, stage) -> None:
+        super().update_metrics(out, stage)
+        if stage == "val":
+            self.val_top2.update(out["logits"], out["labels"])
+            self.log("val/top2", self.val_top2, on_epoch=True)
+
+
+class ProjHead(CrossEntropyHead):
+    """A head whose class vectors live in another space than the features (16-d)."""
+
+    def __init__(self, num_classes: int, in_features: int) -> None:
+        super().__init__(num_classes, 16)
+        self.proj = torch.nn.Linear(in_features, 16)
+
+    def logits(self, features):  # loss and forward_train go through it
+        return super().logits(self.proj(features))
+
+
+class WrongWidthStep(ClassifierModule):
+    def step(self, batch, stage):
+        out = super().step(batch, stage)
+        return {**out, "features": out["features"][:, :3]}
+
+
+def _ufm(tmp_path, *extra):
+    from hug_lightning.cli import main
+    return main(["fit", "--config", "ufm_ce", "--trainer.max_epochs", "2",
+                 "--trainer.check_val_every_n_epoch", "1",
+                 "--model.init_args.backbone.init_args.dim", "32",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+
+
+def test_extension_hooks_work_as_documented(tmp_path):
+    cli = _ufm(tmp_path / "a", "--model.class_path", f"{__name__}.NoTermsStep")
+    assert "train/acc" in cli.trainer.callback_metrics
+    cli = _ufm(tmp_path / "b", "--model.class_path", f"{__name__}.Top2")
+    top2 = float(cli.trainer.callback_metrics["val/top2"])
+    assert float(cli.trainer.callback_metrics["val/acc"]) <= top2 <= 1.0
+    with pytest.warns(UserWarning, match=r"class_vectors have shape \(10, 16\)"):
+        cli = _ufm(tmp_path / "c", "--model.init_args.head", f"{__name__}.ProjHead")
+    logged = cli.trainer.callback_metrics
+    assert "nc/train_eval/nc1_pinv" in logged and "nc/train_eval/nc3_self_duality" not in logged
+    with pytest.raises(ValueError, match="features of width 3, the module's feature_dim is 32"):
+        _ufm(tmp_path / "d", "--model.class_path", f"{__name__}.WrongWidthStep")

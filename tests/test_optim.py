@@ -99,3 +99,17 @@ def test_parameter_groups_weight_decay_and_head_scale():
     assert by_name["head"]["lr"] == pytest.approx(0.2) and by_name["body"]["lr"] == 0.4
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once
+
+
+def test_reduce_on_plateau_follows_a_logged_metric(tmp_path):
+    """Offered by the scheduler type: it must run (monitor set, stepped per epoch)."""
+    from hug_lightning.cli import main
+    plateau = ('{"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", '
+               '"init_args": {"patience": 0, "factor": 0.5}}')
+    cli = main(["fit", "--config", "ufm_ce", "--model.init_args.scheduler", plateau,
+                "--model.init_args.optimizer.init_args.lr", "0.1",
+                "--model.init_args.scheduler_monitor", "train/acc", "--trainer.max_epochs", "4",
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    config = cli.trainer.lr_scheduler_configs[0]
+    assert config.monitor == "train/acc" and config.interval == "epoch"
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.1  # it reduced at least once

@@ -52,8 +52,19 @@ class TorchvisionBackbone(nn.Module):
                 f"TorchvisionBackbone: unknown model name {name!r}. Choose one of "
                 f"torchvision's classification models, e.g. {', '.join(available[:12])}, ..."
             )
+        if name.startswith("squeezenet"):  # its classifier is a 1x1 convolution, not a Linear
+            raise ValueError(f"TorchvisionBackbone: {name} ends in a convolution, not a Linear "
+                             "classifier; wrap it yourself with a `num_features` attribute.")
+        if weights is not None:
+            known = [w.name for w in models.get_model_weights(name)]
+            if weights not in known + ["DEFAULT"]:
+                raise ValueError(f"TorchvisionBackbone: {name} has no weights {weights!r}; "
+                                 f"choose DEFAULT, {', '.join(known)} or null (random init).")
+        # no auxiliary classifiers: they would hold parameters no loss reaches (DDP rejects
+        # those) and make training-mode outputs tuples
+        extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
         try:
-            self.model = models.get_model(name, weights=weights)
+            self.model = models.get_model(name, weights=weights, **extra)
         except (OSError, RuntimeError) as err:  # download failures surface as URLError/OSError
             raise RuntimeError(
                 f"TorchvisionBackbone: could not load weights {weights!r} for {name!r} ({err}). "
@@ -63,4 +74,7 @@ class TorchvisionBackbone(nn.Module):
         self.num_features: int = _strip_classifier(self.model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        out = self.model(x)
+        # GoogLeNet / Inception v3 return (logits, aux...) named tuples in training mode; with
+        # the classifier stripped, `.logits` holds the main branch's features
+        return out.logits if hasattr(out, "logits") else out

@@ -92,7 +92,10 @@ class ClassificationDataModule(LightningDataModule):
     def _require(self, name: str) -> Dataset:
         dataset = getattr(self, name)
         if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: {name} is not built; call setup() first.")
+            hint = ("call setup() first, or build it in build_datasets()" +
+                    (" (the training set with the evaluation transform, which the NC eval pass "
+                     "reads; or set --nc.eval_pass false)" if name == "train_eval_set" else ""))
+            raise RuntimeError(f"{type(self).__name__}: {name} is not built; {hint}.")
         return dataset
 
     def _next_train_batch(self) -> int:

@@ -97,6 +97,11 @@ class NeuralCollapseMonitor(Callback):
             self.enabled = False
             return
         k, d = int(pl_module.num_classes), int(pl_module.feature_dim)
+        shape = tuple(getattr(pl_module.head, "class_vectors", torch.empty(0)).shape)
+        if shape != (k, d):
+            rank_zero_warn(f"NeuralCollapseMonitor: the head's class_vectors have shape {shape}, "
+                           f"not (num_classes, feature_dim) = {(k, d)}: the metrics of the "
+                           "class vectors (NC3, *_weights) are skipped.")
         for name, on in self.stages.items():
             if on:
                 self.collectors[name] = NCFeatureStats(
@@ -122,10 +127,15 @@ class NeuralCollapseMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _classifier(pl_module: LightningModule) -> tuple[Tensor, Tensor | None]:
+    def _classifier(pl_module: LightningModule) -> tuple[Tensor | None, Tensor | None]:
+        """The head's class vectors and bias, or ``(None, None)`` when they are not
+        ``(K, feature_dim)`` (a head that projects the features: no NC3 / weight metrics)."""
         head = pl_module.head
+        w = head.class_vectors.detach()
+        if tuple(w.shape) != (int(pl_module.num_classes), int(pl_module.feature_dim)):
+            return None, None
         bias = head.class_bias
-        return head.class_vectors.detach(), None if bias is None else bias.detach()
+        return w, None if bias is None else bias.detach()
 
     @staticmethod
     def _log(trainer: Trainer, stage: str, values: dict[str, Tensor]) -> None:
@@ -149,6 +159,11 @@ class NeuralCollapseMonitor(Callback):
         col = self.collectors.get(stage)
         if col is None or not isinstance(outputs, dict) or "features" not in outputs:
             return
+        if outputs["features"].shape[-1] != col.dim:  # metadata only: no sync
+            raise ValueError(
+                f"NeuralCollapseMonitor: the {stage} step returned features of width "
+                f"{outputs['features'].shape[-1]}, the module's feature_dim is {col.dim}. A step "
+                "override must return the features fed to the head (or set --nc.enabled false).")
         if stage != "train":
             col.update(outputs["features"], outputs["labels"], logits=outputs.get("logits"))
             return

@@ -43,15 +43,19 @@ def pairwise_angles(cos: Tensor) -> Tensor:
     return torch.rad2deg(torch.arccos(cos[i, j]))
 
 
-def log_figures(logger: Any, step: int, means: Tensor, class_vectors: Tensor,
+def log_figures(logger: Any, step: int, means: Tensor, class_vectors: Tensor | None,
                 feature_norms: Tensor | None = None) -> None:
-    """Add the figures to a TensorBoard logger (does nothing for other loggers)."""
+    """Add the figures to a TensorBoard logger (does nothing for other loggers); without
+    ``class_vectors`` only the figures of the class means."""
     writer = getattr(logger, "experiment", None)
     if writer is None or not hasattr(writer, "add_image"):
         return
-    k = class_vectors.shape[0]
+    k = means.shape[0]
     scale = max(1, 256 // max(k, 1))
-    for tag, vectors, centre in (("means", means, True), ("class_vectors", class_vectors, False)):
+    pairs = [("means", means, True)]
+    if class_vectors is not None:
+        pairs.append(("class_vectors", class_vectors, False))
+    for tag, vectors, centre in pairs:
         cos = cosine_matrix(vectors.cpu(), centre=centre)
         if cos.shape[0] < 2:
             continue
