@@ -196,7 +196,10 @@ class ClassifierModule(LightningModule):
         self.val_acc = MulticlassAccuracy(**acc)
         self.test_acc = MulticlassAccuracy(**acc)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # the best validation accuracy so far: saved in checkpoints (a resumed run continues
+        # it); the sanity check never updates it (on_validation_epoch_end)
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups: weight decay or not (``no_weight_decay``), head or not.
@@ -273,9 +276,6 @@ class ClassifierModule(LightningModule):
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
 
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # the sanity check must not count
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
         this hook on every rank, so the reduction is collective)."""
@@ -285,10 +285,14 @@ class ClassifierModule(LightningModule):
         checkpoint["train_counts"] = counts.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the counts on rank 0 (they are already the sum over processes); checkpoints
-        that stored them as a module buffer are read too."""
+        """Restore the training-accuracy counts on rank 0 (they are already the sum over
+        processes; older checkpoints stored them as a module buffer) and accept checkpoints
+        written before ``val_acc_best`` was saved."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
+            state.setdefault(key, value)  # checkpoints from before it was saved
         saved = checkpoint.pop("train_counts", None)
-        legacy = checkpoint.get("state_dict", {}).pop("train_counts", None)
+        legacy = state.pop("train_counts", None)
         saved = saved if saved is not None else legacy
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self.train_counts = (saved.clone().long() if saved is not None and rank == 0

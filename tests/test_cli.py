@@ -97,12 +97,19 @@ def test_resume_from_last_checkpoint(cifar10_folder_root, tmp_path):
     args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.limit_train_batches", "3")
     cli = main(["fit", *args, "--trainer.max_epochs", "1"])
     assert cli.trainer.global_step == 3
+    best = float(cli.trainer.callback_metrics["val/acc_best"])
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True, map_location="cpu")
     assert (state["epoch"], state["global_step"]) == (0, 3)
+    assert float(state["state_dict"]["val_acc_best.max_value"]) == best
+    # the best validation accuracy survives a resume (no validation after it here)
+    cli = main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(last),
+                "--trainer.limit_val_batches", "0"])
+    assert float(cli.model.val_acc_best.compute()) == best
     cli = main(["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
     # two more epochs of 3 batches on top of the restored epoch 0 / step 3
     assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 9
+    assert float(cli.trainer.callback_metrics["val/acc_best"]) >= best
     assert cli.trainer.fit_loop.epoch_progress.total.completed == 3
     resumed_run = Path(cli.trainer.log_dir)
     assert (resumed_run / "checkpoints" / "last.ckpt").is_file()

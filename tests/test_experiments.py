@@ -277,9 +277,50 @@ def test_shipped_grid_commands_parse(grid, entry, key, value, tmp_path, capsys):
     ({"entries": [{"name": "a b", "configs": ["ufm_ce.yaml"]}]}, "must match"),
     ({"entries": [{"name": "a", "configs": ["no_such_config.yaml"]}]}, "no_such_config"),
     ({"seeds": [0]}, "no entries"),
+    ({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"], "test_checkpoint": "first"}]},
+     "test_checkpoint must be 'best' or 'last'"),
 ])
 def test_bad_grids_are_clear_errors(grid, message, tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_grid(path)
+
+
+def test_long_tail_grid_tests_the_final_checkpoint(tmp_path):
+    """Its configs validate on the test set: the best-on-validation checkpoint would be chosen
+    on test data."""
+    grid = load_grid("long_tail")
+    assert {e.test_checkpoint for e in grid.entries} == {"last"}
+    assert {e.test_checkpoint for e in load_grid("paper_cifar10").entries} == {"best"}
+    run = runner.grid_runs(grid, [0], tmp_path)[0]
+    run.ckpt_dir.mkdir(parents=True)
+    for name in ("last.ckpt", "epoch001-val_acc0.9.ckpt"):
+        (run.ckpt_dir / name).write_bytes(b"")
+    assert runner._tested_checkpoint(run) == run.ckpt_dir / "last.ckpt"
+
+
+def test_table_and_skips_follow_the_current_grid(tmp_path, capsys):
+    """A renamed entry's old results stay out of the table, `--seeds` selects seeds, and a run
+    finished with another fit command is skipped with a warning saying how to rerun it."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "seeds": [0, 1], "entries": [
+        {"name": "ce", "configs": ["ufm_ce.yaml"]}]}))
+    grid = load_grid(path)
+    out = tmp_path / "runs"
+    for entry, seed in (("ce", 0), ("ce", 1), ("old_name", 0)):
+        folder = out / "g" / entry / f"seed{seed}"
+        folder.mkdir(parents=True)
+        command = runner.grid_runs(grid, [seed], out)[0].fit_command([], None)
+        (folder / "result.json").write_text(json.dumps({
+            "grid": "g", "entry": entry, "seed": seed, "fit_command": command,
+            "fit": {}, "test": {"test/acc": 0.5 + 0.1 * seed}}))
+    from hug_lightning.experiments import collect_results
+    assert sorted((r["entry"], r["seed"]) for r in collect_results(grid, out)) == [
+        ("ce", 0), ("ce", 1)]
+    assert [r["seed"] for r in collect_results(grid, out, seeds=[1])] == [1]
+    run = runner.grid_runs(grid, [0], out)[0]
+    assert runner.execute(run) == "skipped"
+    assert "another fit command" not in capsys.readouterr().out
+    assert runner.execute(run, ["--trainer.max_epochs", "3"]) == "skipped"
+    assert "done before with another fit command" in capsys.readouterr().out

@@ -23,18 +23,24 @@ from hug_lightning.experiments.results import build_table, markdown, write_csv
 from hug_lightning.experiments.runner import dry_run, grid_runs, run_all
 
 
-def collect_results(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
-    """The ``result.json`` of every finished run under ``<out>/<grid>/`` (any entry, any seed)."""
+def collect_results(grid: Grid, out: str | Path,
+                    seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The ``result.json`` of the finished runs under ``<out>/<grid>/`` of the grid's current
+    entries (a renamed or removed entry's old folder is left out), for ``seeds`` (default:
+    every seed found)."""
     base = Path(out) / grid.name
-    return [json.loads(p.read_text()) for p in sorted(base.glob("*/seed*/result.json"))]
+    names = {e.name for e in grid.entries}
+    results = [json.loads(p.read_text()) for p in sorted(base.glob("*/seed*/result.json"))]
+    return [r for r in results if r.get("entry") in names
+            and (seeds is None or r.get("seed") in set(seeds))]
 
 
-def write_tables(grid: Grid, out: str | Path) -> Path | None:
+def write_tables(grid: Grid, out: str | Path, seeds: Sequence[int] | None = None) -> Path | None:
     """Write ``results.md`` and ``results.csv`` of a grid; returns the Markdown path.
 
     Returns ``None`` (and writes nothing) when no run has finished yet.
     """
-    results = collect_results(grid, out)
+    results = collect_results(grid, out, seeds)
     if not results:
         return None
     columns, rows = build_table(results, order=[e.name for e in grid.entries])
@@ -60,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="arguments appended to every fit command (must come last)")
     table = sub.add_parser("table", help="rebuild results.md/results.csv from finished runs")
     table.add_argument("grid", help="grid YAML file or shipped grid name")
+    table.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: all)")
     table.add_argument("--out", default="runs", help="output folder (default: runs)")
     return parser
 
@@ -90,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list()
     grid = load_grid(args.grid)
     if args.command == "table":
-        md = write_tables(grid, args.out)
+        md = write_tables(grid, args.out, args.seeds)
         if md is None:
             print(f"no finished run under {Path(args.out) / grid.name}", file=sys.stderr)
             return 1
@@ -101,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run(runs, args.extra)
         return 0
     counts = run_all(runs, args.extra, jobs=args.jobs)
-    md = write_tables(grid, args.out)
+    md = write_tables(grid, args.out, args.seeds)  # --seeds: the table of those seeds
     if md is not None:
         print(md.read_text())
         print(f"table: {md} and {md.with_suffix('.csv')}")

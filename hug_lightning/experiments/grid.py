@@ -8,6 +8,7 @@ A grid is a YAML file::
       configs: []                             # appended after each entry's configs
       args: {trainer.enable_progress_bar: false}
       test_args: {}                           # only for the ``test`` command
+      test_checkpoint: best                   # or last (val_split 0: validation = test set)
     entries:
       - name: ce                              # folder name: letters, digits, ``_.-``
         configs: [cifar10_ce.yaml]            # as ``--config``: a path or a packaged name
@@ -35,8 +36,8 @@ from hug_lightning.cli import packaged_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 GRID_KEYS = {"name", "description", "seeds", "common", "entries"}
-ENTRY_KEYS = {"name", "configs", "args", "test_args", "description"}
-COMMON_KEYS = {"configs", "args", "test_args"}
+ENTRY_KEYS = {"name", "configs", "args", "test_args", "test_checkpoint", "description"}
+COMMON_KEYS = {"configs", "args", "test_args", "test_checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,16 @@ class Entry:
         configs: Absolute paths of the config files, in ``--config`` order.
         args: Overrides after the configs (``--key value`` strings).
         test_args: Extra arguments of the ``test`` command only.
+        test_checkpoint: ``best`` (on the validation metric, default) or ``last``: the choice
+            for fits whose validation set is the test set (``val_split: 0``), where the best
+            checkpoint would be selected on test data.
     """
 
     name: str
     configs: tuple[Path, ...]
     args: tuple[str, ...] = ()
     test_args: tuple[str, ...] = ()
+    test_checkpoint: str = "best"
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,10 @@ def load_grid(name_or_path: str | Path) -> Grid:
             raise ValueError(f"{where}: no config files.")
         args = common_args + to_cli_args(raw.get("args"), f"{where}: args")
         test_args = common_test + to_cli_args(raw.get("test_args"), f"{where}: test_args")
-        entries.append(Entry(name, tuple(configs), tuple(args), tuple(test_args)))
+        which = str(raw.get("test_checkpoint", common.get("test_checkpoint", "best")))
+        if which not in ("best", "last"):
+            raise ValueError(f"{where}: test_checkpoint must be 'best' or 'last', got {which!r}.")
+        entries.append(Entry(name, tuple(configs), tuple(args), tuple(test_args), which))
     if not entries:
         raise ValueError(f"{path}: the grid has no entries.")
     name = str(data.get("name") or path.stem)

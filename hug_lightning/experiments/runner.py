@@ -138,6 +138,28 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _tested_checkpoint(run: Run) -> Path:
+    """The entry's ``test_checkpoint``: the best one on validation, or ``last.ckpt``."""
+    if run.entry.test_checkpoint == "last":
+        return run.ckpt_dir / "last.ckpt"
+    return best_checkpoint(run.ckpt_dir)
+
+
+def _without_resume(cmd: Sequence[str]) -> list[str]:
+    """A fit command from ``fit`` on, without its ``--ckpt_path <last.ckpt>`` (resumes differ
+    only there; the interpreter's path may differ between environments)."""
+    cmd = list(cmd)
+    out, skip = [], False
+    for arg in cmd[cmd.index("fit"):] if "fit" in cmd else cmd:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def _failed(run: Run, stage: str) -> str:
     log = run.root / f"{stage}.log"
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
@@ -151,7 +173,13 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
     if process.STOP.is_set():
         return "interrupted"
     if run.result_file.is_file():
-        _say(f"{tag} done before: skipped")
+        saved = json.loads(run.result_file.read_text()).get("fit_command", [])
+        now = run.fit_command(extra, None)
+        if _without_resume(saved) != _without_resume(now):
+            _say(f"{tag} done before with another fit command: skipped, results kept. Delete "
+                 f"{run.root} to rerun it with the current grid and --extra arguments.")
+        else:
+            _say(f"{tag} done before: skipped")
         return "skipped"
     start = time.time()
     if not run.fit_file.is_file():
@@ -168,11 +196,11 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             return "interrupted"
         if rc != 0:
             return _failed(run, "fit")
-        best = best_checkpoint(run.ckpt_dir)
+        best = _tested_checkpoint(run)
         _write_json(run.fit_file, {"best_ckpt": str(best), "command": cmd})
     best = json.loads(run.fit_file.read_text())["best_ckpt"]
     if not Path(best).is_file():  # the output folder was moved since
-        best = str(best_checkpoint(run.ckpt_dir))
+        best = str(_tested_checkpoint(run))
     if run.test_dir.exists():
         shutil.rmtree(run.test_dir)
     cmd = run.test_command(best)
