@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
@@ -112,6 +113,21 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
+
+
+def recorded_best_checkpoint(last: Path) -> Path | None:
+    """The best file the ``ModelCheckpoint`` state inside ``last.ckpt`` records, if it still
+    exists (as recorded, or next to ``last.ckpt`` for a moved run); None otherwise."""
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, or not loadable weights-only
+        return None
+    for key, value in (state.get("callbacks") or {}).items():
+        path = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        for candidate in (Path(path), last.parent / Path(path).name) if path else ():
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:

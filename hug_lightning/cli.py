@@ -37,7 +37,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import checkpointing
-from hug_lightning.checkpointing import InterruptCheckpoint, LastCheckpoint, find_last_checkpoint
+from hug_lightning.checkpointing import (InterruptCheckpoint, LastCheckpoint,
+                                         find_last_checkpoint, recorded_best_checkpoint)
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
@@ -170,27 +171,13 @@ class HUGLightningCLI(LightningCLI):
         """
         found = cls._find_last(logger, which)
         if which == "best":
-            best = best_checkpoint(found)
+            best = recorded_best_checkpoint(found)
             if best is None:
                 raise FileNotFoundError(
                     f"--ckpt_path best: {found} records no best checkpoint (or its file is "
                     "gone); give the checkpoint file instead.")
             found = best
         cfg["ckpt_path"] = str(found)
-
-
-def best_checkpoint(last: Path) -> Path | None:
-    """The ``ModelCheckpoint``'s best file recorded in a ``last.ckpt`` (if it still exists)."""
-    import torch
-
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
-            path = value.get("best_model_path")
-            for candidate in (Path(path), last.parent / Path(path).name) if path else ():
-                if candidate.is_file():  # as recorded, or next to last.ckpt (a moved run)
-                    return candidate
-    return None
 
 
 def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:

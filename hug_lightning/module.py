@@ -23,7 +23,6 @@ before calling ``super().__init__()``.
 from __future__ import annotations
 
 import math
-
 import warnings
 from typing import Any, Literal, Sequence
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hug_lightning.checkpointing import recorded_best_checkpoint
 from hug_lightning.experiments import process
 from hug_lightning.experiments.callbacks import marker_callback_args
 from hug_lightning.experiments.grid import Entry, Grid
@@ -113,17 +114,10 @@ def best_checkpoint(ckpt_dir: Path) -> Path:
 
     Falls back to the only other ``.ckpt`` file, else to ``last.ckpt`` (no validation ran).
     """
-    import torch
-
     last = ckpt_dir / "last.ckpt"
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing, or not loadable weights-only: look at the files
-        state = {}
-    for key, value in (state.get("callbacks") or {}).items():
-        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
-        if best and Path(best).is_file():
-            return Path(best)
+    best = recorded_best_checkpoint(last)
+    if best is not None:
+        return best
     others = sorted(p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith("last"))
     if len(others) == 1 or (others and not last.is_file()):
         return others[0]
