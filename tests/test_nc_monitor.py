@@ -103,7 +103,8 @@ def _fake_module(k: int, d: int):
     from hug_lightning.heads import CrossEntropyHead
     trainer = SimpleNamespace(callback_metrics={}, loggers=[], global_step=0, current_epoch=0,
                               is_global_zero=True, logger=None)
-    return SimpleNamespace(head=CrossEntropyHead(k, d), trainer=trainer)
+    return SimpleNamespace(head=CrossEntropyHead(k, d), trainer=trainer, num_classes=k,
+                           feature_dim=d)
 
 
 def test_every_validation_scores_against_the_training_means():
