@@ -1,4 +1,4 @@
-"""``predict`` writes what it computed: ``predictions.pt`` and ``predictions.csv`` in the run folder.
+"""``predict`` writes what it computed: ``predictions.pt`` and ``.csv`` in the run folder.
 
 Without a writer, Lightning's ``predict`` keeps the outputs in memory and a command-line run
 throws them away. :class:`PredictionWriter` (the CLI's ``predictions`` group, on) concatenates

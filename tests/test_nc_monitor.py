@@ -114,7 +114,8 @@ def test_every_validation_scores_against_the_training_means():
     from hug_lightning.metrics.callback import NeuralCollapseMonitor
     module = _fake_module(2, 2)
     monitor = NeuralCollapseMonitor(metrics=["ncc_accuracy"])
-    monitor.collectors = {s: NCFeatureStats(2, 2, metrics=["ncc_accuracy"]) for s in ("train", "val")}
+    monitor.collectors = {s: NCFeatureStats(2, 2, metrics=["ncc_accuracy"])
+                          for s in ("train", "val")}
     train_x = torch.tensor([[0.0, 0.0], [2.0, 0.0]]).repeat(4, 1)  # means (0, 0) and (2, 0)
     monitor.collectors["train"].update(train_x, torch.tensor([0, 1] * 4))
     monitor.collectors["val"].set_reference(monitor._finish("train", module))

@@ -94,7 +94,8 @@ def test_parameter_groups_weight_decay_and_head_scale():
     assert set(by_name) == {"body", "body_no_decay", "head"}
     assert {id(p) for p in by_name["body_no_decay"]["params"]} == norm_or_bias
     assert not norm_or_bias & {id(p) for p in by_name["body"]["params"]}
-    assert by_name["body_no_decay"]["weight_decay"] == 0.0 and by_name["body"]["weight_decay"] == 1e-3
+    assert by_name["body_no_decay"]["weight_decay"] == 0.0
+    assert by_name["body"]["weight_decay"] == 1e-3
     assert [id(p) for p in by_name["head"]["params"]] == [id(model.head.proxies)]
     assert by_name["head"]["lr"] == pytest.approx(0.2) and by_name["body"]["lr"] == 0.4
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]

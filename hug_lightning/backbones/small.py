@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 class SmallConvNet(nn.Module):
     """Three conv-BN-ReLU-pool stages and global average pooling (about 0.37 M parameters
-    at ``width=64``, 0.09 M at the default 32): trains to about 40-50% CIFAR-10 accuracy in a minute on a CPU.
+    at ``width=64``, 0.09 M at the default 32): trains to about 40-50% CIFAR-10 accuracy in a
+    minute on a CPU.
 
     Args:
         width: Channels of the first stage (doubled at each of the next two stages).

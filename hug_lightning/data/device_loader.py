@@ -8,8 +8,9 @@ padded random crop + flip (one gather, :func:`~hug_lightning.data.augment.pad_cr
 normalization.
 
 * Order and sharding are :class:`~hug_lightning.data.loading.EpochShardSampler`'s (the order of
-  ``DistributedSampler`` with a strided seed, plus the epoch), and the crop offsets and flips are the same keyed
-  hash as the CPU path: for the same seed and epoch both paths produce identical batches.
+  ``DistributedSampler`` with a strided seed, plus the epoch), and the crop offsets and flips
+  are the same keyed hash as the CPU path: for the same seed and epoch both paths produce
+  identical batches.
 * Without a GPU it runs on the CPU (same code), e.g. in tests.
 * Lightning sets the epoch through ``loader.sampler.set_epoch`` and the loader resumes mid-epoch
   at the batch Lightning reports, like :class:`~hug_lightning.data.loading.ResumableDataLoader`.

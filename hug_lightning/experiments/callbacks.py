@@ -3,9 +3,9 @@
 A fit stopped by SIGTERM or Ctrl-C (see :mod:`hug_lightning.checkpointing`) saves ``last.ckpt``
 and exits with status 143 or 130 from the ``hug-lightning`` command, but with 0 when ``fit`` is
 driven from Python (``main()``), so the exit status alone cannot tell a finished fit from an
-interrupted one everywhere. :class:`FitCompletedMarker` writes its file in ``on_fit_end``, which Lightning
-calls only when ``fit`` returns normally (the loops' own stopping conditions: ``max_epochs``,
-``max_steps``, early stopping), never after an exception or an interruption.
+interrupted one everywhere. :class:`FitCompletedMarker` writes its file in ``on_fit_end``,
+which Lightning calls only when ``fit`` returns normally (the loops' own stopping conditions:
+``max_epochs``, ``max_steps``, early stopping), never after an exception or an interruption.
 """
 
 from __future__ import annotations

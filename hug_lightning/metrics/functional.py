@@ -15,8 +15,8 @@
   ``sigma_c^2 = q_c / n_c - |d_c|^2``;
 * std/var with ddof 1; unit-vector metrics (cosine std, max-angle deviation, ETF distance,
   max cosine, energies) on centred means (``centered=False``: uncentred; equinorm is always on
-  the centred means) and on the **uncentred** classifier rows (all K rows); energies are means over unordered
-  pairs (Riesz ``s = 2`` and log), see :mod:`.functional_geometry`.
+  the centred means) and on the **uncentred** classifier rows (all K rows); energies are means
+  over unordered pairs (Riesz ``s = 2`` and log), see :mod:`.functional_geometry`.
 """
 
 from __future__ import annotations
