@@ -92,6 +92,10 @@ def test_wrong_number_of_class_folders(tmp_path):
                               test_per_class=1)
     with pytest.raises(DataNotFoundError, match="holds 7 class folders"):
         CIFAR10DataModule(root=str(root), download=False, val_split=0).setup("fit")
+    logs = tmp_path / "logs"
+    with pytest.raises(DataNotFoundError, match="holds 7 class folders"):  # in prepare_data:
+        main(["fit", *tiny_args(root, logs)])
+    assert not list(logs.rglob("version_*"))  # before Lightning creates the run folder
 
 
 def test_incomplete_torchvision_folder(tmp_path):

@@ -112,8 +112,13 @@ class _CIFARDataModule(ClassificationDataModule):
         return msg
 
     def prepare_data(self) -> None:
-        """Download with torchvision (local rank 0 only) when no accepted layout is present."""
-        if self.layout() is not None:
+        """Download with torchvision (local rank 0 only) when no accepted layout is present;
+        check the class folders of the folder layout (before the run folder is created)."""
+        layout = self.layout()
+        if layout == "folder":
+            for split in ("train", "test"):
+                self._class_folders(self.root / split)
+        if layout is not None:
             return
         if not self.download:
             raise DataNotFoundError(self.missing_message())
@@ -124,6 +129,18 @@ class _CIFARDataModule(ClassificationDataModule):
             raise DataNotFoundError(self.missing_message(err)) from err
 
     # ------------------------------------------------------------------ loading
+    def _class_folders(self, split_dir: Path) -> list[str]:
+        """The sorted class folders of one split; exactly ``num_classes`` of them, or an error."""
+        classes = find_classes(split_dir)
+        if len(classes) != self.num_classes:
+            raise DataNotFoundError(
+                f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
+                f"{', ...' if len(classes) > 12 else ''}); {self.name} needs exactly "
+                f"{self.num_classes}, one per class (labels are the sorted folder names). "
+                "Remove the extra folders or point --data.init_args.root at the right copy."
+            )
+        return classes
+
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Decode one split into ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` labels."""
         layout = self.layout()
@@ -142,14 +159,7 @@ class _CIFARDataModule(ClassificationDataModule):
             source = str(self.tv_dir)
         else:
             split_dir = self.root / ("train" if train else "test")
-            classes = find_classes(split_dir)
-            if len(classes) != self.num_classes:
-                raise DataNotFoundError(
-                    f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
-                    f"{', ...' if len(classes) > 12 else ''}); {self.name} needs exactly "
-                    f"{self.num_classes}, one per class (labels are the sorted folder names). "
-                    "Remove the extra folders or point --data.init_args.root at the right copy."
-                )
+            classes = self._class_folders(split_dir)
             _, samples = scan_class_folders(split_dir, classes)
             if not samples:
                 raise DataNotFoundError(f"No image files under {split_dir}/<class>/. "
