@@ -38,8 +38,9 @@ class LastCheckpoint(ModelCheckpoint):
     """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps.
 
     Args:
-        every_n_train_steps: Save every this many optimizer steps instead of at epoch ends
-            (0: at epoch ends).
+        every_n_train_steps: Also save every this many optimizer steps (0: epoch ends only).
+            Epoch ends and the end of training are saved as well, so the file always ends
+            with the final weights.
         every_n_epochs: Save every this many epochs (when ``every_n_train_steps`` is 0).
         enabled: Keep ``last.ckpt`` at all.
     """
@@ -57,6 +58,27 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         return "LastCheckpoint"
 
+    def _save_now(self, trainer: Trainer) -> None:
+        """``last.ckpt`` at this point (Lightning's own ModelCheckpoint takes either step or
+        epoch triggers, not both; every rank calls this, as ``save_checkpoint`` requires)."""
+        if not self.save_top_k or self.dirpath is None or trainer.sanity_checking:
+            return
+        if self._last_global_step_saved == trainer.global_step:
+            return  # the step trigger just wrote this state
+        path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._every_n_train_steps:  # step mode: the epoch end as well
+            self._save_now(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._every_n_train_steps:  # the final weights (the last step may not be a multiple)
+            self._save_now(trainer)
+
 
 class InterruptCheckpoint(Callback):
     """Write ``<checkpoint dir>/last.ckpt`` when ``fit`` is interrupted by SIGTERM or Ctrl-C.
@@ -70,11 +92,13 @@ class InterruptCheckpoint(Callback):
         self.interrupted_by: str | None = None  # "SIGINT" or "SIGTERM" once interrupted
         self._previous_handler: Any = None
         self._trainer: Trainer | None = None
+        self._aborted = False
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         trainer = self._trainer
         if trainer is None or getattr(trainer, "received_sigterm", False):
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._aborted = trainer is not None  # the second press: stop now, save nothing
             raise KeyboardInterrupt
         rank_zero_info("\nCtrl-C: finishing this batch and saving last.ckpt "
                        "(press Ctrl-C again to abort without saving).")
@@ -104,6 +128,10 @@ class InterruptCheckpoint(Callback):
         self.interrupted_by = self.interrupted_by or (
             "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT")
         LAST_INTERRUPT = self.interrupted_by
+        if self._aborted:  # the batch in progress may be half done: no save (exit status 1)
+            rank_zero_info("Aborted by a second Ctrl-C: nothing saved; --ckpt_path last resumes "
+                           "from the last periodic save.")
+            return
         if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
             return
         dirpath = trainer.checkpoint_callback.dirpath

@@ -34,6 +34,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import checkpointing
@@ -73,7 +74,8 @@ def packaged_config(name: str) -> Path | None:
 
 
 def resolve_config_args(args: list[str]) -> list[str]:
-    """Replace ``--config X`` values that are not files by the packaged config of that name."""
+    """Replace ``--config X`` values that are not files by the packaged config of that name
+    (bare names and ``configs/<name>`` only: a mistyped path elsewhere stays an error)."""
     out = list(args)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
@@ -82,8 +84,10 @@ def resolve_config_args(args: list[str]) -> list[str]:
             j, value = i, arg.split("=", 1)[1]
         else:
             continue
-        if value.lstrip().startswith("{") or Path(value).exists():
+        if value.lstrip().startswith("{") or Path(value).is_file():
             continue
+        if Path(value).parent.as_posix() not in (".", "configs"):
+            continue  # a path elsewhere that does not exist: jsonargparse says so
         found = packaged_config(value)
         if found is not None:
             out[j] = str(found) if j != i else f"--config={found}"
@@ -112,6 +116,26 @@ class HUGLightningCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid configuration: {_reasons(err)}") from err
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning (>= 2.5.5) rebuilds the model from the checkpoint's hyperparameters when
+        ``--ckpt_path`` is given, replacing model options set in the YAML or on the command
+        line without a word: say which ones."""
+        sub = self.config.get("subcommand")
+        before = _flat(self.config[sub].get("model")) if sub else {}
+        super()._parse_ckpt_path()
+        if not sub:
+            return
+        after = _flat(self.config[sub].get("model"))
+        changed = [k for k in before if k in after and before[k] != after[k]
+                   and not k.endswith("num_classes")]  # linked from the data: not the user's
+        if changed:
+            rank_zero_warn(
+                "--ckpt_path: the model is rebuilt from the checkpoint's hyperparameters, so "
+                "these model options of the config/command line are NOT used: "
+                + "; ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed[:8])
+                + ("; ..." if len(changed) > 8 else "")
+                + ". Start a new run (no --ckpt_path) to train with other model options.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes",
@@ -193,6 +217,18 @@ def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:
         logger["version"] = None
         print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
               file=sys.stderr)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of a (nested) config namespace or dict, keyed by dotted paths."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        return {prefix: value} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _logger_init_args(cfg: Any) -> Any:

@@ -153,6 +153,22 @@ def test_packaged_config_by_name(cifar10_folder_root, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         main(["fit", "--config", "cifar10_ce", "--print_config"])
     assert "CIFAR10DataModule" in capsys.readouterr().out
+    (tmp_path / "cifar10_ce").mkdir()  # a run folder of that name (save_dir .) is no config
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "cifar10_ce", "--print_config"])
+    assert "CIFAR10DataModule" in capsys.readouterr().out
+    # a mistyped path elsewhere must not silently become the packaged config
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "myexp" / "cifar10_ce.yaml"), "--print_config"])
+    assert "CIFAR10DataModule" not in capsys.readouterr().out
+
+
+def test_resume_says_which_model_options_the_checkpoint_replaces(tmp_path):
+    args = ["--config", "ufm_hug", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    with pytest.warns(UserWarning, match=r"NOT used: init_args.optimizer.init_args.lr: 0.5 -> 1"):
+        main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+              "--model.init_args.optimizer.init_args.lr", "0.5"])
 
 
 def test_console_entry_points_help():

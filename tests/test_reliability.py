@@ -231,3 +231,37 @@ def test_ddp_evaluation_counts_each_sample_once(tmp_path):
         values[devices] = eval(out.read_text())  # noqa: S307 (our own repr)
     for key in ("val/acc", "val/loss"):
         assert values["1"][key] == pytest.approx(values["2"][key], rel=1e-6), key
+
+
+def test_step_saves_still_end_with_the_final_weights(small_root, tmp_path):
+    """`--last.every_n_train_steps 3` with 5 steps per epoch: saves at steps 3, 5 (epoch end),
+    6, 9, 10 (epoch end and end of training): last.ckpt holds the final step."""
+    cli = main(["fit", *_args(small_root, tmp_path, "--trainer.max_epochs", "2",
+                              "--last.every_n_train_steps", "3")])
+    assert cli.trainer.global_step == 10
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 10
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(state["state_dict"][key], value.cpu()), key
+
+
+def test_second_ctrl_c_aborts_without_saving():
+    from types import SimpleNamespace
+
+    from hug_lightning.checkpointing import InterruptCheckpoint
+    saved = []
+    trainer = SimpleNamespace(received_sigterm=False, state=SimpleNamespace(fn="fit"),
+                              _signal_connector=SimpleNamespace(received_sigterm=False),
+                              checkpoint_callback=SimpleNamespace(dirpath="x"),
+                              save_checkpoint=saved.append, current_epoch=0, global_step=1)
+    cb = InterruptCheckpoint()
+    cb._trainer = trainer
+    cb._on_sigint(signal.SIGINT, None)  # first press: finish the batch, then save
+    assert trainer._signal_connector.received_sigterm
+    trainer.received_sigterm = True
+    with pytest.raises(KeyboardInterrupt):
+        cb._on_sigint(signal.SIGINT, None)  # second press: stop now
+    cb.on_exception(trainer, None, KeyboardInterrupt())
+    assert saved == []
+    signal.signal(signal.SIGINT, signal.default_int_handler)
