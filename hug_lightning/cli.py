@@ -18,7 +18,8 @@ What it adds to a plain ``LightningCLI``:
   (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder);
 * an unwritable log folder is an error before any work;
 * TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
-  resolved ``config.yaml`` saved next to the events (overwritten when it exists);
+  resolved ``config.yaml`` saved next to the events (overwritten when it exists, except by a
+  fit resumed into the same folder: that one writes ``config.resume-<n>.yaml``);
 * ``--config NAME`` also finds the YAML files shipped in the package (``hug_lightning.configs``),
   so an installed copy runs ``hug-lightning fit --config cifar10_ce`` from any folder.
 """
@@ -159,6 +160,11 @@ class HUGLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand == "fit" and cfg.get("ckpt_path") == "last":
             self._resolve_last(cfg, logger)
+        if subcommand == "fit" and cfg.get("ckpt_path") and logger is not None:
+            folder = _run_folder(logger)  # a resume into the run's own folder keeps its config
+            if folder is not None:
+                self.save_config_kwargs = {**self.save_config_kwargs,
+                                           "config_filename": resumed_config_name(folder)}
         elif subcommand in ("validate", "test", "predict"):
             if cfg.get("ckpt_path") in ("last", "best"):
                 self._resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
@@ -204,16 +210,32 @@ class HUGLightningCLI(LightningCLI):
         cfg["ckpt_path"] = str(found)
 
 
+def _run_folder(logger: Any) -> Path | None:
+    """The version folder a logger with a fixed ``version`` writes to (None: a new one)."""
+    version = logger.get("version")
+    if version is None:
+        return None
+    return Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
+                version if isinstance(version, str) else f"version_{version}")
+
+
+def resumed_config_name(folder: Path) -> str:
+    """``config.yaml``, or ``config.resume-<n>.yaml`` (the first free ``n``) when the run
+    folder already holds the config of the fit being resumed: each resume keeps its own."""
+    if not (folder / "config.yaml").is_file():
+        return "config.yaml"
+    n = 1
+    while (folder / f"config.resume-{n}.yaml").exists():
+        n += 1
+    return f"config.resume-{n}.yaml"
+
+
 def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:
     """``validate|test|predict`` log into a new version folder, never a training run's: the
     config saved by a resumed fit names its version, and reusing it would overwrite that run's
     ``config.yaml`` with the evaluation's."""
-    version = logger.get("version")
-    if version is None:
-        return
-    folder = Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
-                  version if isinstance(version, str) else f"version_{version}")
-    if (folder / "config.yaml").is_file():
+    folder = _run_folder(logger)
+    if folder is not None and (folder / "config.yaml").is_file():
         logger["version"] = None
         print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
               file=sys.stderr)

@@ -126,8 +126,11 @@ def test_evaluate_last_and_best_of_a_resumed_run(cifar10_folder_root, tmp_path):
     run = Path(cli.trainer.log_dir)
     best = cli.trainer.checkpoint_callback
     best_path, best_score = best.best_model_path, float(best.best_model_score)
-    run_config = run / "config.yaml"
+    # the first fit's config is kept; the resume's own (naming the run's version) is next to it
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 1
+    run_config = run / "config.resume-1.yaml"
     saved = run_config.read_bytes()
+    assert yaml.safe_load(saved)["trainer"]["max_epochs"] == 2
     assert yaml.safe_load(saved)["trainer"]["logger"]["init_args"]["version"] == run.name
     cli = main(["test", "--config", str(run_config), "--ckpt_path", "best"])
     assert cli.trainer.ckpt_path == best_path
@@ -135,6 +138,9 @@ def test_evaluate_last_and_best_of_a_resumed_run(cifar10_folder_root, tmp_path):
     assert Path(cli.trainer.log_dir) != run and run_config.read_bytes() == saved
     cli = main(["validate", "--config", str(run_config), "--ckpt_path", "last"])
     assert cli.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    cli = main(["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert Path(cli.trainer.log_dir) == run and (run / "config.resume-2.yaml").is_file()
+    assert (run / "config.yaml").read_bytes() != (run / "config.resume-2.yaml").read_bytes()
     with pytest.raises(FileNotFoundError, match="no .*last.ckpt found"):
         main(["test", "--config", str(run_config), "--ckpt_path", "last",
               "--trainer.logger.init_args.name", "never_trained"])
