@@ -8,6 +8,7 @@ Ordinary Lightning callbacks, selectable from YAML or the command line, e.g.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from contextlib import nullcontext
 from typing import Any, Literal, Sequence
@@ -20,6 +21,10 @@ from torch import Tensor
 from hug_lightning import calibration as cal
 from hug_lightning.robustness import (CORRUPTIONS, CorrectCounts, corrupt, fgsm, from_pixels, pgd,
                                       to_pixels)
+
+# reduced over processes by their own collectors (all-gather / all-reduce): global already
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\("
+                        r"'(test/robust/|(val|test)/(ece|ece_raw|nll|temperature)')")
 
 Attack = Literal["fgsm", "pgd"]
 Corruption = Literal["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",

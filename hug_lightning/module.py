@@ -41,6 +41,11 @@ from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
 from hug_lightning.optim import total_steps_context
 
+# Epoch values that are global already (summed over processes, synced torchmetrics values, or
+# the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train/acc|"
+                        r"val/acc_best|hp/(val_acc_best|test_acc)|geometry/[a-z0-9_]+)'")
+
 _PLAIN = (str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 #: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
