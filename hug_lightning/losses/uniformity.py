@@ -10,7 +10,8 @@ supported.
 
 ``eps`` is, throughout the package, a floor on squared norms and squared distances: a row with
 ``||w||^2 < eps`` is divided by ``sqrt(eps)`` instead of its norm (finite value and gradient at a
-zero row), and the Riesz energy uses ``max(||w_c - w_c'||^2, floor)``, so coincident proxies get a
+zero row; such a row is not a unit vector, and its "squared distances" stay ``2 - 2 <a, b>``,
+close to 2 to every other row, not the true ``||a - b||^2``), and the Riesz energy uses ``max(||w_c - w_c'||^2, floor)``, so coincident proxies get a
 large finite penalty (``floor^(-s/2)``, or ``-0.5 log floor`` for ``s = 0``) instead of being
 dropped or producing Inf/NaN; the gradient through a clamped entry is 0. The distance floor is
 ``max(eps, 64 * machine epsilon)`` (:func:`distance_floor`): ``2 - 2 <a, b>`` carries a rounding
