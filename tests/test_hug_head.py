@@ -41,6 +41,8 @@ def test_contract_and_init() -> None:
 
 def test_logits_are_cosines_and_predict_nearest_proxy() -> None:
     head = make_head()
+    with torch.no_grad():  # proxies of unequal norms: a raw dot product would rank differently
+        head.proxies.mul_(torch.tensor([[0.1], [3.0], [1.0], [7.0], [0.5]], dtype=F64))
     h = torch.randn(9, 4, dtype=F64) * 4
     cos = F.cosine_similarity(h[:, None, :], head.proxies[None, :, :], dim=-1)
     torch.testing.assert_close(head.logits(h), cos)
