@@ -41,7 +41,9 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
     if not imbalance_ratio >= 1:
         raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}.")
     if imbalance_type == "exp":
-        return [math.floor(n_max * imbalance_ratio ** (-c / (num_classes - 1)))
+        # + 1e-9: n_max * r ** -1 can round to just below an integer (98 * 49 ** -1 =
+        # 1.9999999999999998), which the floor would turn into a count one short of n_max / r
+        return [math.floor(n_max * imbalance_ratio ** (-c / (num_classes - 1)) + 1e-9)
                 for c in range(num_classes)]
     if imbalance_type == "step":
         head = num_classes // 2

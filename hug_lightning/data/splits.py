@@ -13,11 +13,15 @@ def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Te
     Args:
         n: Number of samples.
         val_split: Validation size: an int count, or a float fraction in ``[0, 1)``. 0 gives
-            an empty validation part.
+            an empty validation part; a whole-number float above 1 (``5000.0``) is a count,
+            and ``1.0`` is an error (it would hold out everything).
         seed: Seed of the permutation (the same split on every rank and every run).
     """
     if isinstance(val_split, bool):
         raise TypeError("val_split must be an int count or a float fraction, not a bool.")
+    if isinstance(val_split, float) and val_split == 1.0:
+        raise ValueError("val_split=1.0 would hold out the whole training set; use a fraction "
+                         "in [0, 1) or an int count.")
     if isinstance(val_split, float) and not float(val_split).is_integer():
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split as a fraction must be in [0, 1), got {val_split}.")
@@ -49,7 +53,7 @@ def check_label_range(labels: Tensor, num_classes: int, source: str) -> None:
     """Raise a ``ValueError`` naming ``source`` when a label is outside ``[0, num_classes)``."""
     bad = out_of_range_label(labels, num_classes)
     if bad is not None:
-        where = int(((labels < 0) | (labels >= num_classes)).nonzero()[0])
+        where = int((labels == bad).nonzero()[0])  # the first sample with the reported label
         raise ValueError(
             f"Label {bad} (sample {where}) in {source} is outside [0, {num_classes}); "
             f"this data set has {num_classes} classes. The data files are inconsistent: "
