@@ -16,10 +16,13 @@ predicted probabilities are ``softmax(scores / T)``:
 deterministically (no random start, no learning rate). When the data are separable the NLL
 keeps decreasing as ``T -> 0`` and the search returns the lower bound.
 
-ECE uses ``torchmetrics.functional.classification.multiclass_calibration_error`` (top-label
-confidence, equal-width bins, l1 norm: ``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``) on the
-probabilities, never on raw scores: torchmetrics applies a softmax only when the values leave
-``[0, 1]``, so cosines that happen to be all non-negative would be taken for probabilities.
+ECE is the top-label calibration error of Guo et al. over ``n_bins`` equal-width bins
+``(b/n, (b+1)/n]`` (a confidence of 0 joins the first), l1 norm:
+``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``, always on the probabilities, never on raw scores.
+It is computed here rather than by torchmetrics' ``multiclass_calibration_error``, whose
+``[lo, hi)`` bins put every confidence of exactly 1.0 (a float32 softmax saturates at a logit
+margin of about 17, common for cross-entropy) into an extra bin of its own, which can only raise
+the ECE.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 _INV_PHI = (math.sqrt(5) - 1) / 2  # 1 / golden ratio
 
@@ -57,7 +59,7 @@ def negative_log_likelihood(logits: Tensor, labels: Tensor, temperature: float =
 
 def expected_calibration_error(logits: Tensor, labels: Tensor, temperature: float = 1.0,
                                n_bins: int = 15, norm: str = "l1") -> Tensor:
-    """Top-label ECE of ``softmax(logits / T)`` (torchmetrics, ``n_bins`` equal-width bins).
+    """Top-label ECE of ``softmax(logits / T)`` over ``n_bins`` equal-width bins ``(lo, hi]``.
 
     Args:
         logits: Scores ``(N, K)`` (logits, or cosines for HUG).
@@ -67,9 +69,26 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, temperature: floa
         norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (maximum calibration error).
     """
     _check(logits, labels, temperature)
-    probs = probabilities(logits, temperature).float()
-    return multiclass_calibration_error(probs, labels.long(), num_classes=logits.shape[1],
-                                        n_bins=n_bins, norm=norm)
+    if norm not in ("l1", "l2", "max"):
+        raise ValueError(f"norm must be 'l1', 'l2' or 'max', got {norm!r}.")
+    if not (isinstance(n_bins, int) and n_bins >= 1):
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}.")
+    conf, pred = probabilities(logits, temperature).double().max(dim=-1)
+    correct = (pred == labels.to(pred.device)).double()
+    # bin b holds b/n < conf <= (b+1)/n; conf = 0 joins bin 0
+    idx = (conf * n_bins).ceil().long().sub_(1).clamp_(0, n_bins - 1)
+    zeros = conf.new_zeros(n_bins)
+    count = zeros.index_add(0, idx, torch.ones_like(conf))
+    gap = (zeros.index_add(0, idx, correct) - zeros.index_add(0, idx, conf)).abs()
+    gap = gap / count.clamp_min(1)  # |acc(B_b) - conf(B_b)|, 0 for empty bins
+    weight = count / conf.numel()
+    if norm == "l1":
+        ece = (weight * gap).sum()
+    elif norm == "l2":
+        ece = (weight * gap.square()).sum().sqrt()
+    else:
+        ece = gap.max()
+    return ece.float()
 
 
 @torch.no_grad()
