@@ -287,14 +287,16 @@ class ClassifierModule(LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         checkpoint["train_counts"] = counts.cpu()
+        checkpoint["skipped_batches"] = self.loss_guard.skipped  # the same on every rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the training-accuracy counts on rank 0 (they are already the sum over
-        processes; older checkpoints stored them as a module buffer) and accept checkpoints
-        written before ``val_acc_best`` was saved."""
+        processes; older checkpoints stored them as a module buffer) and the count of skipped
+        non-finite batches, and accept checkpoints written before ``val_acc_best`` was saved."""
         state = checkpoint.get("state_dict", {})
         for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
             state.setdefault(key, value)  # checkpoints from before it was saved
+        self.loss_guard.skipped = int(checkpoint.pop("skipped_batches", 0))
         saved = checkpoint.pop("train_counts", None)
         legacy = state.pop("train_counts", None)
         saved = saved if saved is not None else legacy

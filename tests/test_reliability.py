@@ -144,6 +144,10 @@ def test_nonfinite_loss(small_root, tmp_path, policy):
         assert cli.model.loss_guard.skipped == 3  # 5 batches, NaN from the 3rd on
         assert float(cli.trainer.callback_metrics["train/skipped_batches"]) == 3
         assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+        # the count survives a resume: one more epoch skips 5 more batches
+        cli = main(["fit", *args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+        assert cli.model.loss_guard.skipped == 8
+        assert float(cli.trainer.callback_metrics["train/skipped_batches"]) == 8
 
 
 sys.modules["tests_nan_head"] = type(sys)("tests_nan_head")
