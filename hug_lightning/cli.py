@@ -158,11 +158,11 @@ class HUGLightningCLI(LightningCLI):
         if logger is not None:
             check_writable(Path(str(logger.get("save_dir") or ".")))
         subcommand = self.config.get("subcommand")
-        if subcommand == "fit" and cfg.get("ckpt_path") == "last":
-            self._resolve_last(cfg, logger)
-        if subcommand == "fit" and cfg.get("ckpt_path") and logger is not None:
-            folder = _run_folder(logger)  # a resume into the run's own folder keeps its config
-            if folder is not None:
+        if subcommand == "fit":
+            if cfg.get("ckpt_path") == "last":
+                self._resolve_last(cfg, logger)
+            folder = _run_folder(logger) if cfg.get("ckpt_path") and logger is not None else None
+            if folder is not None:  # a resume into the run's own folder keeps its config
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": resumed_config_name(folder)}
         elif subcommand in ("validate", "test", "predict"):

@@ -11,9 +11,10 @@ supported.
 ``eps`` is, throughout the package, a floor on squared norms and squared distances: a row with
 ``||w||^2 < eps`` is divided by ``sqrt(eps)`` instead of its norm (finite value and gradient at a
 zero row; such a row is not a unit vector, and its "squared distances" stay ``2 - 2 <a, b>``,
-close to 2 to every other row, not the true ``||a - b||^2``), and the Riesz energy uses ``max(||w_c - w_c'||^2, floor)``, so coincident proxies get a
-large finite penalty (``floor^(-s/2)``, or ``-0.5 log floor`` for ``s = 0``) instead of being
-dropped or producing Inf/NaN; the gradient through a clamped entry is 0. The distance floor is
+close to 2 to every other row, not the true ``||a - b||^2``), and the Riesz energy uses
+``max(||w_c - w_c'||^2, floor)``, so coincident proxies get a large finite penalty
+(``floor^(-s/2)``, or ``-0.5 log floor`` for ``s = 0``) instead of being dropped or producing
+Inf/NaN; the gradient through a clamped entry is 0. The distance floor is
 ``max(eps, 64 * machine epsilon)`` (:func:`distance_floor`): ``2 - 2 <a, b>`` carries a rounding
 error of about ``1e-7`` in float32, so below ``7.6e-6`` a float32 distance is noise (a
 ``1e-8`` floor would turn that noise into penalties and gradients of ``1e5``-``1e7`` in random
