@@ -120,6 +120,9 @@ class ClassifierModule(LightningModule):
             del self.hparams[key]  # keep checkpoints loadable with weights_only=True
         if embedding_dim is not None and embedding_dim < 1:
             raise ValueError(f"embedding_dim must be positive or null, got {embedding_dim}.")
+        if embedding_norm and embedding_dim is None:
+            raise ValueError("embedding_norm=true needs an embedding: set embedding_dim (the "
+                             "width of the Linear that BatchNorm1d follows).")
         self.num_classes = int(num_classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
