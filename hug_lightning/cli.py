@@ -75,11 +75,12 @@ def packaged_config(name: str) -> Path | None:
 
 
 def resolve_config_args(args: list[str]) -> list[str]:
-    """Replace ``--config X`` values that are not files by the packaged config of that name
-    (bare names and ``configs/<name>`` only: a mistyped path elsewhere stays an error)."""
+    """Replace ``--config X`` (or ``-c X``) values that are not files by the packaged config of
+    that name (bare names and ``configs/<name>`` only: a mistyped path elsewhere stays an
+    error)."""
     out = list(args)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
             j, value = i + 1, out[i + 1]
         elif arg.startswith("--config="):
             j, value = i, arg.split("=", 1)[1]

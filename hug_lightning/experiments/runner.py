@@ -141,16 +141,28 @@ def _tested_checkpoint(run: Run) -> Path:
 
 def _without_resume(cmd: Sequence[str]) -> list[str]:
     """A fit command from ``fit`` on, without its ``--ckpt_path <last.ckpt>`` (resumes differ
-    only there; the interpreter's path may differ between environments)."""
+    only there) and with the places that move between machines made neutral: the interpreter,
+    the run's own folder (``<run>``: the output folder may have been moved) and the folder of
+    each ``--config`` file (packaged configs live in the environment's site-packages)."""
     cmd = list(cmd)
-    out, skip = [], False
-    for arg in cmd[cmd.index("fit"):] if "fit" in cmd else cmd:
-        if skip:
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True
+    cmd = cmd[cmd.index("fit"):] if "fit" in cmd else cmd
+    value = {a: b for a, b in zip(cmd, cmd[1:])}
+    save_dir = value.get("--trainer.logger.init_args.save_dir")
+    name = value.get("--trainer.logger.init_args.name")
+    root = str(Path(save_dir) / name) if save_dir and name else None
+    out, previous = [], ""
+    for arg in cmd:
+        if arg == "--ckpt_path" or previous == "--ckpt_path":
+            pass
+        elif previous == "--config":
+            out.append(Path(arg).name)
+        elif previous == "--trainer.logger.init_args.save_dir":
+            out.append("<run>/..")
+        elif root and root in arg:  # also inside the marker callback's JSON
+            out.append(arg.replace(root, "<run>"))
         else:
             out.append(arg)
+        previous = arg
     return out
 
 

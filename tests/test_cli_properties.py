@@ -1,0 +1,312 @@
+"""Gaps found by mutation testing of the CLI, the checkpoint look-ups and the grid runner.
+
+Expected values are written out by hand (file names, mean/std, exit statuses, run folders
+built here), not computed with the code under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from hug_lightning import checkpointing, cli
+from hug_lightning.checkpointing import recorded_best_checkpoint
+from hug_lightning.experiments import load_grid, main as grid_main, process, runner
+from hug_lightning.experiments.results import build_table
+
+
+# --- packaged config names ------------------------------------------------------------------
+
+def test_packaged_config_accepts_configs_prefix_and_equals_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: only the packaged copies exist
+    found = cli.packaged_config("configs/debug.yaml")
+    assert found is not None and found.name == "debug.yaml" and found.is_file()
+    assert cli.packaged_config("debug") == found
+    assert cli.packaged_config("no_such_config") is None
+    out = cli.resolve_config_args(["fit", "--config", "configs/debug.yaml"])
+    assert out[:2] == ["fit", "--config"] and Path(out[2]) == found
+    out = cli.resolve_config_args(["fit", "--config=cifar10_ce"])
+    assert out[1].startswith("--config=") and Path(out[1].split("=", 1)[1]).name == "cifar10_ce.yaml"
+    assert Path(out[1].split("=", 1)[1]).is_file()
+    elsewhere = ["fit", f"--config={tmp_path / 'x' / 'cifar10_ce.yaml'}"]
+    assert cli.resolve_config_args(elsewhere) == elsewhere  # a mistyped path stays as given
+
+
+# --- resumed config names -------------------------------------------------------------------
+
+def test_resumed_config_name_takes_the_first_free_number(tmp_path):
+    assert cli.resumed_config_name(tmp_path) == "config.yaml"  # nothing there: the first fit
+    (tmp_path / "config.yaml").write_text("")
+    assert cli.resumed_config_name(tmp_path) == "config.resume-1.yaml"
+    (tmp_path / "config.resume-1.yaml").write_text("")
+    (tmp_path / "config.resume-3.yaml").write_text("")
+    assert cli.resumed_config_name(tmp_path) == "config.resume-2.yaml"
+
+
+def test_evaluation_and_a_plain_resume_of_a_fixed_version_run(tmp_path):
+    """`validate --ckpt_path last` with the run's version finds its last.ckpt and logs into a
+    new folder (the run's config.yaml untouched); a resume that changes no model option warns
+    about none (num_classes is linked from the data, not the user's: 20 here, the model's
+    default is 10)."""
+    import warnings
+
+    args = ["--config", "ufm_hug_orthoplex", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.logger.init_args.version", "v", "--nc.enabled", "false"]
+    cli.main(["fit", *args, "--trainer.max_epochs", "1"])
+    run = tmp_path / "ufm_hug_orthoplex" / "v"
+    config = (run / "config.yaml").read_bytes()
+    evaluated = cli.main(["validate", *args, "--ckpt_path", "last"])
+    assert evaluated.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert Path(evaluated.trainer.log_dir) != run and (run / "config.yaml").read_bytes() == config
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert not [w for w in caught if "NOT used" in str(w.message)]
+    assert (run / "config.resume-1.yaml").is_file() and (run / "config.yaml").read_bytes() == config
+
+
+def test_reasons_keep_only_the_rejection(tmp_path):
+    text = ("Problem with given value for 'model.init_args.head':\n"
+            "  - Expected a <class 'NoneType'>. Got value: {'class_path': 'x'}\n"
+            "  - HUG: alpha and beta must be finite and >= 0\n"
+            "Given value type: <class 'dict'>\nGiven value: {'class_path': 'x'}")
+    assert cli._reasons(ValueError(text)) == "HUG: alpha and beta must be finite and >= 0"
+    plain = "width must be > 0\nGiven value: {'width': 0}"
+    assert cli._reasons(ValueError(plain)) == "width must be > 0"
+
+
+# --- the console entry point and the log folder check ---------------------------------------
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_console_exit_status_of_an_interrupted_fit(monkeypatch, signal_name, status):
+    def interrupted(args=None, run=True):
+        checkpointing.LAST_INTERRUPT = signal_name
+        raise SIGTERMException()
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(checkpointing, "LAST_INTERRUPT", None)
+    assert cli.console_main() == status
+
+
+def test_console_exit_status_of_a_rejected_value_and_of_success(monkeypatch, capsys):
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+
+    def rejected(args=None, run=True):
+        raise cli.ConfigError("invalid configuration: width must be > 0")
+
+    monkeypatch.setattr(cli, "main", rejected)
+    assert cli.console_main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: invalid configuration: width must be > 0\n")
+    monkeypatch.setattr(cli, "main", lambda args=None, run=True: None)
+    assert cli.console_main() == 0
+
+
+def test_unwritable_log_folder_is_an_error_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a file where the log folder's parent should be: mkdir fails
+    with pytest.raises(PermissionError, match="Cannot write the log folder"):
+        cli.check_writable(blocker / "logs")
+    cli.check_writable(tmp_path / "new" / "logs")  # creatable: fine, and no probe left behind
+    assert list((tmp_path / "new" / "logs").iterdir()) == []
+    with pytest.raises(PermissionError, match="--trainer.logger.init_args.save_dir"):
+        cli.main(["fit", "--config", "ufm_hug",
+                  "--trainer.logger.init_args.save_dir", str(blocker / "logs")])
+
+
+# --- checkpoint look-ups --------------------------------------------------------------------
+
+def test_recorded_best_ignores_the_last_checkpoint_callbacks_state(tmp_path):
+    """``last.ckpt`` also holds LastCheckpoint's state (a ModelCheckpoint subclass), whose
+    best_model_path is last.ckpt itself: only the monitored ModelCheckpoint's counts."""
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    last, best = ckpts / "last.ckpt", ckpts / "epoch003-val_acc0.9.ckpt"
+    best.write_bytes(b"x")
+    torch.save({"callbacks": {"LastCheckpoint": {"best_model_path": str(last)},
+                              "ModelCheckpoint{'monitor': 'val/acc'}":
+                                  {"best_model_path": str(best)}}}, last)
+    assert recorded_best_checkpoint(last) == best
+
+
+def test_best_checkpoint_fallbacks(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    with pytest.raises(FileNotFoundError):
+        runner.best_checkpoint(ckpt_dir)
+    (ckpt_dir / "last.ckpt").write_bytes(b"not a checkpoint")  # records nothing
+    assert runner.best_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"  # no validation ran
+    (ckpt_dir / "epoch001.ckpt").write_bytes(b"x")
+    assert runner.best_checkpoint(ckpt_dir) == ckpt_dir / "epoch001.ckpt"  # the only other
+    (ckpt_dir / "epoch002.ckpt").write_bytes(b"x")
+    assert runner.best_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"  # ambiguous: last
+    (ckpt_dir / "last.ckpt").unlink()
+    assert runner.best_checkpoint(ckpt_dir) == ckpt_dir / "epoch001.ckpt"
+
+
+# --- the grid runner ------------------------------------------------------------------------
+
+def _grid(tmp_path: Path, seeds=(0, 1)) -> Path:
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "seeds": list(seeds), "entries": [
+        {"name": "ce", "configs": ["ufm_ce.yaml"]}]}))
+    return path
+
+
+def _finished(grid_path: Path, out: Path, seed: int, acc: float, command=None) -> Path:
+    grid = load_grid(grid_path)
+    run = runner.grid_runs(grid, [seed], out)[0]
+    run.root.mkdir(parents=True)
+    (run.root / "result.json").write_text(json.dumps({
+        "grid": "g", "entry": "ce", "seed": seed,
+        "fit_command": command or run.fit_command([], None),
+        "fit": {}, "test": {"test/acc": acc}}))
+    return run.root
+
+
+def test_table_mean_and_sample_std_over_three_seeds():
+    results = [{"entry": "e", "seed": s, "fit": {}, "test": {"test/acc": v}}
+               for s, v in ((2, 0.6), (0, 0.1), (1, 0.2))]
+    _, rows = build_table(results)
+    assert [r["seed"] for r in rows] == [0, 1, 2, "mean", "std"]
+    assert rows[3]["test/acc"] == pytest.approx(0.3)  # (0.1 + 0.2 + 0.6) / 3 (median: 0.2)
+    # sample std: sqrt((0.2^2 + 0.1^2 + 0.3^2) / 2) = sqrt(0.07)
+    assert rows[4]["test/acc"] == pytest.approx(0.07 ** 0.5)
+    assert rows[3]["n"] == rows[4]["n"] == 3
+
+
+def test_no_false_stale_warning_for_a_resumed_fit_or_another_interpreter(tmp_path, capsys):
+    grid_path, out = _grid(tmp_path), tmp_path / "runs"
+    run = runner.grid_runs(load_grid(grid_path), [0], out)[0]
+    saved = ["/other/env/bin/python", *run.fit_command([], None)[1:],
+             "--ckpt_path", str(run.ckpt_dir / "last.ckpt")]  # resumed once, elsewhere
+    _finished(grid_path, out, 0, 0.5, command=saved)
+    assert runner.execute(run) == "skipped"
+    said = capsys.readouterr().out
+    assert "done before: skipped" in said and "another fit command" not in said
+
+
+def test_dry_run_states_and_resume_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(process, "launch", lambda *a: pytest.fail("dry run launched a process"))
+    grid_path, out = _grid(tmp_path, seeds=(0, 1, 2, 3)), tmp_path / "runs"
+    base = out / "g" / "ce"
+    _finished(grid_path, out, 0, 0.5)
+    (base / "seed1").mkdir(parents=True)
+    (base / "seed1" / "fit.json").write_text("{}")
+    last = base / "seed2" / "fit" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    assert grid_main(["run", str(grid_path), "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [ln for ln in lines if ln.startswith("# ")]
+    assert heads == ["# g / ce / seed 0 (done: skipped)", "# g / ce / seed 1 (fit done: test only)",
+                     "# g / ce / seed 2 (resumes from last.ckpt)", "# g / ce / seed 3 (new)"]
+    fits = [ln for ln in lines if " -m hug_lightning fit " in ln]
+    assert fits[2].endswith(f"--ckpt_path {last.resolve()}")
+    assert all("--ckpt_path" not in ln for i, ln in enumerate(fits) if i != 2)
+
+
+def test_extra_reaches_every_fit_of_a_real_run_but_not_the_test(tmp_path, monkeypatch, capsys):
+    launched: list[list[str]] = []
+
+    def fail(cmd, log_file):
+        launched.append(cmd)
+        return 1
+
+    monkeypatch.setattr(process, "launch", fail)
+    grid_path, out = _grid(tmp_path), tmp_path / "runs"
+    assert grid_main(["run", str(grid_path), "--out", str(out), "--extra",
+                      "--trainer.max_epochs", "3"]) == 1
+    assert len(launched) == 2 and all(c[3] == "fit" for c in launched)
+    for cmd in launched:
+        i = cmd.index("--trainer.max_epochs")
+        assert cmd[i + 1] == "3" and i < cmd.index("--seed_everything")
+    assert grid_main(["run", str(grid_path), "--out", str(out), "--dry-run", "--extra",
+                      "--trainer.max_epochs", "3"]) == 0
+    tests = [ln for ln in capsys.readouterr().out.splitlines() if " -m hug_lightning test " in ln]
+    assert len(tests) == 2 and all("max_epochs" not in ln for ln in tests)
+
+
+def test_run_with_seeds_tabulates_only_those_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(process, "launch", lambda *a: pytest.fail("finished runs relaunched"))
+    grid_path, out = _grid(tmp_path), tmp_path / "runs"
+    _finished(grid_path, out, 0, 0.2)
+    _finished(grid_path, out, 1, 0.6)
+    assert grid_main(["run", str(grid_path), "--out", str(out), "--seeds", "1"]) == 0
+    with open(out / "g" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["test/acc"]) for r in rows] == [("1", "0.6"), ("mean", "0.6"),
+                                                          ("std", "")]
+
+
+def test_fit_that_exits_0_without_its_completion_marker_is_interrupted(tmp_path, monkeypatch,
+                                                                        capsys):
+    """`fit` driven from Python exits 0 after a SIGTERM: without fit_completed.json the run is
+    not complete, so no fit.json and no test."""
+    launched: list[list[str]] = []
+
+    def exits_0(cmd, log_file):
+        launched.append(cmd)
+        return 0
+
+    monkeypatch.setattr(process, "launch", exits_0)
+    run = runner.grid_runs(load_grid(_grid(tmp_path)), [0], tmp_path / "runs")[0]
+    assert runner.execute(run) == "interrupted"
+    assert len(launched) == 1 and not run.fit_file.exists() and not run.result_file.exists()
+    assert "fit interrupted" in capsys.readouterr().out
+
+
+def test_unfinished_fit_resumes_from_last_checkpoint(tmp_path, monkeypatch):
+    launched: list[list[str]] = []
+    monkeypatch.setattr(process, "launch", lambda cmd, log: launched.append(cmd) or 1)
+    run = runner.grid_runs(load_grid(_grid(tmp_path)), [0], tmp_path / "runs")[0]
+    last = run.root / "fit" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    assert runner.execute(run) == "failed"
+    assert launched[0][-2:] == ["--ckpt_path", str(last)] and last.is_file()
+    launched.clear()
+    last.unlink()  # no last.ckpt: the fit starts again in an emptied fit/
+    (run.root / "fit" / "events.out.tfevents.stale").write_text("")
+    assert runner.execute(run) == "failed"
+    assert "--ckpt_path" not in launched[0]
+    assert not (run.root / "fit" / "events.out.tfevents.stale").exists()
+
+
+# ------------------------------------------------------------ defects found by that audit
+def test_short_config_flag_finds_packaged_configs(tmp_path, monkeypatch):
+    """LightningCLI accepts `-c` for `--config`; the packaged-name lookup now does too."""
+    from hug_lightning.cli import packaged_config, resolve_config_args
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_args(["fit", "-c", "cifar10_ce"]) == [
+        "fit", "-c", str(packaged_config("cifar10_ce"))]
+
+
+def test_moved_output_folder_is_not_another_fit_command(tmp_path, capsys):
+    """A finished run whose output folder was moved (or whose packaged configs live in another
+    environment's site-packages) is the same command: no 'another fit command' warning."""
+    import json
+
+    from hug_lightning.experiments import runner
+    from hug_lightning.experiments.grid import load_grid
+    grid = load_grid("paper_cifar10")
+    old = runner.grid_runs(grid, [0], tmp_path / "A")[0]
+    saved = old.fit_command([], None)
+    saved[saved.index("--config") + 1] = "/elsewhere/site-packages/hug_lightning/configs/" + \
+        Path(saved[saved.index("--config") + 1]).name
+    new = runner.grid_runs(grid, [0], tmp_path / "B")[0]
+    new.root.mkdir(parents=True)
+    new.result_file.write_text(json.dumps({"fit_command": saved}))
+    assert runner.execute(new) == "skipped"
+    out = capsys.readouterr().out
+    assert "done before: skipped" in out and "another fit command" not in out
+    # a real difference is still reported
+    new.result_file.write_text(json.dumps({"fit_command": saved + ["--trainer.max_epochs", "9"]}))
+    assert runner.execute(new) == "skipped"
+    assert "another fit command" in capsys.readouterr().out
