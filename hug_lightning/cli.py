@@ -26,6 +26,7 @@ What it adds to a plain ``LightningCLI``:
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from importlib import resources
@@ -118,6 +119,23 @@ class HUGLightningCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid configuration: {_reasons(err)}") from err
+        self._warn_replaced_num_classes()
+
+    def _warn_replaced_num_classes(self) -> None:
+        """``model.init_args.num_classes`` is linked from the data module, which silently wins
+        over a value given in the YAML or on the command line: say so when they differ (a value
+        equal to the model's default cannot be told from no value, and is not reported)."""
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub) if sub else self.config
+        init = getattr(cfg.get("model"), "init_args", None) if cfg is not None else None
+        given = init.get("num_classes") if init is not None else None
+        data_k = getattr(self.datamodule, "num_classes", None)
+        param = inspect.signature(type(self.model).__init__).parameters.get("num_classes")
+        default = param.default if param is not None else None
+        if given is not None and data_k is not None and given not in (data_k, default):
+            rank_zero_warn(
+                f"model.init_args.num_classes={given} is not used: the model takes num_classes="
+                f"{data_k} from the data module (linked). Remove it, or change the data.")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning (>= 2.5.5) rebuilds the model from the checkpoint's hyperparameters when

@@ -310,3 +310,17 @@ def test_moved_output_folder_is_not_another_fit_command(tmp_path, capsys):
     new.result_file.write_text(json.dumps({"fit_command": saved + ["--trainer.max_epochs", "9"]}))
     assert runner.execute(new) == "skipped"
     assert "another fit command" in capsys.readouterr().out
+
+
+def test_a_model_num_classes_replaced_by_the_data_link_is_reported():
+    """`num_classes` is linked from the data module and wins over the model's own value: a
+    differing value given for the model is reported instead of silently replaced."""
+    args = ["--config", "ufm_hug", "--trainer.logger", "false"]
+    with pytest.warns(UserWarning, match=r"num_classes=5 is not used: .* num_classes=10"):
+        built = cli.main([*args, "--model.init_args.num_classes", "5"], run=False)
+    assert built.model.num_classes == 10
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # the same value: nothing to report
+        warnings.simplefilter("always")
+        cli.main([*args, "--model.init_args.num_classes", "10"], run=False)
+    assert not [w for w in caught if "is not used" in str(w.message)]
