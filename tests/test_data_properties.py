@@ -7,7 +7,6 @@ hand-built folder trees whose pixel values encode the class, plain index arithme
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from urllib.error import URLError
@@ -17,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datagen import write_cifar10_torchvision, write_imagenet_folder
+from datagen import write_imagenet_folder
+from test_long_tail import closed_form
 from hug_lightning.data import (CIFAR10DataModule, CIFAR10LTDataModule, DataNotFoundError,
                                 ImageNetSubsetDataModule)
 from hug_lightning.data.long_tail import long_tail_counts, stratified_split
@@ -53,19 +53,9 @@ def write_coded_folder(root: Path, extra_dirs: tuple[str, ...] = ()) -> Path:
     return root
 
 
-def closed_form(n_max: int, k: int, ratio: float) -> list[int]:
-    return [math.floor(n_max * ratio ** (-i / (k - 1))) for i in range(k)]
-
-
 @pytest.fixture(scope="module")
 def coded_root(tmp_path_factory) -> Path:
     return write_coded_folder(tmp_path_factory.mktemp("coded"))
-
-
-@pytest.fixture(scope="module")
-def tv_root(tmp_path_factory) -> Path:
-    return write_cifar10_torchvision(tmp_path_factory.mktemp("tv"), train_per_class=20,
-                                     test_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +75,8 @@ def test_step_profile_floors_the_tail():  # kills LT5 (floor -> round in the ste
     assert long_tail_counts(20, 10, 3, "step") == [20] * 5 + [6] * 5
 
 
-def test_step_profile_reaches_the_datamodule(tv_root, no_checksum):  # kills LT14 (and LT5)
-    dm = CIFAR10LTDataModule(root=str(tv_root), download=False, imbalance_ratio=3,
+def test_step_profile_reaches_the_datamodule(cifar10_tv_root, no_checksum):  # kills LT14 (and LT5)
+    dm = CIFAR10LTDataModule(root=str(cifar10_tv_root), download=False, imbalance_ratio=3,
                              imbalance_type="step", num_workers=0)
     dm.setup("fit")
     expected = [20] * 5 + [20 // 3] * 5
@@ -103,8 +93,8 @@ def test_n_max_is_the_smallest_class(coded_root):  # kills LT7 (n_max = max clas
     assert torch.bincount(dm.train_set.targets, minlength=10).tolist() == closed_form(n_max, 10, 3)
 
 
-def test_class_counts_train_excludes_the_held_out_part(tv_root, no_checksum):  # kills LT12
-    dm = CIFAR10LTDataModule(root=str(tv_root), download=False, imbalance_ratio=4,
+def test_class_counts_train_excludes_the_held_out_part(cifar10_tv_root, no_checksum):  # kills LT12
+    dm = CIFAR10LTDataModule(root=str(cifar10_tv_root), download=False, imbalance_ratio=4,
                              val_split=0.2, num_workers=0)
     dm.setup("fit")
     train = torch.bincount(dm.train_set.targets, minlength=10).tolist()

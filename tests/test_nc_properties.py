@@ -14,19 +14,9 @@ import torch
 
 from hug_lightning.metrics import NCFeatureStats, compute_nc_metrics, feature_states, ncc_predict
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from test_nc_functional import pm_samples
 
 F64 = torch.float64
-
-
-def pm_samples(means: torch.Tensor, sigma: float):
-    """Samples mu_c +- sigma e_i: class means exactly mu_c, Sigma_W = sigma^2/d I."""
-    d = means.shape[1]
-    feats, labels = [], []
-    for c, mu in enumerate(means):
-        for e in torch.eye(d, dtype=F64):
-            feats += [mu + sigma * e, mu - sigma * e]
-            labels += [c, c]
-    return torch.stack(feats), torch.tensor(labels)
 
 
 def test_nc1_pinv_keeps_small_but_genuine_singular_values():
@@ -36,7 +26,7 @@ def test_nc1_pinv_keeps_small_but_genuine_singular_values():
     1e-12 near-singular warning, so the small direction must be inverted, not dropped."""
     eps, sigma = 1e-4, 0.1
     m = torch.tensor([[1.0, eps], [-1.0, eps], [0.0, -2 * eps]], dtype=F64)
-    x, y = pm_samples(m + torch.tensor([0.5, -0.25], dtype=F64), sigma)
+    x, y = pm_samples(m + torch.tensor([0.5, -0.25], dtype=F64), sigma, torch.eye(2, dtype=F64))
     out = compute_nc_metrics(feature_states(x, y, 3), metrics=["nc1_pinv", "nc1_pinv_rank"])
     expected = sigma**2 / 2 * (0.5 + 1 / (6 * eps**2))
     assert out["nc1_pinv_rank"].item() == 2
