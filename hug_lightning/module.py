@@ -40,6 +40,7 @@ from hug_lightning.guards import FiniteLossGuard, RunningStatsSnapshot, check_la
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
 from hug_lightning.optim import total_steps_context
+from hug_lightning.param_groups import apply_lr_scale, check_kinds, parameter_groups
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
 # the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
@@ -47,7 +48,6 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
                         r"val/acc_best|hp/(val_acc_best|test_acc)|geometry/[a-z0-9_]+)'")
 
 _PLAIN = (str, int, float, bool, type(None))
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 #: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
 #: as a measured accuracy in runs that never ran that stage)
 HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
@@ -128,7 +128,7 @@ class ClassifierModule(LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
-        self.no_weight_decay = tuple(no_weight_decay)
+        self.no_weight_decay = check_kinds(no_weight_decay)
         if head_lr_scale <= 0:
             raise ValueError(f"head_lr_scale must be positive, got {head_lr_scale}.")
         self.head_lr_scale = float(head_lr_scale)
@@ -209,38 +209,13 @@ class ClassifierModule(LightningModule):
         self.val_acc_best.persistent(True)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups: weight decay or not (``no_weight_decay``), head or not.
+        """Parameter groups: weight decay or not (``no_weight_decay``), head or not (see
+        :func:`hug_lightning.param_groups.parameter_groups`).
 
         The head's groups carry ``lr_scale = head_lr_scale``; :meth:`configure_optimizers`
         multiplies their learning rate by it once the optimizer is built.
         """
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        seen: set[int] = set()
-        for mod_name, module in self.named_modules():
-            for p_name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                in_head = mod_name == "head" or mod_name.startswith("head.")
-                kinds = {
-                    "norm": isinstance(module, _NORM_TYPES),
-                    "bias": p_name == "bias",
-                    "head": in_head,
-                    "embedding": mod_name == "embedding" or mod_name.startswith("embedding."),
-                }
-                exempt = any(kinds[k] for k in self.no_weight_decay)
-                groups.setdefault((in_head, exempt), []).append(param)
-        out = []
-        for (in_head, exempt), params in sorted(groups.items()):
-            group: dict[str, Any] = {"params": params,
-                                     "name": ("head" if in_head else "body")
-                                     + ("_no_decay" if exempt else "")}
-            if exempt:
-                group["weight_decay"] = 0.0
-            if in_head and self.head_lr_scale != 1.0:
-                group["lr_scale"] = self.head_lr_scale
-            out.append(group)
-        return out
+        return parameter_groups(self, self.no_weight_decay, self.head_lr_scale)
 
     # ----------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
@@ -415,9 +390,7 @@ class ClassifierModule(LightningModule):
         self._declare_hp_metrics()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
+        optimizer = apply_lr_scale(self.optimizer_factory(self.parameter_groups()))
         if self.scheduler_factory is None:
             return optimizer
         with total_steps_context(self._total_steps()):

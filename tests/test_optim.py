@@ -13,6 +13,7 @@ from hug_lightning.backbones import SmallConvNet
 from hug_lightning.heads import HUGHead
 from hug_lightning.module import ClassifierModule
 from hug_lightning.optim import OneCycleLR, WarmupCosineLR
+from hug_lightning.param_groups import apply_lr_scale, parameter_groups
 
 
 def _opt(lrs=(0.2, 0.1)):
@@ -100,6 +101,61 @@ def test_parameter_groups_weight_decay_and_head_scale():
     assert by_name["head"]["lr"] == pytest.approx(0.2) and by_name["body"]["lr"] == 0.4
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once
+
+
+class _Net(nn.Module):
+    """body (conv + LayerNorm), an embedding, a head with a bias and a frozen tensor, and one
+    weight shared by body and head (it must be grouped once, where it is met first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4))
+        self.embedding = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.head.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+        self.headless = nn.Linear(2, 2, bias=False)  # "head" is a prefix of its name only
+        self.head.shared = self.body[0].weight
+
+
+@pytest.mark.parametrize("exempt", [(), ("norm",), ("bias", "head"), ("embedding", "norm", "bias")])
+def test_parameter_groups_function_against_a_listing(exempt):
+    net, scale = _Net(), 0.25
+    expected: dict[str, list[int]] = {}
+    listing = [  # (parameter, in head, norm, bias, embedding), written out by hand
+        (net.body[0].weight, False, False, False, False),
+        (net.body[0].bias, False, False, True, False),
+        (net.body[1].weight, False, True, False, False),
+        (net.body[1].bias, False, True, True, False),
+        (net.embedding.weight, False, False, False, True),
+        (net.embedding.bias, False, False, True, True),
+        (net.head.weight, True, False, False, False),
+        (net.head.bias, True, False, True, False),
+        (net.headless.weight, False, False, False, False),
+    ]
+    for param, head, norm, bias, emb in listing:
+        kinds = {"head": head, "norm": norm, "bias": bias, "embedding": emb}
+        name = ("head" if head else "body") + ("_no_decay" if any(kinds[k] for k in exempt)
+                                               else "")
+        expected.setdefault(name, []).append(id(param))
+    groups = parameter_groups(net, exempt, head_lr_scale=scale)
+    assert {g["name"]: [id(p) for p in g["params"]] for g in groups} == expected
+    assert [g["name"] for g in groups] == sorted(expected, key=["body", "body_no_decay", "head",
+                                                                "head_no_decay"].index)
+    for g in groups:
+        assert g.get("weight_decay", "default") == (0.0 if g["name"].endswith("_no_decay")
+                                                    else "default")
+        assert g.get("lr_scale", 1.0) == (scale if g["name"].startswith("head") else 1.0)
+    optimizer = apply_lr_scale(torch.optim.SGD(groups, lr=0.8))
+    assert [g["lr"] for g in optimizer.param_groups] == [
+        0.8 * scale if g["name"].startswith("head") else 0.8 for g in optimizer.param_groups]
+    assert all("lr_scale" not in g for g in optimizer.param_groups)
+
+
+def test_unknown_no_weight_decay_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown kinds \['bn'\]; choose from"):
+        parameter_groups(_Net(), ["bn"])
+    with pytest.raises(ValueError, match="unknown kinds"):  # at construction, not at fit
+        ClassifierModule(backbone=SmallConvNet(width=4), no_weight_decay=["norm", "bn"])
 
 
 def test_reduce_on_plateau_follows_a_logged_metric(tmp_path):
