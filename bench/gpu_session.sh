@@ -26,11 +26,11 @@ stage "(a) vs (b) device time per step, kernel by kernel"
 timeout 60 python3 bench/profile_host.py --device cuda --compare --steps 20 --top 25 \
     2>> "$OUT/bench.err" | tee "$OUT/compare.md" | cut -c1-160
 stage "host time per step that Lightning adds: NullBackbone (no compute), (b) - (a)"
-timeout 60 python3 bench/train_bench.py --device cuda --overhead --measure a b --repeats 2 \
+timeout 60 python3 bench/train_bench.py --device cuda --overhead --measure a b b0 --repeats 2 \
     --steps 500 --warmup 50 --json "$OUT/overhead.json" 2>> "$OUT/bench.err" | grep "|"
 
-stage "train_bench, eager: throughput"
-timeout 100 python3 bench/train_bench.py --device cuda --measure a b c hug --repeats 2 \
+stage "train_bench, eager: throughput ((b0): bare LightningModule, splits (b) - (a))"
+timeout 110 python3 bench/train_bench.py --device cuda --measure a b b0 c hug --repeats 2 \
     --steps 300 --json "$OUT/throughput.json" 2>> "$OUT/bench.err" | grep "|"
 stage "train_bench, eager: NC collectors, epoch times"
 timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
@@ -48,9 +48,10 @@ if [ "${SWEEP:-0}" = 1 ]; then
       --json "$OUT/sweep.json" 2>&1 | grep -E "^done|^\||^###" | tee "$OUT/sweep.md"
 fi
 
-stage "train_bench, torch.compile (a) and (b)"
-timeout 90 python3 bench/train_bench.py --device cuda --compile --measure a b --repeats 1 \
-    --json "$OUT/compile.json" 2>> "$OUT/bench.err" | grep "|"
+stage "train_bench, torch.compile (a), (b) and (b0), with dynamo's counters"
+TORCH_LOGS=recompiles,graph_breaks timeout 120 python3 bench/train_bench.py --device cuda \
+    --compile --measure a b b0 --repeats 1 --json "$OUT/compile.json" 2> "$OUT/compile.log" \
+    | grep "|"; grep -c -i "recompil\|graph break" "$OUT/compile.log"
 stage "end"
 grep -v "pytree\|LeafSpec\|Tip:\|available:\|LOCAL_RANK\|stopped\|bfloat16\|float32_matmul" \
     "$OUT/bench.err" | tail -15

@@ -4,6 +4,9 @@ All numbers come from one process on one machine, so the ratios are comparable:
 
 * (a) a hand-written PyTorch loop: same model, optimizer, precision and device-resident batches;
 * (b) ``ClassifierModule`` + Lightning ``Trainer`` with the device-resident CIFAR path;
+* (b0) the plain loop's body as a bare ``LightningModule`` (no head object, metrics, guards,
+  logging or callbacks) on the same Trainer and data: (b0)/(a) is what Lightning itself costs,
+  (b)/(b0) what ``ClassifierModule`` and the project's callbacks add;
 * (c) the same with the classic DataLoader (per-image crop/flip in CPU worker processes);
 * HUG vs CE step time, neural-collapse collectors on vs off (both on path (b)), and the extra
   cost of the eval-pass NC mode over whole epochs.
@@ -21,7 +24,7 @@ from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from hug_lightning.backbones import CifarResNet, SmallConvNet
@@ -170,17 +173,49 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace,
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
+class MinimalModule(LightningModule):
+    """(b0): the plain loop's step as a bare LightningModule, to split (b) - (a) into what
+    Lightning's loop costs and what ``ClassifierModule`` adds (head object, accuracy counts,
+    loss guard, label check, logging)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels_last: bool,
+                 compile: bool) -> None:
+        super().__init__()
+        self.model = nn.Sequential(backbone, nn.Linear(backbone.num_features, num_classes))
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return nn.functional.cross_entropy(self.model(x).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return optimizer_factory(self.parameters())
+
+
 def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, head: str = "ce",
                   device_resident: bool = True, nc: bool = False, eval_pass: bool = False,
-                  epochs: int | None = None, num_classes: int = 10,
+                  epochs: int | None = None, num_classes: int = 10, minimal: bool = False,
                   extra_callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-    """One fit: images/s over the timed steps (``max_steps`` mode) or epoch seconds (``epochs``)."""
+    """One fit: images/s over the timed steps (``max_steps`` mode) or epoch seconds (``epochs``).
+
+    ``minimal``: :class:`MinimalModule` instead of ``ClassifierModule`` and no NC monitor (b0).
+    """
     torch.manual_seed(0)
     head_factory = (CrossEntropyHead if head == "ce"
                     else lambda k, d: HUGHead(k, d, alpha=1.0, beta=4.0, intra_power=2))
-    model = ClassifierModule(backbone=make_backbone(args), head=head_factory,
-                             num_classes=num_classes, optimizer=optimizer_factory,
-                             channels_last=args.channels_last, compile=args.compile)
+    model: LightningModule
+    if minimal:
+        model = MinimalModule(make_backbone(args), num_classes, args.channels_last, args.compile)
+    else:
+        model = ClassifierModule(backbone=make_backbone(args), head=head_factory,
+                                 num_classes=num_classes, optimizer=optimizer_factory,
+                                 channels_last=args.channels_last, compile=args.compile)
     data = TensorCIFAR(images, labels, num_classes=num_classes, batch_size=args.batch_size,
                        drop_last=True, num_workers=0 if device_resident else args.workers,
                        pin_memory=args.device == "cuda", device_resident=device_resident)
@@ -192,7 +227,7 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
         max_steps=-1 if epochs else args.warmup + args.steps, max_epochs=epochs or 1000,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[monitor, timer, epoch_timer, *extra_callbacks],
+        callbacks=[*([] if minimal else [monitor]), timer, epoch_timer, *extra_callbacks],
         benchmark=args.device == "cuda",
     )
     start = time.perf_counter()
@@ -201,7 +236,26 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
             "epoch_s": epoch_timer.epoch_seconds(), "wall_s": time.perf_counter() - start}
 
 
-MEASURES = ("a", "b", "c", "hug", "nc10", "nc100", "eval")
+def dynamo_summary() -> dict[str, int | str]:
+    """Compact ``torch._dynamo`` counters since the last :func:`reset_dynamo`: frames compiled,
+    distinct graphs, graph breaks, and the most frequent break reason (``--compile`` runs)."""
+    from torch._dynamo.utils import counters
+    breaks = counters["graph_break"]
+    out = {"frames": int(counters["frames"]["total"]),
+           "graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(breaks.values()))}
+    if breaks:
+        reason, n = breaks.most_common(1)[0]
+        out["top_break"] = f"{n}x {reason[:120]!r}"
+    return out
+
+
+def reset_dynamo() -> None:
+    from torch._dynamo.utils import counters
+    counters.clear()
+
+
+MEASURES = ("a", "b", "b0", "c", "hug", "nc10", "nc100", "eval")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -218,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="SmallConvNet of this width instead of ResNet-18 (CPU runs; "
                              "128 gives d=512 features)")
     parser.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
-                        help="a: plain loop, b: device path, c: classic loader, hug: HUG head, "
+                        help="a: plain loop, b: device path, b0: bare LightningModule on the "
+                             "device path, c: classic loader, hug: HUG head, "
                              "nc10/nc100: epoch time with collectors on/off at K=10/100, "
                              "eval: eval-pass NC mode at K=100")
     parser.add_argument("--repeats", type=int, default=2,
@@ -243,14 +298,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     want = set(args.measure)
     runs: dict[str, list[float]] = {}
 
+    compile_stats: dict[str, dict[str, int | str]] = {}
+
     def record(key: str, value: float) -> None:
         runs.setdefault(key, []).append(value)
+        if args.compile:  # what dynamo did in the first run of each (recompiles, breaks)
+            compile_stats.setdefault(key, dynamo_summary())
+            reset_dynamo()
 
+    if args.compile:
+        reset_dynamo()
     for _ in range(args.repeats):  # interleaved: a drift of clocks or caches hits both sides
         if "a" in want:
             record("a_plain_loop", plain_loop(images, labels[10], args))
         if want & {"b", "c", "hug"}:
             record("b_lightning_device", lightning_run(images, labels[10], args)["images_s"])
+        if "b0" in want:
+            record("b0_lightning_minimal",
+                   lightning_run(images, labels[10], args, minimal=True)["images_s"])
         if "c" in want:
             record("c_lightning_dataloader",
                    lightning_run(images, labels[10], args, device_resident=False)["images_s"])
@@ -275,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             ratios[name] = res[num] / res[den]
 
     ratio("(b)/(a) device-resident Lightning vs plain loop", "b_lightning_device", "a_plain_loop")
+    ratio("(b0)/(a) bare LightningModule vs plain loop", "b0_lightning_minimal", "a_plain_loop")
+    ratio("(b)/(b0) ClassifierModule vs bare LightningModule", "b_lightning_device",
+          "b0_lightning_minimal")
     ratio("(b)/(c) device-resident vs classic DataLoader", "b_lightning_device",
           "c_lightning_dataloader")
     ratio("HUG step / CE step", "b_lightning_device", "b_hug")
@@ -301,14 +369,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for key, value in ratios.items():
         print(f"| {key} | {value:.3f} | |")
     if "a_plain_loop" in res and "b_lightning_device" in res:
-        ms = {k: 1e3 * args.batch_size / res[k] for k in ("a_plain_loop", "b_lightning_device")}
+        ms = {k: 1e3 * args.batch_size / v for k, v in res.items() if not k.startswith("epoch")}
         a, b = ms["a_plain_loop"], ms["b_lightning_device"]
+        split = ""
+        if "b0_lightning_minimal" in ms:
+            b0 = ms["b0_lightning_minimal"]
+            split = f", of which Lightning (b0) - (a) = {b0 - a:.3f} ms"
         print(f"| per step: (a) {a:.3f} ms, (b) {b:.3f} ms, "
-              f"(b) - (a) = {b - a:.3f} ms | | |")
+              f"(b) - (a) = {b - a:.3f} ms{split} | | |")
+    for key, stats in compile_stats.items():
+        print(f"| torch.compile, {key}: " + ", ".join(f"{k} {v}" for k, v in stats.items())
+              + " | | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": res, "repeats": runs, "ratios": ratios, "device": device_name,
-                       "compile": args.compile}, f, indent=1)
+                       "compile": args.compile, "dynamo": compile_stats}, f, indent=1)
     return {**res, **ratios}
 
 

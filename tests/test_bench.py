@@ -10,7 +10,28 @@ from conftest import REPO, load_bench
 def test_train_bench_toy_runs(capsys):
     out = load_bench("train_bench").main(["--toy"])
     assert out["a_plain_loop"] > 0 and out["b_lightning_device"] > 0
-    assert "(b)/(a)" in capsys.readouterr().out
+    assert out["b0_lightning_minimal"] > 0
+    printed = capsys.readouterr().out
+    assert "(b)/(a)" in printed and "(b)/(b0)" in printed and "of which Lightning" in printed
+
+
+def test_dynamo_summary_counts_frames_and_graph_breaks():
+    import torch
+    bench = load_bench("train_bench")
+
+    def two_graphs(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    bench.reset_dynamo()
+    torch._dynamo.reset()
+    torch.compile(two_graphs, backend="eager")(torch.randn(3))
+    stats = bench.dynamo_summary()
+    assert stats["graph_breaks"] == 1 and stats["graphs"] == 2 and stats["frames"] >= 1
+    assert "graph_break" in stats["top_break"]
+    bench.reset_dynamo()
+    assert bench.dynamo_summary() == {"frames": 0, "graphs": 0, "graph_breaks": 0}
 
 
 def test_train_bench_overhead_probe(capsys):
