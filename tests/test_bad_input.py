@@ -98,6 +98,47 @@ def test_wrong_number_of_class_folders(tmp_path):
     assert not list(logs.rglob("version_*"))  # before Lightning creates the run folder
 
 
+def test_renamed_test_class_folder_is_an_error_not_shifted_labels(tmp_path):
+    """Labels are the sorted folder names: test/car instead of test/automobile would give the
+    test images of 'bird' label 1 ('automobile' in training), silently."""
+    root = write_image_folder(tmp_path / "renamed", CIFAR10_CLASSES, train_per_class=1,
+                              test_per_class=1)
+    (root / "test" / "automobile").rename(root / "test" / "car")
+    dm = CIFAR10DataModule(root=str(root), download=False, val_split=0)
+    message = r"differ \(only in train: automobile; only in test: car\)"
+    with pytest.raises(DataNotFoundError, match=message):
+        dm.prepare_data()
+    with pytest.raises(DataNotFoundError, match=message):
+        dm.setup("test")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_class_folder_of_cifar_layout_is_an_error(tmp_path, split):
+    root = write_image_folder(tmp_path / "empty", CIFAR10_CLASSES, train_per_class=2,
+                              test_per_class=1)
+    for f in (root / split / "cat").iterdir():
+        f.unlink()
+    with pytest.raises(DataNotFoundError, match=rf"1 class folder\(s\) of .*{split} hold no "
+                                                r"image files \(cat\)"):
+        CIFAR10DataModule(root=str(root), download=False, val_split=0).setup("fit")
+
+
+def test_data_module_set_up_for_test_then_fit(tmp_path):
+    """Lightning calls setup('test') then setup('fit') on one module when a script tests
+    before it trains: the training set must be built then (it was not)."""
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=2,
+                              test_per_class=1)
+    dm = CIFAR10DataModule(root=str(root), download=False, val_split=0)
+    dm.setup("test")
+    assert dm.train_set is None and len(dm.test_set) == 10
+    dm.setup("fit")
+    assert len(dm.train_set) == 20 and dm.val_dataloader() is not None
+    built = dm.train_set
+    dm.setup("test")
+    dm.setup("validate")
+    assert dm.train_set is built  # built once
+
+
 def test_incomplete_torchvision_folder(tmp_path):
     root = write_cifar10_torchvision(tmp_path, train_per_class=1, test_per_class=1)
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()

@@ -78,7 +78,10 @@ class ClassificationDataModule(LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
-        if self.train_set is None and self.test_set is None:
+        # once per data module, except that a module set up for `test`/`predict` only (no
+        # training set) builds again when it is then used to fit or validate
+        needs_train = stage not in ("test", "predict")
+        if self.train_set is None and (needs_train or self.test_set is None):
             self.build_datasets(stage)
 
     # -------------------------------------------------------------- loaders

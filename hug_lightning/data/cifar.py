@@ -25,7 +25,8 @@ from hug_lightning.data.augment import KeyedCropFlip
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler, global_seed
-from hug_lightning.data.folders import decode_to_tensor, find_classes, scan_class_folders
+from hug_lightning.data.folders import (IMAGE_EXTENSIONS, decode_to_tensor, find_classes,
+                                       scan_class_folders)
 from hug_lightning.data.splits import check_label_range, split_indices
 
 
@@ -116,8 +117,7 @@ class _CIFARDataModule(ClassificationDataModule):
         check the class folders of the folder layout (before the run folder is created)."""
         layout = self.layout()
         if layout == "folder":
-            for split in ("train", "test"):
-                self._class_folders(self.root / split)
+            self._folder_classes()
         if layout is not None:
             return
         if not self.download:
@@ -141,6 +141,21 @@ class _CIFARDataModule(ClassificationDataModule):
             )
         return classes
 
+    def _folder_classes(self) -> list[str]:
+        """The class names of the folder layout: the same ``num_classes`` folders in ``train/``
+        and ``test/`` (labels are the sorted names, so a renamed folder would shift them)."""
+        train, test = (self._class_folders(self.root / split) for split in ("train", "test"))
+        if train != test:
+            only_train = sorted(set(train) - set(test))
+            only_test = sorted(set(test) - set(train))
+            raise DataNotFoundError(
+                f"The class folders of {self.root / 'train'} and {self.root / 'test'} differ "
+                f"(only in train: {', '.join(only_train)}; only in test: "
+                f"{', '.join(only_test)}). Labels are the sorted folder names, so both splits "
+                "need the same names: rename the folders so that they match."
+            )
+        return train
+
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Decode one split into ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` labels."""
         layout = self.layout()
@@ -159,11 +174,19 @@ class _CIFARDataModule(ClassificationDataModule):
             source = str(self.tv_dir)
         else:
             split_dir = self.root / ("train" if train else "test")
-            classes = self._class_folders(split_dir)
+            classes = self._folder_classes()
             _, samples = scan_class_folders(split_dir, classes)
             if not samples:
                 raise DataNotFoundError(f"No image files under {split_dir}/<class>/. "
                                         + self.missing_message())
+            present = {label for _, label in samples}
+            empty = [name for c, name in enumerate(classes) if c not in present]
+            if empty:
+                raise DataNotFoundError(
+                    f"{len(empty)} class folder(s) of {split_dir} hold no image files "
+                    f"({', '.join(empty)}); every class needs images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}). Copy them there, or point "
+                    "--data.init_args.root at a complete copy.")
             images, labels = decode_to_tensor(samples, 32, on_corrupt=self.on_corrupt)
             # class folders come class by class: one fixed shuffle (seed 0, the same for every
             # run and rank) mixes them as torchvision's files are, so `limit_test_batches` and
