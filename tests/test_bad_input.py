@@ -139,6 +139,19 @@ def test_data_module_set_up_for_test_then_fit(tmp_path):
     assert dm.train_set is built  # built once
 
 
+@pytest.mark.parametrize("download", [True, False])
+def test_root_inside_torchvision_folder_is_an_error_not_a_nested_download(tmp_path, download,
+                                                                         monkeypatch):
+    root = write_cifar10_torchvision(tmp_path, train_per_class=1, test_per_class=1)
+    inner = root / "cifar-10-batches-py"
+    monkeypatch.setattr(CIFAR10DataModule.tv_class, "download",
+                        lambda self: pytest.fail("must not download"))
+    with pytest.raises(DataNotFoundError, match="points into torchvision's folder") as err:
+        CIFAR10DataModule(root=str(inner), download=download).prepare_data()
+    assert str(root.resolve()) in str(err.value)
+    assert not (inner / "cifar-10-batches-py").exists()
+
+
 def test_incomplete_torchvision_folder(tmp_path):
     root = write_cifar10_torchvision(tmp_path, train_per_class=1, test_per_class=1)
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()

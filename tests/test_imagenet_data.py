@@ -150,12 +150,45 @@ def test_class_list_file_and_full(inet_root, tmp_path):
         _dm(inet_root, subset=str(listing))
 
 
+def test_class_list_in_loc_synset_mapping_style(inet_root, tmp_path):
+    """ImageNet's LOC_synset_mapping.txt lines: a WNID, then its description."""
+    listing = tmp_path / "LOC_synset_mapping.txt"
+    listing.write_text(f"{IMAGENETTE[0]} tench, Tinca tinca\n{IMAGENETTE[1]} English springer,"
+                       f" English springer spaniel\n{EXTRA[0]} cassette player\n")
+    assert read_class_list(listing) == [IMAGENETTE[0], IMAGENETTE[1], EXTRA[0]]
+    assert _dm(inet_root, subset=str(listing)).num_classes == 3
+    listing.write_text(f"{IMAGENETTE[0]}\n{IMAGENETTE[1]} {IMAGENETTE[2]}, {IMAGENETTE[3]}\n")
+    with pytest.raises(ValueError, match=rf"line 2: one class per line, found {IMAGENETTE[1]} "
+                                         rf"and {IMAGENETTE[2]}, {IMAGENETTE[3]}"):
+        read_class_list(listing)
+
+
+def test_layout_errors_name_the_likely_cause(inet_root, tmp_path):
+    """A root one level too deep (the train folder itself) and per-class tars left unextracted
+    get a hint besides the list of missing folders."""
+    with pytest.raises(DataNotFoundError, match="it looks like a train/ or val/ folder, point "
+                                                "--data.init_args.root at its parent"):
+        _dm(inet_root / "train").prepare_data()
+    tars = tmp_path / "tars"
+    (tars / "train").mkdir(parents=True)
+    (tars / "val").mkdir()
+    for wnid in IMAGENETTE:
+        (tars / "train" / f"{wnid}.tar").write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match="train hold .tar files: extract each class"):
+        _dm(tars).prepare_data()
+    with pytest.raises(DataNotFoundError) as err:  # a plain missing folder: no hint
+        _dm(tmp_path / "tars", subset="imagenette").check_layout(("val",))
+    assert "looks like" not in str(err.value) and ".tar" not in str(err.value)
+
+
 def test_bad_arguments(inet_root):
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not both; got 3 and 0.5"):
         _dm(inet_root, images_per_class=3, fraction=0.5)
-    for bad in ({"fraction": 1.5}, {"fraction": 0.0}, {"images_per_class": 0}):
-        with pytest.raises(ValueError, match="fraction"):
+    for bad in ({"fraction": 1.5}, {"fraction": 0.0}):  # one option given: no "not both"
+        with pytest.raises(ValueError, match=rf"^fraction must be in \(0, 1\].*{bad['fraction']}"):
             _dm(inet_root, **bad)
+    with pytest.raises(ValueError, match="^images_per_class must be >= 1.*got 0"):
+        _dm(inet_root, images_per_class=0)
     with pytest.raises(ValueError, match="imagenet100, imagenette, imagewoof"):
         _dm(inet_root, subset="imagenet_typo")
 

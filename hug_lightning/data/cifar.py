@@ -120,6 +120,11 @@ class _CIFARDataModule(ClassificationDataModule):
             self._folder_classes()
         if layout is not None:
             return
+        if self.root.name == self.tv_class.base_folder:  # one level too deep: no nested download
+            raise DataNotFoundError(
+                f"--data.init_args.root points into torchvision's folder {self.root.resolve()}; "
+                f"point it at the folder that holds {self.tv_class.base_folder}/ "
+                f"({self.root.resolve().parent}).")
         if not self.download:
             raise DataNotFoundError(self.missing_message())
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from importlib import resources
 from itertools import groupby
 from pathlib import Path
@@ -40,10 +41,25 @@ def _listing(names: Sequence[str], limit: int = 20) -> str:  # names shown in on
     return ", ".join(names[:limit]) + more
 
 
+_WNID = re.compile(r"n\d{8}")
+
+
 def read_class_list(path: str | Path) -> list[str]:
-    """WNIDs of a class-list file: whitespace-separated, ``#`` comments, no duplicates."""
+    """Class names (WNIDs) of a class-list file: one per line, ``#`` starts a comment, no
+    duplicates. Words after the name are a description and ignored, as in ImageNet's
+    ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca``); a second WNID on a line
+    is an error (it would otherwise be dropped)."""
     text = (Path(path) if isinstance(path, str) else path).read_text()
-    names = [tok for line in text.splitlines() for tok in line.split("#", 1)[0].split()]
+    names = []
+    for number, line in enumerate(text.splitlines(), 1):
+        tokens = line.split("#", 1)[0].split()
+        if not tokens:
+            continue
+        extra = [tok.rstrip(",;") for tok in tokens[1:] if _WNID.fullmatch(tok.rstrip(",;"))]
+        if extra:
+            raise ValueError(f"Class list {path}, line {number}: one class per line, found "
+                             f"{tokens[0]} and {', '.join(extra)}. Put each WNID on its own line.")
+        names.append(tokens[0])
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups or not names:
         raise ValueError(f"Class list {path} " + (f"names some classes twice: {_listing(dups)}."
@@ -165,7 +181,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
     Args:
         root: Folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
         subset: ``imagenet100`` (CMC), ``imagenette``, ``imagewoof``, ``full`` (all class
-            folders of ``train/``) or the path of a class-list file (one WNID per line).
+            folders of ``train/``) or the path of a class-list file (one WNID per line; words
+            after it, as in ``LOC_synset_mapping.txt``, are ignored).
         images_per_class: Keep at most this many training images per class (``None``: all).
         fraction: Keep this fraction (in ``(0, 1]``, rounded, at least 1) of each class's
             training images; exclusive with ``images_per_class``.
@@ -206,10 +223,13 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
-        bad_k = images_per_class is not None and (fraction is not None or images_per_class < 1)
-        if bad_k or (fraction is not None and not 0.0 < fraction <= 1.0):
-            raise ValueError("Give images_per_class (>= 1) or fraction (in (0, 1]), not both; got "
+        if images_per_class is not None and fraction is not None:
+            raise ValueError("Give images_per_class or fraction, not both; got "
                              f"{images_per_class} and {fraction}.")
+        if images_per_class is not None and images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1 (or null: all), got {images_per_class}.")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1] (or null: all), got {fraction}.")
         if min(image_size, resize_size) < 1 or on_corrupt not in ("raise", "skip"):
             raise ValueError(f"Need positive image_size, resize_size and on_corrupt raise|skip, "
                              f"got {image_size}, {resize_size}, {on_corrupt!r}.")
@@ -219,6 +239,19 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         self.augment, self.on_corrupt = bool(augment), on_corrupt
         self.classes: list[str] = resolve_classes(subset, self.root)
         self.num_classes = len(self.classes)
+
+    def _layout_hints(self, splits: Sequence[str]) -> list[str]:
+        """Likely causes of a layout error: a root one level too deep, unextracted class tars."""
+        hints = []
+        if sum(1 for e in os.scandir(self.root) if e.is_dir() and _WNID.fullmatch(e.name)) >= 2:
+            hints.append(f"{self.root.resolve()} itself holds WNID folders: it looks like a "
+                         "train/ or val/ folder, point --data.init_args.root at its parent")
+        tars = [s for s in splits if (self.root / s).is_dir()
+                and any(e.name.endswith(".tar") for e in os.scandir(self.root / s))]
+        if tars:
+            hints.append(f"{' and '.join(tars)} hold .tar files: extract each class archive "
+                         "into its own <wnid>/ folder first")
+        return hints
 
     def check_layout(self, splits: Sequence[str] = ("train", "val")) -> None:
         """Raise ONE :class:`DataNotFoundError` listing every missing folder and class."""
@@ -238,9 +271,11 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
                 problems.append(
                     f"{len(missing)} of the {self.num_classes} class folders are missing in "
                     f"{folder.resolve()}: {_listing(missing)}" + (
-                        " (it holds image files directly: move them into class folders first)"
-                        if flat else ""))
+                        " (it holds the images directly: sort them into class folders with "
+                        "valprep.sh, or move the folder away and let torchvision sort the "
+                        "archive; see the README)" if flat else ""))
         if problems:
+            problems += self._layout_hints(splits)
             raise DataNotFoundError(
                 f"ImageNet subset {self.subset!r} under {self.root.resolve()}: "
                 + "; ".join(problems) + ". " + layout_help(self.root))
