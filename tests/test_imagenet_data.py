@@ -181,6 +181,25 @@ def test_layout_errors_name_the_likely_cause(inet_root, tmp_path):
     assert "looks like" not in str(err.value) and ".tar" not in str(err.value)
 
 
+def test_val_split_is_per_class_and_keeps_every_class_in_training(inet_root):
+    """A random split of 10 classes x 2 images with 30 % held out left some classes without a
+    training image; per class, each gives round(0.3 * 2) = 1 and keeps 1."""
+    dm = _dm(inet_root, images_per_class=2, val_split=0.3)
+    dm.setup("fit")
+    train = torch.bincount(dm.train_set.labels, minlength=10)
+    val = torch.bincount(dm.val_set.labels, minlength=10)
+    assert train.tolist() == [1] * 10 and val.tolist() == [1] * 10
+    assert dm.val_set.labels.tolist() != sorted(dm.val_set.labels.tolist())  # classes mixed
+    again = _dm(inet_root, images_per_class=2, val_split=0.3)
+    again.setup("fit")
+    assert again.val_set.labels.tolist() == dm.val_set.labels.tolist()  # seeded
+    dm = _dm(inet_root, images_per_class=2, val_split=10)  # an int: about that many
+    dm.setup("fit")
+    assert len(dm.val_set) == 10 and len(dm.train_set) == 10
+    with pytest.raises(ValueError, match="asks for 20 of 20"):
+        _dm(inet_root, images_per_class=2, val_split=20).setup("fit")
+
+
 def test_bad_arguments(inet_root):
     with pytest.raises(ValueError, match="not both; got 3 and 0.5"):
         _dm(inet_root, images_per_class=3, fraction=0.5)

@@ -88,10 +88,11 @@ def test_selection_is_seeded_and_a_subset(cifar10_lt_root, no_checksum):
     assert torch.equal(images[a.train_set.indices], a.train_set.images[a.train_set.indices])
 
 
-def test_val_split_from_long_tailed_train(cifar10_lt_root, no_checksum):
+def test_val_split_from_long_tailed_train(cifar10_lt_root, no_checksum, caplog):
     dm = CIFAR10LTDataModule(root=str(cifar10_lt_root), download=False, imbalance_ratio=100,
                              val_split=0.2, num_workers=0)
-    dm.setup("fit")
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
     train_idx, val_idx = dm.train_set.indices, dm.val_set.indices
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
     train = torch.bincount(dm.train_set.targets, minlength=10)
@@ -99,6 +100,9 @@ def test_val_split_from_long_tailed_train(cifar10_lt_root, no_checksum):
     assert (train + val).tolist() == closed_form(N_MAX, 10, 100)
     assert (train >= 1).all() and val[0] == 20  # 20% of the head class, >= 1 kept per class
     assert dm.class_counts["val_source"] == "train" and dm.class_counts["val"] == val.tolist()
+    ratio = train.max().item() / train.min().item()  # what is left of ratio 100 after the split
+    assert (f"{val.sum().item()} held out for validation, training ratio now {ratio:.3g}"
+            in caplog.text)
     t, v = stratified_split(torch.tensor([0] * 10 + [1] * 3), 4, seed=0)  # int: about 4
     assert len(v) == 4 and len(t) == 9
 

@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.folders import (IMAGE_EXTENSIONS, CorruptImageError, find_classes,
                                         read_rgb_tensor, scan_class_folders)
-from hug_lightning.data.splits import split_indices
+from hug_lightning.data.splits import seeded_choice, stratified_split, val_count
 
 log = logging.getLogger(__name__)
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
@@ -65,15 +65,6 @@ def read_class_list(path: str | Path) -> list[str]:
         raise ValueError(f"Class list {path} " + (f"names some classes twice: {_listing(dups)}."
                                                   if dups else "holds no class names."))
     return names
-
-
-def seeded_choice(n: int, k: int, seed: int, class_index: int, stream: int = 0) -> list[int]:
-    """``k`` sorted indices of ``range(n)``: the first ``k`` of a ``torch.randperm`` whose seed
-    mixes ``(seed, class_index, stream)`` by NumPy's ``SeedSequence`` (never Python's ``hash``):
-    the same on every rank and every run."""
-    state = np.random.SeedSequence([seed % 2**63, class_index, stream]).generate_state(1, np.uint64)
-    gen = torch.Generator().manual_seed(int(state[0]) % 2**63)
-    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
 
 class ImageFileDataset(Dataset):
@@ -186,9 +177,10 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         images_per_class: Keep at most this many training images per class (``None``: all).
         fraction: Keep this fraction (in ``(0, 1]``, rounded, at least 1) of each class's
             training images; exclusive with ``images_per_class``.
-        val_split: Validation images held out of the (sub-sampled) training set: a count
-            (int) or a fraction (float), drawn with ``seed``. 0 validates on the official
-            ``val/`` folder, which the test stage always uses.
+        val_split: Validation images held out of the (sub-sampled) training set: about this
+            many (int) or this fraction (float), drawn per class with ``seed`` (each class
+            gives ``round(fraction * n_c)`` and keeps at least one training image). 0 validates
+            on the official ``val/`` folder, which the test stage always uses.
         image_size: Side of the (random-resized or center) crops fed to the model.
         resize_size: Shorter side after the evaluation resize, before the center crop.
         augment: Random-resized crop and horizontal flip for training (else the eval transform).
@@ -327,7 +319,12 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         if not needs_train:
             return
         full = ImageFileDataset(self.select_train(self.scan("train")), None, self.on_corrupt)
-        train_idx, val_idx = split_indices(len(full), self.val_split, self.seed)
+        # per class (each keeps at least one training image), then one fixed shuffle so that
+        # `limit_val_batches` sees every class
+        n_val = val_count(len(full), self.val_split)
+        train_idx, val_idx = stratified_split(full.labels, n_val, self.seed)
+        val_idx = val_idx[torch.randperm(len(val_idx),
+                                         generator=torch.Generator().manual_seed(self.seed))]
         self.train_set = full.subset(train_idx, self.train_transform())
         self.train_eval_set = full.subset(train_idx, self.eval_transform())
         self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)

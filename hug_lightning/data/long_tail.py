@@ -11,7 +11,9 @@ balanced.
 
 Validation: ``val_split=0`` (default, as in LDAM) validates on the balanced test set. A
 positive ``val_split`` holds out a class-stratified part of the long-tailed training set (each
-class keeps at least one training image), so that validation set is long-tailed too.
+class gives ``round(val_split * n_c)``, rounding half to even, and keeps at least one training
+image), so that validation set is long-tailed too, and the tail classes with fewer than
+``1 / val_split`` images give none; the log line states the training ratio left after it.
 
 The class counts are logged, kept in ``class_counts`` and written as ``class_counts.json``
 into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_counts``.
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from hug_lightning.data.arrays import TensorImageDataset
 from hug_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, _CIFARDataModule
-from hug_lightning.data.imagenet import seeded_choice
+from hug_lightning.data.splits import seeded_choice, stratified_split
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
@@ -60,32 +62,6 @@ def select_per_class(labels: Tensor, counts: Sequence[int], seed: int) -> Tensor
             raise ValueError(f"Class {c} has {len(idx)} images, fewer than the {k} asked for.")
         keep.append(idx[seeded_choice(len(idx), k, seed, c)])
     return torch.cat(keep).sort().values
-
-
-def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
-    """Per-class seeded split into ``(train, val)`` index tensors.
-
-    Args:
-        labels: Labels of the samples.
-        val_split: Validation fraction (float in ``[0, 1)``) or about this many samples (int,
-            turned into a fraction); each class gives ``round(fraction * n_c)`` samples to
-            validation but keeps at least one for training.
-        seed: Seed of the per-class choice.
-    """
-    n = len(labels)
-    if isinstance(val_split, bool) or not 0 <= val_split < (n if isinstance(val_split, int) else 1):
-        raise ValueError(f"val_split must be a count in [0, {n}) or a fraction in [0, 1), got "
-                         f"{val_split!r}.")
-    frac = val_split / n if isinstance(val_split, int) else float(val_split)
-    train, val = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        k = min(round(frac * len(idx)), len(idx) - 1)
-        chosen = torch.zeros(len(idx), dtype=torch.bool)
-        chosen[seeded_choice(len(idx), k, seed, c, stream=1)] = True
-        train.append(idx[~chosen])
-        val.append(idx[chosen])
-    return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
 class _LongTailCIFAR(_CIFARDataModule):
@@ -163,8 +139,12 @@ class _LongTailCIFAR(_CIFARDataModule):
         self.class_counts = {"dataset": self.name, "imbalance_ratio": self.imbalance_ratio,
                              "imbalance_type": self.imbalance_type, "seed": self.seed, **counts}
         if "train" in counts:
+            train = counts["train"]
+            held_out = (f"; {sum(counts['val'])} held out for validation, training ratio now "
+                        f"{max(train) / max(min(train), 1):.3g}" if counts["val_source"] == "train"
+                        else "")
             rank_zero_info(f"{self.name} (ratio {self.imbalance_ratio:g}, {self.imbalance_type}): "
-                           f"{sum(counts['train'])} training images, per class {counts['train']}")
+                           f"{sum(train)} training images, per class {train}{held_out}")
         self.save_class_counts()
 
     def _bincount(self, labels: Tensor) -> list[int]:

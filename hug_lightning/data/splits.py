@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded split of ``range(n)`` into ``(train, val)`` index tensors (train sorted,
-    validation in the permutation's order, mixing the classes of class-ordered data).
-
-    Args:
-        n: Number of samples.
-        val_split: Validation size: an int count, or a float fraction in ``[0, 1)``. 0 gives
-            an empty validation part; a whole-number float above 1 (``5000.0``) is a count,
-            and ``1.0`` is an error (it would hold out everything).
-        seed: Seed of the permutation (the same split on every rank and every run).
-    """
+def val_count(n: int, val_split: int | float) -> int:
+    """The number of validation samples ``val_split`` asks for out of ``n`` (see
+    :func:`split_indices`), or a ``ValueError`` that says what to give instead."""
     if isinstance(val_split, bool):
         raise TypeError("val_split must be an int count or a float fraction, not a bool.")
     if isinstance(val_split, float) and val_split == 1.0:
@@ -31,12 +24,64 @@ def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Te
     if not 0 <= n_val < n:
         raise ValueError(f"val_split={val_split} asks for {n_val} of {n} samples; "
                          f"use a count in [0, {n}) or a fraction in [0, 1).")
+    return n_val
+
+
+def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(n)`` into ``(train, val)`` index tensors (train sorted,
+    validation in the permutation's order, mixing the classes of class-ordered data).
+
+    Args:
+        n: Number of samples.
+        val_split: Validation size: an int count, or a float fraction in ``[0, 1)``. 0 gives
+            an empty validation part; a whole-number float above 1 (``5000.0``) is a count,
+            and ``1.0`` is an error (it would hold out everything).
+        seed: Seed of the permutation (the same split on every rank and every run).
+    """
+    n_val = val_count(n, val_split)
     if n_val == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     # validation keeps the random order: data stored class by class (image folders) would
     # otherwise give `limit_val_batches` runs a single class
     return perm[n_val:].sort().values, perm[:n_val]
+
+
+def seeded_choice(n: int, k: int, seed: int, class_index: int, stream: int = 0) -> list[int]:
+    """``k`` sorted indices of ``range(n)``: the first ``k`` of a ``torch.randperm`` whose seed
+    mixes ``(seed, class_index, stream)`` by NumPy's ``SeedSequence`` (never Python's ``hash``):
+    the same on every rank and every run."""
+    state = np.random.SeedSequence([seed % 2**63, class_index, stream]).generate_state(1, np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0]) % 2**63)
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Per-class seeded split into ``(train, val)`` index tensors.
+
+    Args:
+        labels: Labels of the samples.
+        val_split: Validation fraction (float in ``[0, 1)``) or about this many samples (int,
+            turned into a fraction); each class gives ``round(fraction * n_c)`` samples to
+            validation but keeps at least one for training.
+        seed: Seed of the per-class choice.
+    """
+    n = len(labels)
+    if isinstance(val_split, bool) or not 0 <= val_split < (n if isinstance(val_split, int) else 1):
+        raise ValueError(f"val_split must be a count in [0, {n}) or a fraction in [0, 1), got "
+                         f"{val_split!r}.")
+    frac = val_split / n if isinstance(val_split, int) else float(val_split)
+    if frac == 0:
+        return torch.arange(n), torch.empty(0, dtype=torch.long)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = min(round(frac * len(idx)), len(idx) - 1)
+        chosen = torch.zeros(len(idx), dtype=torch.bool)
+        chosen[seeded_choice(len(idx), k, seed, c, stream=1)] = True
+        train.append(idx[~chosen])
+        val.append(idx[chosen])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
 def out_of_range_label(labels: Tensor, num_classes: int) -> int | None:
