@@ -8,7 +8,10 @@ prediction set and saves
 * ``predictions.pt``: a dict of tensors, ``index`` (the sample's index in the data set),
   ``pred`` (predicted class), ``label`` (when the data has labels) and ``logits`` (``N x K``;
   for HUG these are cosines to the proxies), loadable with ``torch.load(path)``;
-* ``predictions.csv``: ``index,pred[,label]``, one row per sample.
+* ``predictions.csv``: ``index,pred[,label][,path]``, one row per sample; ``path`` (also a list
+  in ``predictions.pt``) is the image file, for data sets read file by file (ImageNet). ``index``
+  is the position in the data module's prediction (by default test) set, whose order for class
+  folders is a fixed shuffle (seed 0) of the sorted files (torchvision's CIFAR: its own order).
 
 Under DDP every process writes its own shard, ``predictions-rank<r>.pt`` / ``.csv``; ``index``
 puts them back together (the evaluation samplers do not pad, so every sample appears once).
@@ -47,6 +50,18 @@ class PredictionWriter(BasePredictionWriter):
             return [item for group in nested for item in group]
         return list(nested)
 
+    @staticmethod
+    def _dataset_paths(trainer: Trainer) -> Sequence[str] | None:
+        """The image file of each sample, when the (single) prediction set keeps them (image
+        folders read per file, e.g. ImageNet), else ``None``."""
+        loaders = getattr(trainer, "predict_dataloaders", None)
+        if isinstance(loaders, (list, tuple)):
+            if len(loaders) != 1:
+                return None
+            loaders = loaders[0]
+        paths = getattr(getattr(loaders, "dataset", None), "paths", None)
+        return [str(p) for p in paths] if paths is not None else None
+
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule,
                            predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # same call on every rank
@@ -60,15 +75,19 @@ class PredictionWriter(BasePredictionWriter):
         n = len(table["pred"])
         table["index"] = (torch.as_tensor(indices, dtype=torch.long) if len(indices) == n
                           else torch.arange(n))
+        paths = self._dataset_paths(trainer)
+        if paths is not None and len(indices) == n:
+            table["path"] = [paths[i] for i in indices]
         suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         folder.mkdir(parents=True, exist_ok=True)
         pt_path, csv_path = folder / f"predictions{suffix}.pt", folder / f"predictions{suffix}.csv"
         torch.save(table, pt_path)
-        columns = ["index", "pred"] + (["label"] if "label" in table else [])
+        columns = ["index", "pred"] + [c for c in ("label", "path") if c in table]
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            writer.writerows(zip(*(table[c].tolist() for c in columns)))
+            writer.writerows(zip(*(table[c] if c == "path" else table[c].tolist()
+                                   for c in columns)))
         self.written = [pt_path, csv_path]
         rank_zero_info(f"predict: {n} predictions written to {pt_path} and {csv_path.name}")
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torch import nn
 
 from test_calibration import manual_ece
@@ -309,6 +310,23 @@ def test_prediction_writer_uses_batch_indices_and_keeps_every_batch(tmp_path):
     assert "logits" not in saved
     rows = (tmp_path / "predictions.csv").read_text().splitlines()
     assert rows == ["index,pred,label", "7,1,1", "3,0,1", "5,0,0"]
+
+
+def test_prediction_writer_names_the_image_file_of_each_row(tmp_path):
+    """Sets read file by file (ImageNet) are shuffled once: `index` alone cannot be mapped back
+    to a file without rebuilding the data module, so the writer adds the path."""
+    from hug_lightning.data.imagenet import ImageFileDataset
+    files = [tmp_path / f"img{i}.JPEG" for i in range(4)]
+    dataset = ImageFileDataset([(f, i % 2) for i, f in enumerate(files)], None)
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              global_rank=0, world_size=1,
+                              predict_dataloaders=DataLoader(dataset, batch_size=2))
+    out = {"pred": torch.tensor([0, 1]), "label": torch.tensor([1, 1])}
+    PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[3, 1]]])  # per loader
+    saved = torch.load(tmp_path / "predictions.pt", weights_only=True)
+    assert saved["path"] == [str(files[3]), str(files[1])]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows == ["index,pred,label,path", f"3,0,1,{files[3]}", f"1,1,1,{files[1]}"]
 
 
 # --------------------------------------------------------------------------- UFM
