@@ -8,7 +8,12 @@ What it adds to a plain ``LightningCLI``:
 
 * subclass mode for model and data (``class_path`` + ``init_args``), so any subclass of
   ``LightningModule`` / ``LightningDataModule`` in an importable module can be selected;
-* ``data.num_classes`` linked into ``model.init_args.num_classes`` at instantiation;
+* ``data.num_classes`` linked into ``model.init_args.num_classes`` at instantiation (an error
+  when the data module has none);
+* no ``--optimizer`` / ``--lr_scheduler`` groups: the model's ``optimizer`` and ``scheduler``
+  arguments (``--model.init_args.optimizer``) build them, with its parameter groups;
+* the ``hug-lightning`` script puts the working folder on ``sys.path`` (as ``python -m`` does),
+  so ``class_path: my_module.MyHead`` finds ``./my_module.py``;
 * a ``checkpoint`` group (``ModelCheckpoint``: the best on ``val/acc``), a ``last`` group
   (``last.ckpt`` every epoch, ``--last.every_n_train_steps N`` for more), an ``nc``
   group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default) and an
@@ -101,6 +106,38 @@ class ConfigError(ValueError):
     """A configured value was rejected while building the model, data, trainer or callbacks."""
 
 
+def data_num_classes(data: Any) -> int:
+    """The data module's ``num_classes``, which the CLI links into the model's: an error when
+    it is missing or not a count (a missing attribute made jsonargparse skip the link, and the
+    model kept its default of 10 classes without a word)."""
+    k = getattr(data, "num_classes", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(
+            f"the data module {type(data).__name__} must set an integer num_classes (>= 2) in "
+            f"its __init__, found {k!r}: the CLI links it into the model's num_classes when "
+            "both are built, before setup() runs (count the classes there, or take them as an "
+            "argument).")
+    return k
+
+
+def _user_frame(err: BaseException) -> str:
+    """``file:line`` of the innermost frame outside the installed libraries and this package,
+    where a failing constructor is the user's own code (empty when there is none)."""
+    skip = (str(Path(__file__).resolve().parent), "site-packages", "dist-packages",
+            str(Path(inspect.__file__).resolve().parent))
+    found, seen = "", set()
+    while err is not None and id(err) not in seen:  # the innermost exception is the last cause
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None:
+            name = str(Path(tb.tb_frame.f_code.co_filename).resolve())
+            if not name.startswith("<") and not any(part in name for part in skip):
+                found = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return found
+
+
 def _reasons(err: BaseException) -> str:
     """The rejection reasons inside jsonargparse's instantiation error, without the dump of
     the whole configuration it appends."""
@@ -118,7 +155,9 @@ class HUGLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"invalid configuration: {_reasons(err)}") from err
+            where = _user_frame(err)
+            raise ConfigError(f"invalid configuration: {_reasons(err)}"
+                              + (f" (raised in {where})" if where else "")) from err
         self._warn_replaced_num_classes()
 
     def _warn_replaced_num_classes(self) -> None:
@@ -130,8 +169,12 @@ class HUGLightningCLI(LightningCLI):
         init = getattr(cfg.get("model"), "init_args", None) if cfg is not None else None
         given = init.get("num_classes") if init is not None else None
         data_k = getattr(self.datamodule, "num_classes", None)
-        param = inspect.signature(type(self.model).__init__).parameters.get("num_classes")
-        default = param.default if param is not None else None
+        default = None  # the first class up the MRO that names num_classes has the default
+        for cls in type(self.model).__mro__:
+            param = inspect.signature(cls.__init__).parameters.get("num_classes")
+            if param is not None:
+                default = param.default
+                break
         if given is not None and data_k is not None and given not in (data_k, default):
             rank_zero_warn(
                 f"model.init_args.num_classes={given} is not used: the model takes num_classes="
@@ -158,8 +201,8 @@ class HUGLightningCLI(LightningCLI):
                 + ". Start a new run (no --ckpt_path) to train with other model options.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes",
-                              apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.num_classes",
+                              compute_fn=data_num_classes, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(NeuralCollapseMonitor, "nc")
@@ -303,6 +346,9 @@ def console_main() -> int:
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
     value (one line naming the reason, no traceback).
     """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py
+        sys.path.insert(0, os.getcwd())
     try:
         main(args=None)
     except SIGTERMException:
@@ -336,6 +382,9 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
+        # the model builds its optimizer (parameter groups, head lr scale, schedule length):
+        # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently
+        auto_configure_optimizers=False,
         args=args,
         run=run,
     )

@@ -11,9 +11,11 @@ chosen in YAML (``class_path``) or one small hook to override in a subclass:
   logs them at validation and test (override both to add a metric).
 
 :meth:`step` returns a dict with ``loss``, ``features`` (``(B, feature_dim)``), ``logits``
-(``(B, K)``), ``labels`` and optionally ``terms`` (named loss terms to log), all detached except
-the loss; every ``*_step`` passes it on, so callbacks such as the neural-collapse monitor read
-what they need from ``outputs`` without touching the module. The NC eval pass and ``predict``
+(``(B, K)``), ``labels`` and optionally ``terms`` (named loss terms to log); ``features`` still
+carry their graph, so an override can add a feature term to the loss (``out = super().step(
+batch, stage); out["loss"] = out["loss"] + ...``). Every ``*_step`` detaches them and passes the
+dict on, so callbacks such as the neural-collapse monitor read what they need from ``outputs``
+without touching the module. The NC eval pass and ``predict``
 call :meth:`forward_features` and the head's ``logits`` directly (not :meth:`step`).
 
 The ``configure_*`` hooks run inside ``__init__``: a subclass sets the attributes they read
@@ -188,6 +190,13 @@ class ClassifierModule(LightningModule):
         built = head(num_classes, in_features)
         if not isinstance(built, Head):
             raise TypeError(f"head must build a hug_lightning.heads.Head, got {type(built)}.")
+        got = getattr(built, "num_classes", num_classes)  # (in_features may be a projection's)
+        if got != num_classes:
+            raise TypeError(
+                f"{type(built).__name__} was built with num_classes={got} for num_classes="
+                f"{num_classes} (in_features={in_features}): the module calls "
+                "head(num_classes, in_features) positionally, so keep them the first two "
+                "constructor arguments, in that order.")
         return built
 
     def configure_metrics(self) -> None:
@@ -241,11 +250,16 @@ class ClassifierModule(LightningModule):
                 f"expected (batch, {self.feature_dim}). The backbone's `num_features` must equal "
                 "the width it outputs (and images must have the size the backbone expects).")
         out = self.head.forward_train(features, y)
+        if out.logits.shape != (features.shape[0], self.num_classes):  # shapes only: no sync
+            raise ValueError(
+                f"{stage}: {type(self.head).__name__} gave logits of shape "
+                f"{tuple(out.logits.shape)}, expected (batch, num_classes) = "
+                f"({features.shape[0]}, {self.num_classes}).")
         return {
             "loss": out.loss,
             "terms": out.terms,
             "logits": out.logits,
-            "features": features.detach(),
+            "features": features,  # with its graph: a subclass may add a term on it to the loss
             "labels": y,
         }
 
@@ -316,6 +330,7 @@ class ClassifierModule(LightningModule):
         if skipping:  # a skipped batch must leave the BatchNorm running statistics untouched
             self._norm_snapshot.save()
         out = self.step(batch, "train")
+        out["features"] = out["features"].detach()  # callbacks keep them: no graph
         n = out["labels"].shape[0]
         terms = out.get("terms") or {}
         if not self.loss_guard.check(out["loss"], terms, self.current_epoch, self.global_step):
@@ -350,6 +365,7 @@ class ClassifierModule(LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
         out = self.step(batch, stage)
+        out["features"] = out["features"].detach()
         self.update_metrics(out, stage)
         return out
 

@@ -79,13 +79,21 @@ class Head(nn.Module, ABC):
 
         Override when the loss and the logits share work (the cross-entropy head does).
         """
-        total, terms = self.loss(features, labels)
+        result = self.loss(features, labels)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+            raise TypeError(
+                f"{type(self).__name__}.loss must return (total, terms): the scalar loss and a "
+                f"dict of named scalar terms to log ({{}} for none); it returned "
+                f"{type(result).__name__}.")
+        total, terms = result
         with torch.no_grad():
             logits = self.logits(features.detach())
         return HeadOutput(total, terms, logits)
 
     def predict(self, features: Tensor) -> Tensor:
-        """Predicted class indices ``(B,)``."""
+        """Predicted class indices ``(B,)``: ``logits(features).argmax(-1)``, the rule the
+        module, the callbacks and ``predict`` all use (override :meth:`logits`, not this, to
+        change predictions)."""
         return self.logits(features).argmax(dim=-1)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -96,6 +96,8 @@ class NeuralCollapseMonitor(Callback):
                            "and head (hug_lightning.module.ClassifierModule): disabled.")
             self.enabled = False
             return
+        if stage == "fit" and self.stages["train_eval"]:
+            self._check_eval_pass_data(trainer)
         k, d = int(pl_module.num_classes), int(pl_module.feature_dim)
         shape = tuple(getattr(pl_module.head, "class_vectors", torch.empty(0)).shape)
         if shape != (k, d):
@@ -109,6 +111,21 @@ class NeuralCollapseMonitor(Callback):
                     metrics=self.metrics).to(pl_module.device)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
+
+    @staticmethod
+    def _check_eval_pass_data(trainer: Trainer) -> None:
+        """Before the first epoch (the data module is set up first): the eval pass needs the
+        training images with the evaluation transform; failing at the end of epoch 0 lost it."""
+        data = trainer.datamodule
+        loader_fn = getattr(data, "train_eval_dataloader", None)
+        missing = loader_fn is None or (hasattr(data, "train_eval_set")
+                                        and getattr(data, "train_eval_set") is None)
+        if missing:
+            raise TypeError(
+                f"--nc.eval_pass true needs the training images with the evaluation transform: "
+                f"{type(data).__name__} must provide train_eval_dataloader() (a "
+                "hug_lightning ClassificationDataModule: set self.train_eval_set in "
+                "build_datasets). Or set --nc.eval_pass false.")
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()  # buffered batches belong in the saved sums
@@ -213,7 +230,8 @@ class NeuralCollapseMonitor(Callback):
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loader_fn = getattr(trainer.datamodule, "train_eval_dataloader", None)
         if loader_fn is None:
-            raise TypeError("eval_pass needs a data module with train_eval_dataloader().")
+            raise TypeError("--nc.eval_pass true needs a data module with "
+                            "train_eval_dataloader(); or set --nc.eval_pass false.")
         was_training = pl_module.training
         pl_module.eval()
         pending: list[tuple[Tensor, Tensor, Tensor]] = []
