@@ -45,6 +45,25 @@ def test_ufm_fit_logs_collapse(tmp_path):
     assert abs(logged["geometry/min_angle"][-1] - SIMPLEX_10) < 0.5
 
 
+@pytest.mark.parametrize("eval_pass", ["false", "true"])
+def test_validation_at_an_epoch_end_uses_that_epochs_training_means(tmp_path, eval_pass):
+    """Validation inside fit runs with trainer.training False: the reference was only computed
+    at on_train_epoch_end, after validation, so nc/val/ncc_* came one epoch late (none at
+    epoch 0, and a checkpoint monitoring them stopped the fit). All NC values are logged at
+    the step of Lightning's own epoch values."""
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2",
+                                 "--trainer.check_val_every_n_epoch", "1", "--nc.train", "true",
+                                 "--nc.eval_pass", eval_pass,
+                                 "--data.init_args.steps_per_epoch", "3",
+                                 "--checkpoint.monitor", "nc/val/ncc_accuracy")])
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["nc/val/ncc_accuracy"] == steps["val/acc"] == [2, 5]  # epochs 0 and 1
+    assert steps["nc/train/nc1_pinv"] == steps["train/acc"] == [2, 5]
+    assert cli.trainer.checkpoint_callback.best_model_path  # the monitor found its key
+
+
 def test_monitor_switches_and_subset(tmp_path):
     cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2", "--nc.enabled", "false")])
     assert not [k for k in cli.trainer.callback_metrics if k.startswith("nc/")]

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -35,6 +36,18 @@ from hug_lightning.metrics.figures import log_figures
 from hug_lightning.metrics.functional import select_metrics
 
 STAGES = ("train", "train_eval", "val")
+
+
+def epoch_log_step(trainer: Trainer) -> int:
+    """The step at which Lightning writes epoch-end values (``val/acc``, ``train/acc``), so that
+    values logged directly line up with them in TensorBoard: its logger step counter, which
+    the training loop has already advanced when ``on_train_epoch_end`` runs (Lightning steps
+    it back by one for its own epoch logging there)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    steps = getattr(loop, "_batches_that_stepped", None)
+    if steps is None:  # not Lightning's loop (a stand-in trainer): its global step
+        return int(getattr(trainer, "global_step", 0))
+    return max(steps - 1, 0) if trainer.training else steps
 
 
 class NeuralCollapseMonitor(Callback):
@@ -162,7 +175,7 @@ class NeuralCollapseMonitor(Callback):
         and with ~35 metrics per stage that alone made the collectors cost a fifth of a short GPU
         epoch. Nothing is lost by going direct: the values are already identical on every rank
         (computed after the all-reduce, no reduction left to do), loggers get them at the
-        current global step (rank 0 writes), and ``callback_metrics`` has them for
+        step of Lightning's own epoch values (:func:`epoch_log_step`; rank 0 writes), and ``callback_metrics`` has them for
         ``ModelCheckpoint`` / ``EarlyStopping`` monitors.
         """
         named = {f"nc/{stage}/{name}": value.detach().float().cpu() for name, value in values.items()}
@@ -170,7 +183,7 @@ class NeuralCollapseMonitor(Callback):
         if trainer.loggers:
             scalars = {key: float(value) for key, value in named.items()}
             for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=trainer.global_step)
+                logger.log_metrics(scalars, step=epoch_log_step(trainer))
 
     def _update(self, stage: str, outputs: Any) -> None:
         col = self.collectors.get(stage)
@@ -259,8 +272,11 @@ class NeuralCollapseMonitor(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        if trainer.training and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._finish_train(trainer, pl_module)  # validation at the end of the epoch
+        # validation at the end of a training epoch (inside fit, trainer.training is False
+        # here): score it against this epoch's training means, not the previous epoch's
+        if (trainer.state.fn == TrainerFn.FITTING
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            self._finish_train(trainer, pl_module)
         if "val" in self.collectors:
             self.collectors["val"].reset()
         self._val_norms = []
@@ -293,5 +309,5 @@ class NeuralCollapseMonitor(Callback):
         if source is None or not trainer.is_global_zero:
             return
         norms = torch.cat(self._val_norms) if self._val_norms else None
-        log_figures(trainer.logger, trainer.global_step, source.means(),
+        log_figures(trainer.logger, epoch_log_step(trainer), source.means(),
                     self._classifier(pl_module)[0], norms)
