@@ -232,6 +232,11 @@ class HUGLightningCLI(LightningCLI):
                 self._resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
             if logger is not None:
                 _never_into_a_run_folder(logger, subcommand)
+        if subcommand and logger is None:  # no version folder: the config goes to the
+            # trainer's root (the working folder by default), maybe next to the user's own
+            root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or "."))
+            self.save_config_kwargs = {**self.save_config_kwargs,
+                                       "config_filename": free_config_name(root)}
 
     @staticmethod
     def _find_last(logger: Any, flag: str) -> Path:
@@ -279,6 +284,18 @@ def _run_folder(logger: Any) -> Path | None:
         return None
     return Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
                 version if isinstance(version, str) else f"version_{version}")
+
+
+def free_config_name(folder: Path) -> str:
+    """``config.yaml``, or ``config-<n>.yaml`` (the first free ``n``) when ``folder`` holds one
+    already: a run without a logger saves its config in the working folder, where a
+    ``config.yaml`` is likely the user's own (``--config config.yaml``), never to be replaced."""
+    if not (folder / "config.yaml").exists():
+        return "config.yaml"
+    n = 1
+    while (folder / f"config-{n}.yaml").exists():
+        n += 1
+    return f"config-{n}.yaml"
 
 
 def resumed_config_name(folder: Path) -> str:

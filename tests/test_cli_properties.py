@@ -15,6 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from conftest import REPO
 from hug_lightning import checkpointing, cli
 from hug_lightning.checkpointing import recorded_best_checkpoint
 from hug_lightning.experiments import load_grid, main as grid_main, process, runner
@@ -324,3 +325,19 @@ def test_a_model_num_classes_replaced_by_the_data_link_is_reported():
         warnings.simplefilter("always")
         cli.main([*args, "--model.init_args.num_classes", "10"], run=False)
     assert not [w for w in caught if "is not used" in str(w.message)]
+
+
+def test_run_without_logger_never_replaces_the_users_config_yaml(tmp_path, monkeypatch):
+    """Without a logger the resolved config is saved in the working folder, where the user's
+    own `config.yaml` (often the --config input itself) was overwritten."""
+    monkeypatch.chdir(tmp_path)
+    mine = "# my commented config\n" + (REPO / "configs" / "ufm_ce.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(mine)
+    args = ["fit", "--config", "config.yaml", "--trainer.logger", "false",
+            "--trainer.max_epochs", "1", "--data.init_args.samples_per_class", "2",
+            "--data.init_args.steps_per_epoch", "1", "--model.init_args.backbone.init_args.dim",
+            "8", "--trainer.check_val_every_n_epoch", "1"]
+    for n in (1, 2):
+        cli.main(args)
+        assert (tmp_path / "config.yaml").read_text() == mine
+        assert "max_epochs: 1" in (tmp_path / f"config-{n}.yaml").read_text()
