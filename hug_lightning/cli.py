@@ -21,6 +21,8 @@ What it adds to a plain ``LightningCLI``:
   ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
   (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``) and ``predictions``
   (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder);
+* ``--trainer.limit_train_batches 1`` (and the other batch limits) means one batch, as written
+  (jsonargparse read it as ``1.0``, all batches: :mod:`hug_lightning.batch_limits`);
 * an unwritable log folder is an error before any work;
 * TensorBoard by default (``logs/<name>/version_N``, ``default_hp_metric=False``), the
   resolved ``config.yaml`` saved next to the events (overwritten when it exists, except by a
@@ -45,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import checkpointing
+from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.checkpointing import (InterruptCheckpoint, LastCheckpoint,
                                          find_last_checkpoint, recorded_best_checkpoint)
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
@@ -160,6 +163,12 @@ class HUGLightningCLI(LightningCLI):
                               + (f" (raised in {where})" if where else "")) from err
         self._warn_replaced_num_classes()
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with ``limit_*_batches: 1`` as one batch (see :mod:`batch_limits`)."""
+        trainer_cfg = {**dict(self._get(self.config_init, "trainer", default={})), **kwargs}
+        ones = restore_integer_ones(getattr(self, "_written_args", []), trainer_cfg)
+        return super().instantiate_trainer(**kwargs, **{key: 1 for key in ones})
+
     def _warn_replaced_num_classes(self) -> None:
         """``model.init_args.num_classes`` is linked from the data module, which silently wins
         over a value given in the YAML or on the command line: say so when they differ (a value
@@ -216,6 +225,10 @@ class HUGLightningCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        raw = sys.argv[1:] if args is None else args
+        self._written_args = list(raw) if isinstance(raw, (list, tuple)) else []
+        if cfg.get("trainer") is not None:  # the saved config.yaml says 1, as written
+            restore_integer_ones(self._written_args, cfg["trainer"])
         logger = _logger_init_args(cfg)
         if logger is not None:
             check_writable(Path(str(logger.get("save_dir") or ".")))

@@ -341,3 +341,24 @@ def test_run_without_logger_never_replaces_the_users_config_yaml(tmp_path, monke
         cli.main(args)
         assert (tmp_path / "config.yaml").read_text() == mine
         assert "max_epochs: 1" in (tmp_path / f"config-{n}.yaml").read_text()
+
+
+def test_batch_limit_written_as_1_is_one_batch(tmp_path):
+    """jsonargparse read `limit_train_batches: 1` as 1.0 (all batches: Union[float, int] from
+    Python's typing cache); as written it means one batch, 1.0 still means all."""
+    extra = tmp_path / "limits.yaml"
+    extra.write_text("trainer:\n  limit_train_batches: 1\n  limit_val_batches: 1.0\n")
+    args = ["--config", "ufm_ce", "--config", str(extra), "--trainer.logger.init_args.save_dir",
+            str(tmp_path), "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches",
+            "1", "--trainer.limit_predict_batches", "0.5"]  # the last flag wins
+    built = cli.main(args, run=False)
+    t = built.trainer
+    assert (t.limit_train_batches, t.limit_val_batches, t.limit_test_batches) == (1, 1.0, 1)
+    assert isinstance(t.limit_train_batches, int) and isinstance(t.limit_val_batches, float)
+    assert t.limit_predict_batches == 0.5
+    assert built.config.trainer.limit_train_batches == 1  # what config.yaml records
+    fit = cli.main(["fit", *args[:-4], "--trainer.max_epochs", "1",
+                    "--data.init_args.steps_per_epoch", "5"])
+    assert fit.trainer.global_step == 1  # one batch, not 5
+    saved = yaml.safe_load(Path(fit.trainer.log_dir, "config.yaml").read_text())
+    assert saved["trainer"]["limit_train_batches"] == 1
