@@ -55,7 +55,7 @@ SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
     # next round, around the shipped cifar10_hug.yaml (BN-linear embedding): the proxies' own
     # step size and decay, the seed noise of the default, and the MHS and MGD configs (never
     # measured on a GPU). Beta 2 and 8 moved the result by less than seed noise in hug15, so
-    # beta 6 and the linear intra power (hug-method.md's released form) gave way to those two
+    # beta 6 and the linear intra power (the authors' released form) gave way to those two
     "hug15b": [
         ("ce (cifar10_ce)", "cifar10_ce", []),
         ("hug (cifar10_hug)", "cifar10_hug", []),

@@ -1,4 +1,5 @@
-"""Pure HUG losses vs a per-class Python-loop reference and the closed forms of hug-method.md."""
+"""Pure HUG losses vs a per-class Python-loop reference and the closed forms of the
+hyperspherical optima."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Closed-form checks of the pure NC functions (docs/nc-metrics.md section 5).
+"""Closed-form checks of the pure NC functions (collapsed configurations with known values).
 
 Every expected value below is a hand-derived closed form from section 5 of the doc, never an
 output of the code under test. Configurations are built here from their definitions.

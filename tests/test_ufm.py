@@ -11,7 +11,7 @@ from conftest import REPO
 from hug_lightning.cli import main
 from hug_lightning.ufm import FreeFeatures, UFMDataModule
 
-# optimal minimum angle between K directions in R^d (hug-method.md, section 1)
+# optimal minimum angle between K directions in R^d (simplex, orthoplex, Rankin and polygon regimes)
 REGIMES = {
     "ufm_hug": math.degrees(math.acos(-1 / 9)),  # simplex K=10, d=512: 96.379
     "ufm_hug_orthoplex": 90.0,  # K=20=2d, d=10

@@ -219,7 +219,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
             raise ValueError("Give images_per_class or fraction, not both; got "
                              f"{images_per_class} and {fraction}.")
         if images_per_class is not None and images_per_class < 1:
-            raise ValueError(f"images_per_class must be >= 1 (or null: all), got {images_per_class}.")
+            raise ValueError(
+                f"images_per_class must be >= 1 (or null: all), got {images_per_class}.")
         if fraction is not None and not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1] (or null: all), got {fraction}.")
         if min(image_size, resize_size) < 1 or on_corrupt not in ("raise", "skip"):

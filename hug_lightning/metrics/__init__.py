@@ -5,7 +5,7 @@
   float64, no Lightning; :func:`compute_nc_metrics` returns the names in :data:`METRIC_NAMES`.
 * :mod:`.collapse`: :class:`NCFeatureStats`, the epoch collector (one ``all_reduce`` per state).
 
-Conventions are those of ``docs/nc-metrics.md`` sections 6-7 (class-average global mean,
+Conventions (class-average global mean,
 ``Sigma_W`` with 1/N, ddof 1, NC1-pinv with 1/K_eff and rank min(K_eff-1, d), Galanti's CDNV,
 energies as means over unordered pairs).
 """

@@ -175,8 +175,8 @@ class NeuralCollapseMonitor(Callback):
         and with ~35 metrics per stage that alone made the collectors cost a fifth of a short GPU
         epoch. Nothing is lost by going direct: the values are already identical on every rank
         (computed after the all-reduce, no reduction left to do), loggers get them at the
-        step of Lightning's own epoch values (:func:`epoch_log_step`; rank 0 writes), and ``callback_metrics`` has them for
-        ``ModelCheckpoint`` / ``EarlyStopping`` monitors.
+        step of Lightning's own epoch values (:func:`epoch_log_step`; rank 0 writes), and
+        ``callback_metrics`` has them for ``ModelCheckpoint`` / ``EarlyStopping`` monitors.
         """
         named = {f"nc/{stage}/{name}": value.detach().float().cpu() for name, value in values.items()}
         trainer.callback_metrics.update(named)

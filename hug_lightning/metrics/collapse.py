@@ -7,7 +7,7 @@ Usage (one instance per stage / dataloader)::
     values = nc.compute(W=head.class_vectors, b=head.class_bias)       # epoch end, all ranks
     nc.reset(); nc.roll_reference()        # this epoch's means -> next epoch's pivot/NCC ref
 
-Design decisions (``docs/nc-metrics.md`` sections 3, 6, 7):
+Design decisions:
 
 * states are fixed-shape float64 sums with ``dist_reduce_fx="sum"`` (see
   :mod:`.functional_states`), ``persistent=True`` (mid-epoch resume; ``metric.persistent(False)``

@@ -2,7 +2,7 @@
 
 ``states`` is a mapping as built by :mod:`hug_lightning.metrics.functional_states` (keys ``n``,
 ``s``, ``q``, optional ``S``, spherical twins ``*_sph``, NCC counters) plus optional pivots
-``pivot`` / ``pivot_sph`` (default 0). Conventions (``docs/nc-metrics.md`` sections 1, 6, 7):
+``pivot`` / ``pivot_sph`` (default 0). Conventions:
 
 * only classes with ``n_c > 0`` count; ``K_eff`` is their number (reported as ``k_eff``);
 * class means ``mu_c = p_c + s_c / n_c``; global mean ``mu_G`` = **class average** of the class

@@ -1,8 +1,7 @@
 """Pure between-class geometry metrics (NC2/GNC2, NC3) on a set of class vectors.
 
 Every function takes a ``(K, d)`` matrix whose rows are class vectors (centred class means
-``m_c = mu_c - mu_G``, classifier rows ``w_c``, ...) and returns float64 tensors. Conventions
-(``docs/nc-metrics.md`` sections 2.2, 2.3, 6 and 7):
+``m_c = mu_c - mu_G``, classifier rows ``w_c``, ...) and returns float64 tensors. Conventions:
 
 * pairs are **unordered** (``c < c'``); pairwise statistics are taken over the
   ``P = K (K - 1) / 2`` pairs;

@@ -1,6 +1,6 @@
 """One-pass, DDP-summable sufficient statistics for the neural-collapse metrics.
 
-The states (``docs/nc-metrics.md`` section 3.1) are plain tensors in a ``dict``; every one is a
+The states are plain tensors in a ``dict``; every one is a
 sum over samples, so the states of any partition of the data add up to the states of the whole
 (the DDP reduction is a ``SUM``). With per-class pivots ``p_c`` and ``z_i = x_i - p_{y_i}``:
 
