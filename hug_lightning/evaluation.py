@@ -99,7 +99,11 @@ class RobustnessEvaluation(Callback):
         self.max_batches, self.seed = max_batches, int(seed)
         self.mean, self.std = mean, std
         self._norm: tuple[Sequence[float], Sequence[float]] = (mean or (0.0,), std or (1.0,))
-        self.keys = ["clean"] + [f"{a}_eps{round(e * 255, 4):g}" for a in self.attacks for e in self.eps]
+        self.keys = ["clean"] + [f"{a}_eps{round(e * 255, 2):g}"  # 0.00784 -> eps2
+                                 for a in self.attacks for e in self.eps]
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"robust.eps {self.eps} name the same budget twice in units of "
+                             "1/255 (two decimals): give distinct values.")
         self.corruption_keys = [f"{c}_s{s}" for c in self.corruptions for s in self.severities]
         self.counts = CorrectCounts(len(self.keys) + len(self.corruption_keys))
 

@@ -194,3 +194,12 @@ def test_cli_eps0_equals_test_accuracy(cifar10_tv_root, no_checksum, tmp_path):
     assert m["test/robust/corruption_mean"] == pytest.approx(sum(corr) / 2, abs=1e-6)
     assert {"test/robust/fgsm_eps8", "test/robust/pgd_eps8"} <= set(m)
     assert all(p.grad is None for p in cli.model.parameters())
+
+
+def test_metric_keys_name_the_budget_in_units_of_1_255():
+    """The README's example eps (decimals of 2/255 and 8/255) gave keys like fgsm_eps1.9992."""
+    cb = RobustnessEvaluation(attacks=["fgsm", "pgd"], eps=[0.00784, 0.03137, 0.5 / 255])
+    assert cb.keys == ["clean", "fgsm_eps2", "fgsm_eps8", "fgsm_eps0.5", "pgd_eps2", "pgd_eps8",
+                       "pgd_eps0.5"]
+    with pytest.raises(ValueError, match="the same budget twice"):
+        RobustnessEvaluation(eps=[2 / 255, 0.00784])
