@@ -50,6 +50,7 @@ from hug_lightning import checkpointing
 from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.checkpointing import (InterruptCheckpoint, LastCheckpoint,
                                          find_last_checkpoint, recorded_best_checkpoint)
+from hug_lightning.data.base import DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
@@ -107,6 +108,10 @@ def resolve_config_args(args: list[str]) -> list[str]:
 
 class ConfigError(ValueError):
     """A configured value was rejected while building the model, data, trainer or callbacks."""
+
+
+class RunNotFoundError(FileNotFoundError):
+    """``--ckpt_path last|best`` found no run (or no recorded best checkpoint) to use."""
 
 
 def data_num_classes(data: Any) -> int:
@@ -254,12 +259,12 @@ class HUGLightningCLI(LightningCLI):
     @staticmethod
     def _find_last(logger: Any, flag: str) -> Path:
         if logger is None:
-            raise ValueError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
-                             "and name to find the run; pass the checkpoint file instead.")
+            raise ConfigError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
+                              "and name to find the run; pass the checkpoint file instead.")
         save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
         found = find_last_checkpoint(save_dir, name)
         if found is None:
-            raise FileNotFoundError(
+            raise RunNotFoundError(
                 f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
                 "Give the checkpoint file instead (or train first).")
         return found
@@ -283,7 +288,7 @@ class HUGLightningCLI(LightningCLI):
         if which == "best":
             best = recorded_best_checkpoint(found)
             if best is None:
-                raise FileNotFoundError(
+                raise RunNotFoundError(
                     f"--ckpt_path best: {found} records no best checkpoint (or its file is "
                     "gone); give the checkpoint file instead.")
             found = best
@@ -374,7 +379,8 @@ def console_main() -> int:
     Exit status: 0 when the subcommand finished; 130 (Ctrl-C) or 143 (SIGTERM) when ``fit`` was
     interrupted and saved ``last.ckpt`` (Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
-    value (one line naming the reason, no traceback).
+    value and 1 for missing data or a missing run to resume/evaluate (one message saying what to
+    do, no traceback).
     """
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py
@@ -389,6 +395,12 @@ def console_main() -> int:
         print(f"hug-lightning: error: {err}\n(fix the value in the YAML or the matching "
               "--key flag; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
+    except (DataNotFoundError, RunNotFoundError) as err:  # the message says what to do
+        if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
+            raise
+        print(f"hug-lightning: error: {err}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

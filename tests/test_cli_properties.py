@@ -109,6 +109,24 @@ def test_console_exit_status_of_a_rejected_value_and_of_success(monkeypatch, cap
     assert cli.console_main() == 0
 
 
+def test_missing_data_or_run_is_one_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Real commands: data absent (download off), and `--ckpt_path last` before any run."""
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "cifar10_ce",
+                                     "--data.init_args.root", str(tmp_path / "none"),
+                                     "--data.init_args.download", "false", *logs])
+    assert cli.console_main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: CIFAR-10 data not found in ")
+    assert "Traceback" not in err and "--data.init_args.root" in err
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "test", "--config", "ufm_ce",
+                                     "--ckpt_path", "last", *logs])
+    assert cli.console_main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: --ckpt_path last: no ") and "Traceback" not in err
+
+
 def test_unwritable_log_folder_is_an_error_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a file where the log folder's parent should be: mkdir fails
