@@ -36,7 +36,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import checkpointing
 from hug_lightning.batch_limits import restore_integer_ones
+from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _user_frame,
+                                      data_num_classes)
+from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
+                                        resumed_config_name)
 from hug_lightning.checkpointing import (InterruptCheckpoint, LastCheckpoint,
                                          find_last_checkpoint, recorded_best_checkpoint)
 from hug_lightning.data.base import DataNotFoundError
@@ -70,89 +73,6 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}-val_acc{val/acc:.4f}",
     "checkpoint.enable_version_counter": False,
 }
-
-
-def packaged_config(name: str) -> Path | None:
-    """Path of a YAML shipped in ``hug_lightning.configs`` (``cifar10_ce``, ``configs/debug.yaml``)."""
-    stem = Path(name).name
-    if not stem.endswith((".yaml", ".yml")):
-        stem += ".yaml"
-    try:
-        candidate = resources.files("hug_lightning.configs") / stem
-    except ModuleNotFoundError:
-        return None
-    return Path(str(candidate)) if candidate.is_file() else None
-
-
-def resolve_config_args(args: list[str]) -> list[str]:
-    """Replace ``--config X`` (or ``-c X``) values that are not files by the packaged config of
-    that name (bare names and ``configs/<name>`` only: a mistyped path elsewhere stays an
-    error)."""
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg in ("--config", "-c") and i + 1 < len(out):
-            j, value = i + 1, out[i + 1]
-        elif arg.startswith("--config="):
-            j, value = i, arg.split("=", 1)[1]
-        else:
-            continue
-        if value.lstrip().startswith("{") or Path(value).is_file():
-            continue
-        if Path(value).parent.as_posix() not in (".", "configs"):
-            continue  # a path elsewhere that does not exist: jsonargparse says so
-        found = packaged_config(value)
-        if found is not None:
-            out[j] = str(found) if j != i else f"--config={found}"
-    return out
-
-
-class ConfigError(ValueError):
-    """A configured value was rejected while building the model, data, trainer or callbacks."""
-
-
-class RunNotFoundError(FileNotFoundError):
-    """``--ckpt_path last|best`` found no run (or no recorded best checkpoint) to use."""
-
-
-def data_num_classes(data: Any) -> int:
-    """The data module's ``num_classes``, which the CLI links into the model's: an error when
-    it is missing or not a count (a missing attribute made jsonargparse skip the link, and the
-    model kept its default of 10 classes without a word)."""
-    k = getattr(data, "num_classes", None)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(
-            f"the data module {type(data).__name__} must set an integer num_classes (>= 2) in "
-            f"its __init__, found {k!r}: the CLI links it into the model's num_classes when "
-            "both are built, before setup() runs (count the classes there, or take them as an "
-            "argument).")
-    return k
-
-
-def _user_frame(err: BaseException) -> str:
-    """``file:line`` of the innermost frame outside the installed libraries and this package,
-    where a failing constructor is the user's own code (empty when there is none)."""
-    skip = (str(Path(__file__).resolve().parent), "site-packages", "dist-packages",
-            str(Path(inspect.__file__).resolve().parent))
-    found, seen = "", set()
-    while err is not None and id(err) not in seen:  # the innermost exception is the last cause
-        seen.add(id(err))
-        tb = err.__traceback__
-        while tb is not None:
-            name = str(Path(tb.tb_frame.f_code.co_filename).resolve())
-            if not name.startswith("<") and not any(part in name for part in skip):
-                found = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-            tb = tb.tb_next
-        err = err.__cause__ or err.__context__
-    return found
-
-
-def _reasons(err: BaseException) -> str:
-    """The rejection reasons inside jsonargparse's instantiation error, without the dump of
-    the whole configuration it appends."""
-    text = str(err)
-    lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
-    lines = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
-    return "; ".join(lines) if lines else text.split("\nGiven value")[0]
 
 
 class HUGLightningCLI(LightningCLI):
@@ -304,29 +224,6 @@ def _run_folder(logger: Any) -> Path | None:
                 version if isinstance(version, str) else f"version_{version}")
 
 
-def free_config_name(folder: Path) -> str:
-    """``config.yaml``, or ``config-<n>.yaml`` (the first free ``n``) when ``folder`` holds one
-    already: a run without a logger saves its config in the working folder, where a
-    ``config.yaml`` is likely the user's own (``--config config.yaml``), never to be replaced."""
-    if not (folder / "config.yaml").exists():
-        return "config.yaml"
-    n = 1
-    while (folder / f"config-{n}.yaml").exists():
-        n += 1
-    return f"config-{n}.yaml"
-
-
-def resumed_config_name(folder: Path) -> str:
-    """``config.yaml``, or ``config.resume-<n>.yaml`` (the first free ``n``) when the run
-    folder already holds the config of the fit being resumed: each resume keeps its own."""
-    if not (folder / "config.yaml").is_file():
-        return "config.yaml"
-    n = 1
-    while (folder / f"config.resume-{n}.yaml").exists():
-        n += 1
-    return f"config.resume-{n}.yaml"
-
-
 def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:
     """``validate|test|predict`` log into a new version folder, never a training run's: the
     config saved by a resumed fit names its version, and reusing it would overwrite that run's
@@ -430,3 +327,9 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         args=args,
         run=run,
     )
+
+
+__all__ = ["CHECKPOINT_DEFAULTS", "TRAINER_DEFAULTS", "ConfigError", "HUGLightningCLI",
+           "RunNotFoundError", "check_writable", "console_main", "data_num_classes",
+           "free_config_name", "main", "packaged_config", "resolve_config_args",
+           "resumed_config_name"]

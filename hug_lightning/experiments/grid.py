@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from hug_lightning.cli import packaged_config
+from hug_lightning.config_files import packaged_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 GRID_KEYS = {"name", "description", "seeds", "common", "entries"}

@@ -1,0 +1,60 @@
+"""The command line's own errors and the checks that raise them (no Lightning import).
+
+:class:`ConfigError` (exit status 2) and :class:`RunNotFoundError` (1) are what
+:func:`hug_lightning.cli.console_main` turns into one message without a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configured value was rejected while building the model, data, trainer or callbacks."""
+
+
+class RunNotFoundError(FileNotFoundError):
+    """``--ckpt_path last|best`` found no run (or no recorded best checkpoint) to use."""
+
+
+def data_num_classes(data: Any) -> int:
+    """The data module's ``num_classes``, which the CLI links into the model's: an error when
+    it is missing or not a count (a missing attribute made jsonargparse skip the link, and the
+    model kept its default of 10 classes without a word)."""
+    k = getattr(data, "num_classes", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(
+            f"the data module {type(data).__name__} must set an integer num_classes (>= 2) in "
+            f"its __init__, found {k!r}: the CLI links it into the model's num_classes when "
+            "both are built, before setup() runs (count the classes there, or take them as an "
+            "argument).")
+    return k
+
+
+def _user_frame(err: BaseException) -> str:
+    """``file:line`` of the innermost frame outside the installed libraries and this package,
+    where a failing constructor is the user's own code (empty when there is none)."""
+    skip = (str(Path(__file__).resolve().parent), "site-packages", "dist-packages",
+            str(Path(inspect.__file__).resolve().parent))
+    found, seen = "", set()
+    while err is not None and id(err) not in seen:  # the innermost exception is the last cause
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None:
+            name = str(Path(tb.tb_frame.f_code.co_filename).resolve())
+            if not name.startswith("<") and not any(part in name for part in skip):
+                found = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _reasons(err: BaseException) -> str:
+    """The rejection reasons inside jsonargparse's instantiation error, without the dump of
+    the whole configuration it appends."""
+    text = str(err)
+    lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
+    lines = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
+    return "; ".join(lines) if lines else text.split("\nGiven value")[0]

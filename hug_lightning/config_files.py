@@ -1,0 +1,64 @@
+"""Config files of the command line: the packaged YAMLs, and the names a run saves its own
+resolved config under (never replacing one that is there)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def packaged_config(name: str) -> Path | None:
+    """Path of a YAML shipped in ``hug_lightning.configs`` (``cifar10_ce``, ``configs/debug.yaml``)."""
+    stem = Path(name).name
+    if not stem.endswith((".yaml", ".yml")):
+        stem += ".yaml"
+    try:
+        candidate = resources.files("hug_lightning.configs") / stem
+    except ModuleNotFoundError:
+        return None
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """Replace ``--config X`` (or ``-c X``) values that are not files by the packaged config of
+    that name (bare names and ``configs/<name>`` only: a mistyped path elsewhere stays an
+    error)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            j, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if value.lstrip().startswith("{") or Path(value).is_file():
+            continue
+        if Path(value).parent.as_posix() not in (".", "configs"):
+            continue  # a path elsewhere that does not exist: jsonargparse says so
+        found = packaged_config(value)
+        if found is not None:
+            out[j] = str(found) if j != i else f"--config={found}"
+    return out
+
+
+def free_config_name(folder: Path) -> str:
+    """``config.yaml``, or ``config-<n>.yaml`` (the first free ``n``) when ``folder`` holds one
+    already: a run without a logger saves its config in the working folder, where a
+    ``config.yaml`` is likely the user's own (``--config config.yaml``), never to be replaced."""
+    if not (folder / "config.yaml").exists():
+        return "config.yaml"
+    n = 1
+    while (folder / f"config-{n}.yaml").exists():
+        n += 1
+    return f"config-{n}.yaml"
+
+
+def resumed_config_name(folder: Path) -> str:
+    """``config.yaml``, or ``config.resume-<n>.yaml`` (the first free ``n``) when the run
+    folder already holds the config of the fit being resumed: each resume keeps its own."""
+    if not (folder / "config.yaml").is_file():
+        return "config.yaml"
+    n = 1
+    while (folder / f"config.resume-{n}.yaml").exists():
+        n += 1
+    return f"config.resume-{n}.yaml"
