@@ -72,6 +72,41 @@ def test_mid_epoch_resume_is_exact(small_root, tmp_path, device_resident, schedu
     _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
 
 
+@pytest.mark.slow
+def test_mid_epoch_resume_under_ddp_keeps_every_ranks_nc_sums(small_root, tmp_path):
+    """2 processes: the checkpoint held rank 0's partial NC sums only, and every rank loaded
+    them, so after a mid-epoch resume rank 0's part counted twice and rank 1's was lost. The
+    saved sums are now over all ranks (rank 0 continues from them, the others from zero)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator",
+           "cpu", "--data.init_args.batch_size", "8")
+
+    def fit(log: Path, *extra: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", "fit",
+                               *_args(small_root, log, *ddp, *extra)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    fit(tmp_path / "ref", "--trainer.max_epochs", "2")
+    fit(tmp_path / "cut", "--trainer.max_epochs", "2", "--trainer.max_steps", "7",
+        "--last.every_n_train_steps", "1")  # 5 steps per epoch: stops inside epoch 1
+    fit(tmp_path / "cut", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))  # weights
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def epoch_1(log: Path) -> dict[str, float]:  # the resumed epoch's NC values, as logged
+        events = EventAccumulator(str(next(log.glob("cifar10_ce/version_*"))),
+                                  size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]
+                if tag.startswith("nc/train/")}
+
+    ref, cut = epoch_1(tmp_path / "ref"), epoch_1(tmp_path / "cut")
+    assert "nc/train/nc1_pinv" in ref and set(ref) == set(cut)
+    for tag, value in ref.items():
+        assert cut[tag] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), tag
+
+
 def _wait_for_a_step(log: Path, since: float, proc: subprocess.Popen) -> None:
     """Wait until the run writes a checkpoint (training has started), at most 5 minutes."""
     deadline = time.time() + 300

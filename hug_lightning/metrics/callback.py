@@ -26,12 +26,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from hug_lightning.metrics.collapse import NCFeatureStats
+from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
 from hug_lightning.metrics.figures import log_figures
 from hug_lightning.metrics.functional import select_metrics
 
@@ -97,6 +98,7 @@ class NeuralCollapseMonitor(Callback):
         self.figures_every = figures_every
         self.collectors: dict[str, NCFeatureStats] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._rank = 0
         self._train_done_epoch = -1
         self._val_norms: list[Tensor] = []
 
@@ -122,6 +124,7 @@ class NeuralCollapseMonitor(Callback):
                 self.collectors[name] = NCFeatureStats(
                     k, d, spherical=self.spherical, track_cov=self.track_cov,
                     metrics=self.metrics).to(pl_module.device)
+        self._rank = trainer.global_rank
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -141,17 +144,37 @@ class NeuralCollapseMonitor(Callback):
                 "build_datasets). Or set --nc.eval_pass false.")
 
     def state_dict(self) -> dict[str, Any]:
+        """The collectors' states, their sums added over processes.
+
+        Lightning calls this on every rank and writes rank 0's copy, which every rank loads: a
+        rank's own partial sums would be saved (the others' lost) and then counted once per
+        rank. So the sums are all-reduced here (a collective: every rank saves together) and
+        :meth:`load_state_dict` gives them to rank 0 only, like the module's accuracy counts.
+        """
         self._flush()  # buffered batches belong in the saved sums
-        return {"collectors": {n: c.state_dict() for n, c in self.collectors.items()},
-                "train_done_epoch": self._train_done_epoch}
+        summed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        collectors = {}
+        for name, col in self.collectors.items():
+            state = col.state_dict()
+            if summed:
+                for key in col._reductions:  # the SUM states (pivots are the same on all ranks)
+                    state[key] = all_reduce_sync(getattr(col, key))[0]
+            collectors[name] = state
+        return {"collectors": collectors, "train_done_epoch": self._train_done_epoch,
+                "summed_over_ranks": summed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.collectors:  # restored before setup: apply once the collectors exist
             self._pending_state = state_dict
             return
+        zero_sums = state_dict.get("summed_over_ranks", False) and self._rank != 0
         for name, sd in state_dict.get("collectors", {}).items():
             if name in self.collectors:
-                self.collectors[name].load_state_dict(sd)
+                col = self.collectors[name]
+                if zero_sums:  # rank 0 holds the total; the others continue from zero
+                    sd = {k: (torch.zeros_like(v) if k in col._reductions else v)
+                          for k, v in sd.items()}
+                col.load_state_dict(sd)
         self._train_done_epoch = state_dict.get("train_done_epoch", -1)
         self._pending_state = None
 
