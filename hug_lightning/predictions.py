@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -73,8 +73,15 @@ class PredictionWriter(BasePredictionWriter):
         table = {k: torch.cat([o[k].detach().cpu() for o in outputs]) for k in keys}
         indices = [i for batch in self._flatten(batch_indices) for i in (batch or [])]
         n = len(table["pred"])
-        table["index"] = (torch.as_tensor(indices, dtype=torch.long) if len(indices) == n
-                          else torch.arange(n))
+        if len(indices) == n:
+            table["index"] = torch.as_tensor(indices, dtype=torch.long)
+        elif trainer.world_size == 1:  # an iterable loader: Lightning cannot track indices,
+            table["index"] = torch.arange(n)  # but one process sees the set in its order
+        else:  # each rank's positions would repeat across the shards: say it, write -1
+            table["index"] = torch.full((n,), -1, dtype=torch.long)
+            rank_zero_warn("predict: the prediction loader does not let Lightning track sample "
+                           "indices (an iterable data set), so under DDP `index` is -1 and the "
+                           "shards cannot be merged by it; use a map-style data set.")
         paths = self._dataset_paths(trainer)
         if paths is not None and len(indices) == n:
             table["path"] = [paths[i] for i in indices]

@@ -168,4 +168,6 @@ class UFMDataModule(LightningDataModule):
         return self._full_batches(1)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._full_batches(1)
+        # map-style and in order: Lightning shards it under DDP without padding and tracks
+        # each sample's index, which `predict` writes (the iterable loader hid them)
+        return DataLoader(self.dataset, batch_size=min(self.batch_size, self.num_samples))

@@ -67,3 +67,33 @@ def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
     for key in ("pred", "label"):
         merged = torch.cat([s[key] for s in shards])[order]
         assert torch.equal(merged, single[key][single_order]), key
+
+
+@pytest.mark.slow
+def test_ddp_predict_of_the_ufm_indexes_every_sample_once(tmp_path):
+    """The UFM's prediction loader was iterable: Lightning could not track indices and every
+    rank wrote 0..N/2-1. Map-style now: the shards' indices cover the set exactly once."""
+    import torch
+
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "2",
+            "--data.init_args.samples_per_class", "5", "--data.init_args.steps_per_epoch", "2",
+            "--model.init_args.backbone.init_args.dim", "8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> None:
+        command, *flags = extra
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", command, "--config",
+                               "ufm_hug", *logs, *flags], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("fit")
+    run("predict", "--ckpt_path", "last")
+    run("predict", "--ckpt_path", "last", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    runs = sorted((tmp_path / "ufm_hug").glob("version_*"), key=lambda p: int(p.name[8:]))
+    single = torch.load(runs[1] / "predictions.pt", weights_only=True)
+    shards = [torch.load(runs[2] / f"predictions-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    index = torch.cat([s["index"] for s in shards])
+    assert sorted(index.tolist()) == list(range(50)) == single["index"].tolist()
+    merged = torch.cat([s["pred"] for s in shards])[index.argsort()]
+    assert torch.equal(merged, single["pred"])

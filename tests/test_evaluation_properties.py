@@ -312,6 +312,20 @@ def test_prediction_writer_uses_batch_indices_and_keeps_every_batch(tmp_path):
     assert rows == ["index,pred,label", "7,1,1", "3,0,1", "5,0,0"]
 
 
+def test_prediction_writer_without_tracked_indices_under_ddp_writes_minus_one(tmp_path):
+    """Positions within a rank's shard are not sample indices: never write them as such."""
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              global_rank=1, world_size=2)
+    out = {"pred": torch.tensor([0, 1, 1])}
+    with pytest.warns(UserWarning, match="index` is -1"):
+        PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[]]])
+    saved = torch.load(tmp_path / "predictions-rank1.pt", weights_only=True)
+    assert saved["index"].tolist() == [-1, -1, -1]
+    trainer.world_size, trainer.global_rank = 1, 0  # one process: the loader's order
+    PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[]]])
+    assert torch.load(tmp_path / "predictions.pt", weights_only=True)["index"].tolist() == [0, 1, 2]
+
+
 def test_prediction_writer_names_the_image_file_of_each_row(tmp_path):
     """Sets read file by file (ImageNet) are shuffled once: `index` alone cannot be mapped back
     to a file without rebuilding the data module, so the writer adds the path."""
