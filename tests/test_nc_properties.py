@@ -136,3 +136,29 @@ def test_monitor_state_dict_includes_buffered_training_batches():
     saved = monitor.state_dict()["collectors"]["train"]
     assert saved["n"].sum().item() == 15
     assert saved["n"].tolist() == [6.0, 6.0, 3.0]
+
+
+def test_collector_rejects_a_label_out_of_range_and_a_wrong_width():
+    """They raised IndexError / a reshape error from deep inside the update."""
+    col = NCFeatureStats(4, 3)
+    with pytest.raises(ValueError, match=r"label 7 is outside \[0, 4\)"):
+        col.update(torch.randn(2, 3), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"label -1 is outside"):
+        col.update(torch.randn(2, 3), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"features of shape \(2, 4\) .* expected \(\.\.\., 3\)"):
+        col.update(torch.randn(2, 4), torch.tensor([0, 1]))
+    col.update(torch.randn(2, 3), torch.tensor([0, 3]))  # in range: accepted
+    assert col.n.sum() == 2
+
+
+def test_metrics_that_need_a_disabled_statistic_are_a_config_error(tmp_path):
+    """--nc.spherical false with a *_sph metric failed in setup, after the run folder existed."""
+    from hug_lightning.cli import ConfigError, main
+    with pytest.raises(ValueError, match=r"\['nc1_pinv_sph'\] need --nc.spherical true"):
+        NeuralCollapseMonitor(metrics=["nc1_pinv_sph"], spherical=False)
+    with pytest.raises(ValueError, match=r"\['nc1_pinv'\] need --nc.track_cov true"):
+        NeuralCollapseMonitor(metrics=["nc1_pinv", "nc1_cdnv"], track_cov=False)
+    with pytest.raises(ConfigError, match="need --nc.spherical true"):
+        main(["fit", "--config", "ufm_hug", "--nc.spherical", "false", "--nc.metrics",
+              "[nc1_pinv_sph]", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert not list(tmp_path.rglob("version_*"))

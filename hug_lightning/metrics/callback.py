@@ -34,7 +34,7 @@ from torch import Tensor
 
 from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
 from hug_lightning.metrics.figures import log_figures
-from hug_lightning.metrics.functional import select_metrics
+from hug_lightning.metrics.functional import COV_NAMES, SPH_NAMES, select_metrics
 
 STAGES = ("train", "train_eval", "val")
 
@@ -92,8 +92,13 @@ class NeuralCollapseMonitor(Callback):
         self.stages = {"train": train, "train_eval": eval_pass, "val": val}
         self.eval_pass_every = eval_pass_every
         self.metrics = list(metrics) if metrics is not None else None
-        if self.metrics is not None:
-            select_metrics(self.metrics)  # unknown names: an error now, not at the first epoch
+        if self.metrics is not None:  # unknown or impossible names: an error now, not at setup
+            want = select_metrics(self.metrics)
+            for on, names, flag in ((spherical, SPH_NAMES, "spherical"),
+                                    (track_cov, COV_NAMES, "track_cov")):
+                if not on and want & set(names):
+                    raise ValueError(f"--nc.metrics {sorted(want & set(names))} need "
+                                     f"--nc.{flag} true (or leave them out).")
         self.spherical, self.track_cov = spherical, track_cov
         self.figures_every = figures_every
         self.collectors: dict[str, NCFeatureStats] = {}

@@ -180,12 +180,22 @@ class NCFeatureStats(Metric):
 
         Args:
             features: ``(B, d)`` (or ``(..., d)``) features, any float dtype; cast to float64.
-            labels: ``(B,)`` integer labels in ``[0, K)``.
+            labels: ``(B,)`` integer labels in ``[0, K)`` (checked for CPU tensors; on a GPU
+                the check would wait for the device).
             logits: Optional ``(B, K)`` model scores, bias included; NCC counters are updated
                 when these are given and reference means were set.
             weight: Optional ``(B,)`` non-negative weights; 0 drops a sample (padded duplicates
                 of ``DistributedSampler``).
         """
+        if features.shape[-1] != self.dim or features.shape[:-1] != labels.shape:  # no sync
+            raise ValueError(f"NCFeatureStats(dim={self.dim}): features of shape "
+                             f"{tuple(features.shape)} with labels of shape "
+                             f"{tuple(labels.shape)}; expected (..., {self.dim}) and (...).")
+        if labels.device.type == "cpu" and labels.numel():  # free there; on GPUs: a sync
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"NCFeatureStats(num_classes={self.num_classes}): label "
+                                 f"{low if low < 0 else high} is outside [0, {self.num_classes}).")
         for name in self._defaults:  # guard against casts that bypassed _apply (e.g. loading)
             if getattr(self, name).dtype != self._acc_dtype:
                 setattr(self, name, getattr(self, name).to(self._acc_dtype))
