@@ -41,24 +41,24 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+def _first_free(folder: Path, pattern: str) -> str:
+    """``config.yaml`` if ``folder`` has none, else ``pattern`` with the first free ``n``."""
+    if not (folder / "config.yaml").exists():
+        return "config.yaml"
+    n = 1
+    while (folder / pattern.format(n=n)).exists():
+        n += 1
+    return pattern.format(n=n)
+
+
 def free_config_name(folder: Path) -> str:
     """``config.yaml``, or ``config-<n>.yaml`` (the first free ``n``) when ``folder`` holds one
     already: a run without a logger saves its config in the working folder, where a
     ``config.yaml`` is likely the user's own (``--config config.yaml``), never to be replaced."""
-    if not (folder / "config.yaml").exists():
-        return "config.yaml"
-    n = 1
-    while (folder / f"config-{n}.yaml").exists():
-        n += 1
-    return f"config-{n}.yaml"
+    return _first_free(folder, "config-{n}.yaml")
 
 
 def resumed_config_name(folder: Path) -> str:
     """``config.yaml``, or ``config.resume-<n>.yaml`` (the first free ``n``) when the run
     folder already holds the config of the fit being resumed: each resume keeps its own."""
-    if not (folder / "config.yaml").is_file():
-        return "config.yaml"
-    n = 1
-    while (folder / f"config.resume-{n}.yaml").exists():
-        n += 1
-    return f"config.resume-{n}.yaml"
+    return _first_free(folder, "config.resume-{n}.yaml")
