@@ -250,7 +250,8 @@ def mgd_loss(weight: Tensor, jitter: float = 1e-6, normalize: bool = True,
     package default) divides by ``K``, a per-class quantity whose scale, like the pair mean of MHE,
     does not grow with ``K``; ``normalize=False`` is the plain ``-logdet`` (the form of the
     closed-form values at the simplex). Cost: the most expensive variant, an LU factorization
-    and a solve of a ``K x K`` float64 matrix per step (about 3 ms of GPU time on an H200 at ``K = 1000``).
+    and a solve of a ``K x K`` float64 matrix per step (about 3 ms of GPU time on an H200 at
+    ``K = 1000``).
 
     Args:
         weight: Proxies ``(K, d)``, any scale.
