@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from hug_lightning.backbones import CifarResNet
 from hug_lightning.guards import FiniteLossGuard, RunningStatsSnapshot, check_labels
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
+from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
 from hug_lightning.optim import total_steps_context
 from hug_lightning.param_groups import apply_lr_scale, check_kinds, parameter_groups
@@ -271,6 +272,9 @@ class ClassifierModule(LightningModule):
         if self.trainer.world_size > 1:
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
+            if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch
+                self.head.count_sync = CountSync(lambda t: strategy.reduce(t, reduce_op="sum"),
+                                                 self.trainer.world_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
@@ -343,10 +347,12 @@ class ClassifierModule(LightningModule):
             self.train_counts = counts = counts.to(out["labels"].device)
         counts[0] += (out["logits"].argmax(-1) == out["labels"]).sum()
         counts[1] += n  # a scalar argument: no host-to-device copy
-        if self._log_this_step():
-            self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n)
+        if self._log_this_step():  # under DDP the mean over ranks (the global batch's value)
+            sync = self.trainer.world_size > 1
+            self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n,
+                     sync_dist=sync)
             for name, value in terms.items():
-                self.log(f"train/{name}", value, batch_size=n)
+                self.log(f"train/{name}", value, batch_size=n, sync_dist=sync)
             if self.trainer.optimizers:
                 self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
                          batch_size=n)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from hug_lightning.heads import Head, HUGHead
 from hug_lightning.losses import HUGConfig, hug_loss
+from hug_lightning.losses.hug import CountSync
 
 F64 = torch.float64
 
@@ -205,6 +206,41 @@ def test_ddp_inter_term_equals_one_process(variant: str) -> None:
     # with the proxy detached the proxies' gradient comes from inter only: DDP-exact as well
     head = make_head(6, 5, variant=variant)
     assert torch.allclose(one_process(head, h, y)[1][1], ddp_grads(head, h, y, 2)[1][1])
+
+
+def simulated_sync(y: torch.Tensor, num_classes: int, ranks: int) -> CountSync:
+    """What the all-reduce returns: the global batch's class counts (a K-vector) or size."""
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == num_classes:
+            return torch.bincount(y, minlength=num_classes).to(t.dtype)
+        return torch.full_like(t, float(len(y)))
+    return CountSync(reduce, ranks)
+
+
+@pytest.mark.parametrize("reduction", ["class_balanced", "per_sample"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_ddp_with_synced_counts_equals_one_process(reduction: str, detach: bool) -> None:
+    """Shards with different classes and sizes (rank 0: 7 samples of {0,1,2}, rank 1: 5 of
+    {3,4}): the ranks' averaged gradient is the single-process one, and the mean of the
+    ranks' logged intra is the single-process intra."""
+    head = make_head(6, 5, intra_reduction=reduction, detach_proxy=detach)
+    h = torch.randn(12, 5, dtype=F64, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 4])
+    loss1, g1 = one_process(head, h, y)
+    intra1 = head.loss(h, y)[1]["intra"]
+    head.count_sync = simulated_sync(y, 6, 2)
+    shards = [(h[:7], y[:7]), (h[7:], y[7:])]
+    losses = [head.loss(a, b) for a, b in shards]
+    avg = sum(total for total, _ in losses) / 2
+    g2 = torch.autograd.grad(avg, (h, head.proxies))
+    torch.testing.assert_close(avg, loss1)
+    close(g1, g2)
+    torch.testing.assert_close(sum(t["intra"] for _, t in losses) / 2, intra1)
+    head.sync_class_counts = False  # the local statistics: not one process on these shards
+    assert not torch.allclose(sum(head.loss(a, b)[0] for a, b in shards) / 2, loss1)
+    head.sync_class_counts, _ = True, head.eval()  # evaluation never calls the collective
+    head.count_sync = CountSync(lambda t: pytest.fail("collective in eval mode"), 2)
+    head.loss(h[:7], y[:7])
 
 
 def documented_ddp_intra(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, R: int):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -109,19 +109,46 @@ class HUGLossOutput(NamedTuple):
     intra: Tensor
 
 
-def class_balanced_weights(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+class CountSync(NamedTuple):
+    """Makes the intra term's batch statistics global under data parallelism (DDP).
+
+    ``reduce`` sums a tensor over the ``world_size`` processes (a collective: every process
+    calls it at the same step). With it each process weighs its samples by the GLOBAL batch's
+    class counts (``class_balanced``) or size (``per_sample``), times ``world_size``, so the
+    average of the processes' gradients (what DDP applies) is the gradient of the loss on the
+    global batch: the single-process result.
+    """
+
+    reduce: Callable[[Tensor], Tensor]
+    world_size: int
+
+
+def class_balanced_weights(labels: Tensor, num_classes: int, dtype: torch.dtype,
+                           sync: CountSync | None = None) -> Tensor:
     """Per-sample weights ``1 / (n_{y_i} K_present)``: their dot with per-sample values is the
-    mean over the classes present of the per-class means. No sync, no data-dependent shape."""
+    mean over the classes present of the per-class means. No host sync, no data-dependent
+    shape. With ``sync``: ``R / (N_{y_i} K_global)`` from the counts ``N`` summed over the
+    ``R`` processes (one all-reduce of ``K`` numbers)."""
     ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
     counts = torch.zeros(num_classes, dtype=dtype, device=labels.device).index_add_(0, labels, ones)
+    if sync is not None:
+        total = sync.reduce(counts)
+        present = (total > 0).sum().to(dtype)
+        return total.index_select(0, labels).mul_(present).reciprocal_().mul_(sync.world_size)
     inv_count = counts.index_select(0, labels).reciprocal_()
     return inv_count / inv_count.sum()  # sum_i 1/n_{y_i} = number of classes present
+
+
+def per_sample_weights(labels: Tensor, dtype: torch.dtype, sync: CountSync) -> Tensor:
+    """``R / B_global`` for every sample: the global batch mean, whatever the local sizes."""
+    size = torch.full((1,), labels.shape[0], dtype=dtype, device=labels.device)
+    return (sync.world_size / sync.reduce(size)).expand(labels.shape[0])
 
 
 class _HUGFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, h: Tensor, W: Tensor, labels: Tensor, cfg: HUGConfig
+        ctx: Any, h: Tensor, W: Tensor, labels: Tensor, cfg: HUGConfig, sync: CountSync | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b = h.shape[0]
         u, nrm, den = unit_forward(as_loss_dtype(torch.cat([h, W])), cfg.eps)
@@ -133,7 +160,10 @@ class _HUGFunction(torch.autograd.Function):
         else:
             dist = diff.square().sum(dim=-1)
         if cfg.intra_reduction == "class_balanced":
-            wt = class_balanced_weights(labels, W.shape[0], dist.dtype)
+            wt = class_balanced_weights(labels, W.shape[0], dist.dtype, sync)
+            intra = torch.dot(dist, wt)
+        elif sync is not None:
+            wt = per_sample_weights(labels, dist.dtype, sync).contiguous()
             intra = torch.dot(dist, wt)
         else:
             wt, intra = None, dist.mean()
@@ -148,7 +178,7 @@ class _HUGFunction(torch.autograd.Function):
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, g_total: Tensor | None, g_inter: Tensor | None, g_intra: Tensor | None, _: Any
-    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         cfg, b = ctx.cfg, ctx.b
         u, nrm, den, diff, labels, dist, wt, *state = ctx.saved_tensors
 
@@ -158,7 +188,7 @@ class _HUGFunction(torch.autograd.Function):
 
         gi, gb = coef(g_total, cfg.alpha, g_inter), coef(g_total, cfg.beta, g_intra)
         if gi is None and gb is None:
-            return None, None, None, None
+            return None, None, None, None, None
         with no_autocast(u.device.type):
             grad = torch.empty_like(u)
             gx, gw = grad[:b], grad[b:]
@@ -178,7 +208,7 @@ class _HUGFunction(torch.autograd.Function):
                 if not cfg.detach_proxy:
                     gw.index_add_(0, labels, gx, alpha=-1.0)
             grad = unit_backward(grad, u, nrm, den, cfg.eps)
-        return grad[:b].to(ctx.dtypes[0]), grad[b:].to(ctx.dtypes[1]), None, None
+        return grad[:b].to(ctx.dtypes[0]), grad[b:].to(ctx.dtypes[1]), None, None, None
 
 
 def check_inputs(features: Tensor, weight: Tensor, labels: Tensor) -> None:
@@ -209,12 +239,14 @@ def check_inputs(features: Tensor, weight: Tensor, labels: Tensor) -> None:
 
 
 def hug_terms(
-    features: Tensor, weight: Tensor, labels: Tensor, config: HUGConfig
+    features: Tensor, weight: Tensor, labels: Tensor, config: HUGConfig,
+    sync: CountSync | None = None,
 ) -> tuple[HUGLossOutput, Tensor]:
     """:func:`hug_loss` without the input checks, plus the normalized rows ``[x; w]`` (no grad),
-    from which callers take cosine logits ``x @ w.T`` without normalizing again."""
+    from which callers take cosine logits ``x @ w.T`` without normalizing again. ``sync``: see
+    :class:`CountSync` (the returned intra value is then this process's share, times ``R``)."""
     with no_autocast(features.device.type):
-        total, inter, intra, unit = _HUGFunction.apply(features, weight, labels, config)
+        total, inter, intra, unit = _HUGFunction.apply(features, weight, labels, config, sync)
     return HUGLossOutput(total, inter, intra), unit
 
 
@@ -256,5 +288,5 @@ def hug_loss(
     return hug_terms(features, weight, labels, config)[0]
 
 
-__all__ = ["HUGConfig", "HUGLossOutput", "check_inputs", "class_balanced_weights", "hug_loss",
-           "hug_terms"]
+__all__ = ["CountSync", "HUGConfig", "HUGLossOutput", "check_inputs", "class_balanced_weights",
+           "hug_loss", "hug_terms", "per_sample_weights"]
