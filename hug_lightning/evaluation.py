@@ -84,13 +84,14 @@ class RobustnessEvaluation(Callback):
         super().__init__()
         bad = [a for a in attacks if a not in ("fgsm", "pgd")]
         bad += [c for c in corruptions if c not in CORRUPTIONS]
-        bad += [e for e in eps if e < 0] + [s for s in severities if not 0 <= int(s) <= 5]
-        if pgd_steps < 1 or attack_temperature <= 0 or (max_batches or 1) < 1:
+        bad += [e for e in eps if not 0 <= e <= 1] + [s for s in severities if not 0 <= int(s) <= 5]
+        if pgd_steps < 1 or attack_temperature <= 0 or (max_batches is not None
+                                                        and max_batches < 1):
             bad.append("pgd_steps, attack_temperature and max_batches must be positive")
         if bad:
             raise ValueError(f"RobustnessEvaluation: invalid arguments {bad}; attacks: fgsm, "
-                             f"pgd; corruptions: {', '.join(CORRUPTIONS)}; eps >= 0; "
-                             "severities 0..5.")
+                             f"pgd; corruptions: {', '.join(CORRUPTIONS)}; eps in [0, 1] "
+                             "(pixel units: 8/255 is 0.0314, not 8); severities 0..5.")
         self.enabled = enabled
         self.attacks, self.eps = list(attacks), [float(e) for e in eps]
         self.pgd_steps, self.pgd_step_size = int(pgd_steps), pgd_step_size
@@ -118,6 +119,11 @@ class RobustnessEvaluation(Callback):
                                "attributes; assuming the inputs are pixels in [0, 1].")
             mean, std = (0.0,), (1.0,)
         self._norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        size = getattr(dm, "image_size", 32)
+        if self.enabled and stage == "test" and self.corruptions and int(size) > 32:
+            rank_zero_warn(f"RobustnessEvaluation: the corruption severities are CIFAR-10-C's; "
+                           f"on {size}-pixel images they are milder than ImageNet-C's, so "
+                           "test/robust/*_s<k> are not comparable to ImageNet-C figures.")
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Normalized inputs -> pixel images in ``[0, 1]`` (float32)."""
@@ -188,7 +194,11 @@ class RobustnessEvaluation(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
             return
-        acc = self.counts.compute().float()
+        acc = self.counts.compute().float()  # over all processes (a collective)
+        if torch.isnan(acc).all():  # no batch evaluated anywhere (e.g. limit_test_batches 0)
+            rank_zero_warn("RobustnessEvaluation: no test batch was evaluated; nothing logged.")
+            self.counts.reset()
+            return
         n = len(self.keys)
         for key, value in zip(self.keys + self.corruption_keys, acc):
             pl_module.log(f"test/robust/{key}", value, sync_dist=False)
@@ -231,24 +241,31 @@ class CalibrationMonitor(Callback):
             raise ValueError("temperature and n_bins must be positive.")
         self.enabled, self.fit_temperature = enabled, fit_temperature
         self.temperature, self.fitted = float(temperature), False
+        #: "test" when T was fitted on a validation set that was the test split (val_split 0)
+        self.fitted_on: str | None = None
+        self._val_is_test = False
         self.n_bins, self.bounds = int(n_bins), (float(bounds[0]), float(bounds[1]))
         self._logits: list[Tensor] = []
         self._labels: list[Tensor] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         dm = getattr(trainer, "datamodule", None)
-        if self.enabled and self.fit_temperature and getattr(dm, "val_split", None) == 0:
+        self._val_is_test = getattr(dm, "val_split", None) == 0
+        if (self.enabled and self.fit_temperature and self._val_is_test
+                and stage in ("fit", "validate")):
             rank_zero_warn("CalibrationMonitor: val_split is 0, so validation runs on the test "
                            "split and the temperature behind test/ece is fitted on the test "
                            "data. Set --data.init_args.val_split (e.g. 0.1) for a held-out "
                            "calibration split.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "fitted": self.fitted}
+        return {"temperature": self.temperature, "fitted": self.fitted,
+                "fitted_on": self.fitted_on}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.fit_temperature and state_dict.get("fitted", False):
             self.temperature, self.fitted = float(state_dict["temperature"]), True
+            self.fitted_on = state_dict.get("fitted_on")
 
     # ------------------------------------------------------------------ collection
     def _reset(self, *_: Any) -> None:
@@ -283,10 +300,21 @@ class CalibrationMonitor(Callback):
             return
         if stage == "val" and self.fit_temperature:
             self.temperature = cal.fit_temperature(logits, labels, self.bounds)
-            self.fitted = True
+            self.fitted, self.fitted_on = True, "test" if self._val_is_test else "val"
+            low, high = self.bounds
+            if not low * 1.05 < self.temperature < high / 1.05:
+                rank_zero_warn(
+                    f"CalibrationMonitor: the fitted temperature {self.temperature:.4g} is at "
+                    f"its search bound {self.bounds} ({logits.shape[0]} validation samples): "
+                    "the validation scores carry no usable confidence (an untrained model, or "
+                    "a tiny or perfectly separated validation set), so ECE/NLL with it mean "
+                    "little.")
         elif stage == "test" and self.fit_temperature and not self.fitted:
             rank_zero_warn("CalibrationMonitor: no fitted temperature (no validation epoch ran "
                            f"and the checkpoint holds none); test/ece uses T = {self.temperature}.")
+        elif stage == "test" and self.fitted_on == "test":
+            rank_zero_warn("CalibrationMonitor: this temperature was fitted on the test split "
+                           "(the run had val_split 0): test/ece and test/nll are optimistic.")
         t = self.temperature
         for name, value in (
             ("ece", cal.expected_calibration_error(logits, labels, t, self.n_bins)),

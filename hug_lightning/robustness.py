@@ -67,7 +67,8 @@ class CorrectCounts(Metric):
         self.total += count
 
     def compute(self) -> Tensor:
-        return self.correct.double() / self.total.clamp(min=1)
+        """Accuracies; NaN when no sample was counted (not a 0 that reads as a measurement)."""
+        return self.correct.double() / self.total.double()
 
 
 # --------------------------------------------------------------------------- normalization

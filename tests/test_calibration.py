@@ -182,3 +182,51 @@ def test_warns_when_the_temperature_would_be_fitted_on_the_test_split():
         warnings.simplefilter("error")
         CalibrationMonitor().setup(SimpleNamespace(datamodule=SimpleNamespace(val_split=0.1)),
                                    None, "fit")
+
+
+def _finish(cb, stage, logits, labels):
+    """Run the monitor's epoch end on one process (a stand-in trainer and module)."""
+    from types import SimpleNamespace
+    logged = {}
+    module = SimpleNamespace(num_classes=logits.shape[1], device=torch.device("cpu"),
+                             log=lambda k, v, **_: logged.__setitem__(k, v))
+    cb._logits, cb._labels = [logits], [labels]
+    cb._finish(SimpleNamespace(world_size=1), module, stage)
+    return logged
+
+
+def test_test_time_warning_follows_where_the_temperature_was_fitted():
+    """It followed the test run's val_split: silent for a T fitted on the test split in an
+    earlier run (val_split 0 there), a false alarm for a held-out T evaluated with val_split 0."""
+    import warnings
+    from types import SimpleNamespace
+
+    from hug_lightning.evaluation import CalibrationMonitor
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(200, 5, generator=g), torch.randint(0, 5, (200,), generator=g)
+    for val_split, fitted_on in ((0, "test"), (0.1, "val")):
+        fit = CalibrationMonitor()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit.setup(SimpleNamespace(datamodule=SimpleNamespace(val_split=val_split)), None, "fit")
+        _finish(fit, "val", logits, labels)
+        assert fit.state_dict()["fitted_on"] == fitted_on
+        test = CalibrationMonitor()
+        test.load_state_dict(fit.state_dict())
+        other = 0.1 if val_split == 0 else 0  # the test run's own setting must not matter
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            test.setup(SimpleNamespace(datamodule=SimpleNamespace(val_split=other)), None, "test")
+            _finish(test, "test", logits, labels)
+        optimistic = [w for w in caught if "fitted on the test split" in str(w.message)]
+        assert len(optimistic) == (fitted_on == "test")
+        assert not [w for w in caught if "fitted on the test data" in str(w.message)]
+
+
+def test_temperature_at_its_search_bound_is_reported():
+    from hug_lightning.evaluation import CalibrationMonitor
+    labels = torch.arange(4) % 2
+    separable = torch.nn.functional.one_hot(labels, 2).float() * 50  # every score certain
+    with pytest.warns(UserWarning, match=r"temperature 0\.001 is at its search bound"):
+        logged = _finish(CalibrationMonitor(), "val", separable, labels)
+    assert logged["val/temperature"] == pytest.approx(1e-3)

@@ -203,3 +203,18 @@ def test_metric_keys_name_the_budget_in_units_of_1_255():
                        "pgd_eps0.5"]
     with pytest.raises(ValueError, match="the same budget twice"):
         RobustnessEvaluation(eps=[2 / 255, 0.00784])
+
+
+def test_bad_budgets_and_batch_limits_are_errors_and_nothing_evaluated_logs_nothing():
+    """max_batches 0 was accepted and every robust accuracy logged as 0.0; eps 8 (meant as
+    8/255) ran an unbounded attack."""
+    from types import SimpleNamespace
+    for bad in ({"max_batches": 0}, {"eps": [8]}, {"eps": [-0.1]}):
+        with pytest.raises(ValueError, match="invalid arguments"):
+            RobustnessEvaluation(**bad)
+    cb = RobustnessEvaluation(max_batches=1)
+    logged = {}
+    module = SimpleNamespace(log=lambda k, v, **_: logged.__setitem__(k, v))
+    with pytest.warns(UserWarning, match="no test batch was evaluated"):
+        cb.on_test_epoch_end(None, module)
+    assert logged == {}
