@@ -58,6 +58,9 @@ class HUGHead(Head):
             (``1/||w_c - w_c'||``) or 0 (log energy ``log(1/||w_c - w_c'||)``).
         mhs_mode: ``"hard"`` (the authors' form: gradient only on the closest pair) or ``"soft"``
             (NOT the authors' form: smooth soft-min ``tau * logsumexp(-D^2/tau)`` over pairs).
+            Hard MHS moves one pair per step: in the UFM it stalls short of the optimum
+            (measured: 96.19 deg of 96.38 for K=10, d=512; 85 of 90 for the orthoplex; 51 of 90
+            in the Rankin regime K=100, d=64), where ``"soft"`` reaches 89.2 in the Rankin one.
         mhs_tau: Temperature of the soft MHS, positive; used only with ``mhs_mode="soft"``.
         mgd_jitter: Added to the diagonal of the MGD Gram matrix before the log-determinant
             (``>= 0``; keeps it finite when proxies coincide).
@@ -73,7 +76,9 @@ class HUGHead(Head):
             ``sqrt(eps)`` are divided by ``sqrt(eps)`` (a zero feature gives a finite loss and
             gradient), the MHE energy uses ``max(||w_c - w_c'||^2, floor)`` with ``floor =
             max(eps, 64 machine epsilons)`` (``7.6e-6`` in float32: coincident proxies cost a
-            large finite penalty, not NaN/Inf or rounding noise), and with ``intra_power=1`` the
+            large finite penalty, not NaN/Inf or rounding noise; being constant below the
+            floor, it has no gradient there, so proxies closer than about 0.16 degree in float32
+            are not pushed apart), and with ``intra_power=1`` the
             gradient of a distance below ``sqrt(eps)`` is set to 0 (the distance is exact).
         proxy_init: ``"normal"``: i.i.d. Gaussian rows normalized to unit norm; ``"orthogonal"``:
             ``nn.init.orthogonal_`` then rows normalized (orthonormal rows when ``K <= d``).
