@@ -380,3 +380,80 @@ def test_batch_limit_written_as_1_is_one_batch(tmp_path):
     assert fit.trainer.global_step == 1  # one batch, not 5
     saved = yaml.safe_load(Path(fit.trainer.log_dir, "config.yaml").read_text())
     assert saved["trainer"]["limit_train_batches"] == 1
+
+
+# ------------------------------------------------------------ grid runner: resumed fits
+def test_resumed_fit_with_another_command_is_announced_and_keeps_the_first(tmp_path, monkeypatch,
+                                                                          capsys):
+    """A grid changed while a fit was unfinished resumed silently, and the results recorded the
+    new command (later reruns then skipped it as 'the same'); a fit interrupted on its own
+    (exit 130/143) was reported FAILED."""
+    launched: list[list[str]] = []
+    statuses = iter([143, 0])
+
+    def launch(cmd, log_file):
+        launched.append(cmd)
+        status = next(statuses)
+        if status == 0:  # a complete fit: its marker, a checkpoint and a resume config
+            run.completed_file.write_text("{}")
+            (run.fit_dir / "config.resume-1.yaml").write_text("")
+            (run.fit_dir / "config.resume-2.yaml").write_text("")
+        return status
+
+    monkeypatch.setattr(process, "launch", launch)
+    run = runner.grid_runs(load_grid(_grid(tmp_path)), [0], tmp_path / "runs")[0]
+    assert runner.execute(run) == "interrupted"  # 143: the fit saved last.ckpt and stopped
+    assert "fit interrupted: rerun to resume" in capsys.readouterr().out
+    first = json.loads(run.started_file.read_text())["command"]
+    assert first == launched[0]
+    last = run.ckpt_dir / "last.ckpt"
+    last.parent.mkdir(parents=True, exist_ok=True)
+    last.write_bytes(b"x")
+    monkeypatch.setattr(runner, "_tested_checkpoint", lambda r: last)
+    monkeypatch.setattr(runner, "last_values", lambda d: {})
+    tested: list[list[str]] = []
+
+    def launch_test(cmd, log_file):
+        if "test" in cmd:
+            tested.append(cmd)
+            return 0
+        return launch(cmd, log_file)
+
+    monkeypatch.setattr(process, "launch", launch_test)
+    assert runner.execute(run, ["--trainer.max_epochs", "9"]) == "done"
+    out = capsys.readouterr().out
+    assert "resuming a fit started with another command" in out
+    assert json.loads(run.fit_file.read_text())["command"] == first
+    assert json.loads(run.result_file.read_text())["fit_command"] == first
+    # the test reads the config the last (resumed) fit saved: its data paths are current
+    assert tested[0][tested[0].index("--config") + 1].endswith("config.resume-2.yaml")
+    assert runner.execute(run, ["--trainer.max_epochs", "9"]) == "skipped"
+    assert "done before with another fit command" in capsys.readouterr().out
+
+
+def test_read_scalars_keeps_the_newest_value_of_a_step_written_twice(tmp_path):
+    """A fit killed after logging and resumed logs the same steps again."""
+    import time
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hug_lightning.experiments.results import read_scalars
+    for values in ((1.0, 2.0, 3.0), (20.0, 30.0, 40.0)):  # steps 0-2, then 1-3 again
+        writer = SummaryWriter(str(tmp_path))
+        start = 0 if values[0] == 1.0 else 1
+        for step, value in enumerate(values, start):
+            writer.add_scalar("train/loss", value, step)
+        writer.close()
+        time.sleep(0.05)
+    assert read_scalars(tmp_path)["train/loss"] == [(0, 1.0), (1, 20.0), (2, 30.0), (3, 40.0)]
+
+
+def test_dry_run_names_the_checkpoint_the_test_will_use(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "seeds": [0], "entries": [
+        {"name": "lt", "configs": ["ufm_ce.yaml"], "test_checkpoint": "last"},
+        {"name": "ce", "configs": ["ufm_ce.yaml"]}]}))
+    runs = runner.grid_runs(load_grid(path), [0], tmp_path / "runs")
+    runner.dry_run(runs)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].endswith("--ckpt_path " + str(runs[0].ckpt_dir / "last.ckpt"))
+    assert out[5].endswith("--ckpt_path '<best checkpoint of fit>'")

@@ -51,8 +51,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     events.Reload()
     out = {}
     for tag in events.Tags()["scalars"]:
-        items = sorted(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
-        out[tag] = [(int(e.step), float(e.value)) for e in items]
+        latest: dict[int, tuple[float, float]] = {}  # step -> (wall time, value): newest wins
+        for e in events.Scalars(tag):
+            if int(e.step) not in latest or e.wall_time >= latest[int(e.step)][0]:
+                latest[int(e.step)] = (e.wall_time, float(e.value))
+        out[tag] = [(step, value) for step, (_, value) in sorted(latest.items())]
     return out
 
 

@@ -95,11 +95,23 @@ class Run:
             cmd += ["--ckpt_path", str(resume)]
         return cmd
 
+    def fit_config(self) -> Path:
+        """The config the fit saved last: ``config.yaml``, or the newest
+        ``config.resume-<n>.yaml`` of a resumed fit (its data paths may have changed)."""
+        resumes = sorted(self.fit_dir.glob("config.resume-*.yaml"),
+                         key=lambda p: int(p.stem.rsplit("-", 1)[-1]))
+        return resumes[-1] if resumes else self.fit_dir / "config.yaml"
+
     def test_command(self, ckpt: str) -> list[str]:
-        """``test`` with the fit's saved ``config.yaml`` and the best checkpoint."""
+        """``test`` with the fit's saved config (:meth:`fit_config`) and the chosen checkpoint."""
         return [sys.executable, "-m", "hug_lightning", "test",
-                "--config", str(self.fit_dir / "config.yaml"), *self.entry.test_args,
+                "--config", str(self.fit_config()), *self.entry.test_args,
                 *self.logger_args("test"), "--ckpt_path", ckpt]
+
+    @property
+    def started_file(self) -> Path:
+        """The command the fit was first started with (a resume may be given another)."""
+        return self.root / "fit_started.json"
 
 
 def grid_runs(grid: Grid, seeds: Sequence[int], out: Path) -> list[Run]:
@@ -195,15 +207,27 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             shutil.rmtree(run.fit_dir)
         run.completed_file.unlink(missing_ok=True)
         cmd = run.fit_command(extra, resume)
+        first = cmd
+        if resume is None or not run.started_file.is_file():
+            run.root.mkdir(parents=True, exist_ok=True)
+            _write_json(run.started_file, {"command": cmd})
+        else:
+            first = json.loads(run.started_file.read_text())["command"]
+            if _without_resume(first) != _without_resume(cmd):
+                _say(f"{tag} WARNING: resuming a fit started with another command (the grid or "
+                     "--extra changed): the checkpoint's model options stay, other options "
+                     f"change mid-run, and the results keep the first command. Delete "
+                     f"{run.root} to restart it with the current arguments.")
         _say(f"{tag} fit" + (f" (resuming from {resume})" if resume else ""))
         rc = process.launch(cmd, run.root / "fit.log")
-        if process.STOP.is_set() or (rc == 0 and not run.completed_file.is_file()):
+        if process.STOP.is_set() or (rc == 0 and not run.completed_file.is_file()) \
+                or rc in (130, 143):  # the fit itself was interrupted and saved last.ckpt
             _say(f"{tag} fit interrupted: rerun to resume from last.ckpt")
             return "interrupted"
         if rc != 0:
             return _failed(run, "fit")
         best = _tested_checkpoint(run)
-        _write_json(run.fit_file, {"best_ckpt": str(best), "command": cmd})
+        _write_json(run.fit_file, {"best_ckpt": str(best), "command": first})
     best = json.loads(run.fit_file.read_text())["best_ckpt"]
     if not Path(best).is_file():  # the output folder was moved since
         best = str(_tested_checkpoint(run))
@@ -268,7 +292,15 @@ def dry_run(runs: Sequence[Run], extra: Sequence[str] = ()) -> None:
         state = ("done: skipped" if run.result_file.is_file() else
                  "fit done: test only" if run.fit_file.is_file() else
                  "resumes from last.ckpt" if (run.ckpt_dir / "last.ckpt").is_file() else "new")
-        print(f"# {run.grid} / {run.entry.name} / seed {run.seed} ({state})")
         resume = run.ckpt_dir / "last.ckpt" if state.startswith("resumes") else None
-        print(shlex.join(run.fit_command(extra, resume)))
-        print(shlex.join(run.test_command(BEST_PLACEHOLDER)))
+        now = run.fit_command(extra, resume)
+        saved = (json.loads(run.result_file.read_text()).get("fit_command", []) if
+                 state.startswith("done") else json.loads(run.started_file.read_text())["command"]
+                 if resume is not None and run.started_file.is_file() else now)
+        if _without_resume(saved) != _without_resume(now):
+            state += ", with another fit command before"
+        print(f"# {run.grid} / {run.entry.name} / seed {run.seed} ({state})")
+        print(shlex.join(now))
+        tested = (str(run.ckpt_dir / "last.ckpt") if run.entry.test_checkpoint == "last"
+                  else BEST_PLACEHOLDER)
+        print(shlex.join(run.test_command(tested)))
