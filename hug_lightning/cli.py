@@ -109,6 +109,12 @@ class HUGLightningCLI(LightningCLI):
             if param is not None:
                 default = param.default
                 break
+        if cfg is not None and cfg.get("ckpt_path") and given is not None and data_k is not None \
+                and given != data_k:  # the model's options come from the checkpoint here
+            raise ConfigError(
+                f"--ckpt_path: the checkpoint's model has num_classes={given}, the data module "
+                f"{type(self.datamodule).__name__} has {data_k} classes; use it with the data "
+                "it was trained on (or train a new model).")
         if given is not None and data_k is not None and given not in (data_k, default):
             rank_zero_warn(
                 f"model.init_args.num_classes={given} is not used: the model takes num_classes="

@@ -91,7 +91,8 @@ class ClassifierModule(LightningModule):
             vectors / proxies) relative to the optimizer's ``lr``.
         nonfinite_loss: What a NaN or Inf loss does: ``raise`` (stop with the epoch, step and
             loss terms; on GPUs read asynchronously, a few steps late, to avoid a host sync) or
-            ``skip`` (skip that batch's update and count it in ``train/skipped_batches``).
+            ``skip`` (skip that batch's update and count it in ``train/skipped_batches``; one
+            process only: under DDP Lightning cannot skip a step, so it is an error there).
         channels_last: Use the channels-last memory format for images and the backbone's
             convolution weights (faster convolutions on GPUs under mixed precision).
         compile: Compile the backbone with ``torch.compile`` (in place: checkpoints load with
@@ -270,6 +271,11 @@ class ClassifierModule(LightningModule):
         if callable(bind) and self.trainer.datamodule is not None:
             bind(self.trainer.datamodule)
         if self.trainer.world_size > 1:
+            if self.loss_guard.policy == "skip" and stage == "fit":
+                raise ValueError(
+                    "nonfinite_loss=skip works in one process only: under DDP Lightning cannot "
+                    "skip a training step (a step returning None stops the run at the first "
+                    "non-finite loss). Use nonfinite_loss=raise with DDP.")
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
             if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch

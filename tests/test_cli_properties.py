@@ -457,3 +457,16 @@ def test_dry_run_names_the_checkpoint_the_test_will_use(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[2].endswith("--ckpt_path " + str(runs[0].ckpt_dir / "last.ckpt"))
     assert out[5].endswith("--ckpt_path '<best checkpoint of fit>'")
+
+
+def test_checkpoint_of_another_class_count_is_one_clear_error(tmp_path):
+    """It printed 'num_classes=3 is not used' (a value the user never set), then a
+    size-mismatch traceback."""
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1",
+            "--data.init_args.steps_per_epoch", "1", "--data.init_args.samples_per_class", "2",
+            "--model.init_args.backbone.init_args.dim", "8"]
+    cli.main(["fit", "--config", "ufm_ce", *logs, "--data.init_args.num_classes", "3"])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    with pytest.raises(cli.ConfigError, match=r"checkpoint's model has num_classes=3, the data "
+                                              r"module UFMDataModule has 10 classes"):
+        cli.main(["test", "--config", "ufm_ce", *logs, "--ckpt_path", str(ckpt)])

@@ -325,3 +325,18 @@ def test_running_stats_snapshot_restores_the_stats_of_the_latest_save():
     snap.restore()
     for got, want in zip(bn.buffers(), expected):
         assert torch.equal(got, want)
+
+
+def test_nonfinite_skip_under_ddp_is_an_error_at_the_start_of_fit():
+    """Lightning stops a DDP run when a step returns None: 'skip' crashed at the first NaN."""
+    from types import SimpleNamespace
+
+    from hug_lightning.backbones import SmallConvNet
+    from hug_lightning.module import ClassifierModule
+    module = ClassifierModule(backbone=SmallConvNet(width=4), nonfinite_loss="skip")
+    module._trainer = SimpleNamespace(world_size=2, datamodule=None, strategy=None)
+    with pytest.raises(ValueError, match="nonfinite_loss=skip works in one process only"):
+        module.setup("fit")
+    module.setup("test")  # evaluation never skips: fine
+    module._trainer.world_size = 1
+    module.setup("fit")

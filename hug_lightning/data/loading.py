@@ -109,7 +109,8 @@ class ResumableDataLoader(DataLoader):
     # Lightning treats loaders with these methods as resumable (no "unreliable" warning);
     # the position itself comes from Lightning's own batch progress.
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed)}
+        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed),
+                "batch_size": int(self.batch_size or 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if int(state_dict.get("seed", self.sampler.seed)) != int(self.sampler.seed):
@@ -117,3 +118,11 @@ class ResumableDataLoader(DataLoader):
                 f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
                 f"{self.sampler.seed}: set seed_everything to the original value to resume."
             )
+        saved = state_dict.get("batch_size")
+        if saved is not None and int(saved) != int(self.batch_size or 1) \
+                and self.next_batch_fn is not None and self.next_batch_fn() > 0:
+            raise ValueError(
+                f"The checkpoint stopped inside an epoch with batch_size {saved} per process; this "
+                f"run uses {self.batch_size}, so the rest of that epoch would repeat or skip "
+                "samples. Resume with the original --data.init_args.batch_size (change it "
+                "from a checkpoint saved at an epoch end).")
