@@ -41,6 +41,7 @@ from hug_lightning.backbones import CifarResNet
 from hug_lightning.guards import FiniteLossGuard, RunningStatsSnapshot, check_labels
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.losses.hug import CountSync
+from hug_lightning.metrics.collapse import all_reduce_sync
 from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
 from hug_lightning.optim import total_steps_context
 from hug_lightning.param_groups import apply_lr_scale, check_kinds, parameter_groups
@@ -278,8 +279,10 @@ class ClassifierModule(LightningModule):
                     "non-finite loss). Use nonfinite_loss=raise with DDP.")
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
-            if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch
-                self.head.count_sync = CountSync(lambda t: strategy.reduce(t, reduce_op="sum"),
+            if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch;
+                # a bare all_reduce: Lightning's strategy.reduce adds a barrier, which blocks
+                # the host every step on GPUs
+                self.head.count_sync = CountSync(lambda t: all_reduce_sync(t)[0],
                                                  self.trainer.world_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
