@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,14 @@ class HUGLightningCLI(LightningCLI):
             raise RunNotFoundError(
                 f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
                 "Give the checkpoint file instead (or train first).")
+        try:  # a write cut by SIGKILL or a full disk lacks the zip directory at the end
+            with zipfile.ZipFile(found):
+                pass
+        except (zipfile.BadZipFile, OSError) as err:
+            raise RunNotFoundError(
+                f"--ckpt_path {flag}: {found} cannot be read ({type(err).__name__}: {err}); it is "
+                "truncated or corrupt (an interrupted write?). Pass another checkpoint file "
+                "(e.g. the best one next to it), or move it away to start over.") from err
         return found
 
     @classmethod

@@ -470,3 +470,22 @@ def test_checkpoint_of_another_class_count_is_one_clear_error(tmp_path):
     with pytest.raises(cli.ConfigError, match=r"checkpoint's model has num_classes=3, the data "
                                               r"module UFMDataModule has 10 classes"):
         cli.main(["test", "--config", "ufm_ce", *logs, "--ckpt_path", str(ckpt)])
+
+
+@pytest.mark.parametrize("size", [0, 5000])
+def test_truncated_last_checkpoint_is_named_in_one_message(tmp_path, size, monkeypatch, capsys):
+    """A save cut by SIGKILL left last.ckpt truncated: resume failed with torch.load's bare
+    'OSError: [Errno 22] Invalid argument' (no file name), evaluation with a wrong reason."""
+    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1",
+            "--data.init_args.steps_per_epoch", "1", "--data.init_args.samples_per_class", "2",
+            "--model.init_args.backbone.init_args.dim", "8"]
+    cli.main(["fit", "--config", "ufm_ce", *logs])
+    last = next(tmp_path.rglob("last.ckpt"))
+    last.write_bytes(last.read_bytes()[:size])
+    for sub in ("fit", "test"):
+        with pytest.raises(cli.RunNotFoundError, match=rf"{last.name} cannot be read .*truncated"):
+            cli.main([sub, "--config", "ufm_ce", *logs, "--ckpt_path", "last"])
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "ufm_ce", *logs,
+                                     "--ckpt_path", "last"])
+    assert cli.console_main() == 1 and str(last) in capsys.readouterr().err
