@@ -91,9 +91,8 @@ class HUGLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The Trainer, with ``limit_*_batches: 1`` as one batch (see :mod:`batch_limits`)."""
-        trainer_cfg = {**dict(self._get(self.config_init, "trainer", default={})), **kwargs}
-        ones = restore_integer_ones(getattr(self, "_written_args", []), trainer_cfg)
-        return super().instantiate_trainer(**kwargs, **{key: 1 for key in ones})
+        ones = {key: 1 for key in getattr(self, "_integer_ones", ()) if key not in kwargs}
+        return super().instantiate_trainer(**kwargs, **ones)
 
     def _warn_replaced_num_classes(self) -> None:
         """``model.init_args.num_classes`` is linked from the data module, which silently wins
@@ -158,9 +157,11 @@ class HUGLightningCLI(LightningCLI):
         super().parse_arguments(parser, args)
         cfg = self.config.get(self.config.get("subcommand") or "", self.config)
         raw = sys.argv[1:] if args is None else args
-        self._written_args = list(raw) if isinstance(raw, (list, tuple)) else []
-        if cfg.get("trainer") is not None:  # the saved config.yaml says 1, as written
-            restore_integer_ones(self._written_args, cfg["trainer"])
+        written = list(raw) if isinstance(raw, (list, tuple)) else []
+        # the saved config.yaml says 1, as written; instantiation parses it as 1.0 again, so
+        # instantiate_trainer passes the same keys as 1
+        self._integer_ones = (restore_integer_ones(written, cfg["trainer"])
+                              if cfg.get("trainer") is not None else [])
         logger = _logger_init_args(cfg)
         if logger is not None:
             check_writable(Path(str(logger.get("save_dir") or ".")))

@@ -178,6 +178,16 @@ def _without_resume(cmd: Sequence[str]) -> list[str]:
     return out
 
 
+def _recorded_command(run: Run) -> list[str] | None:
+    """The fit command a run was first given: a finished run's (``result.json``), else the one
+    an unfinished fit was started with (``fit_started.json``); None for a new run."""
+    if run.result_file.is_file():
+        return json.loads(run.result_file.read_text()).get("fit_command", [])
+    if run.started_file.is_file():
+        return json.loads(run.started_file.read_text())["command"]
+    return None
+
+
 def _failed(run: Run, stage: str) -> str:
     log = run.root / f"{stage}.log"
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
@@ -191,7 +201,7 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
     if process.STOP.is_set():
         return "interrupted"
     if run.result_file.is_file():
-        saved = json.loads(run.result_file.read_text()).get("fit_command", [])
+        saved = _recorded_command(run) or []
         now = run.fit_command(extra, None)
         if _without_resume(saved) != _without_resume(now):
             _say(f"{tag} done before with another fit command: skipped, results kept. Delete "
@@ -207,17 +217,16 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             shutil.rmtree(run.fit_dir)
         run.completed_file.unlink(missing_ok=True)
         cmd = run.fit_command(extra, resume)
-        first = cmd
-        if resume is None or not run.started_file.is_file():
+        first = _recorded_command(run) if resume is not None else None
+        if first is None:
+            first = cmd
             run.root.mkdir(parents=True, exist_ok=True)
             _write_json(run.started_file, {"command": cmd})
-        else:
-            first = json.loads(run.started_file.read_text())["command"]
-            if _without_resume(first) != _without_resume(cmd):
-                _say(f"{tag} WARNING: resuming a fit started with another command (the grid or "
-                     "--extra changed): the checkpoint's model options stay, other options "
-                     f"change mid-run, and the results keep the first command. Delete "
-                     f"{run.root} to restart it with the current arguments.")
+        elif _without_resume(first) != _without_resume(cmd):
+            _say(f"{tag} WARNING: resuming a fit started with another command (the grid or "
+                 "--extra changed): the checkpoint's model options stay, other options "
+                 f"change mid-run, and the results keep the first command. Delete "
+                 f"{run.root} to restart it with the current arguments.")
         _say(f"{tag} fit" + (f" (resuming from {resume})" if resume else ""))
         rc = process.launch(cmd, run.root / "fit.log")
         if process.STOP.is_set() or (rc == 0 and not run.completed_file.is_file()) \
@@ -294,10 +303,8 @@ def dry_run(runs: Sequence[Run], extra: Sequence[str] = ()) -> None:
                  "resumes from last.ckpt" if (run.ckpt_dir / "last.ckpt").is_file() else "new")
         resume = run.ckpt_dir / "last.ckpt" if state.startswith("resumes") else None
         now = run.fit_command(extra, resume)
-        saved = (json.loads(run.result_file.read_text()).get("fit_command", []) if
-                 state.startswith("done") else json.loads(run.started_file.read_text())["command"]
-                 if resume is not None and run.started_file.is_file() else now)
-        if _without_resume(saved) != _without_resume(now):
+        saved = _recorded_command(run) if state.startswith(("done", "resumes")) else None
+        if saved is not None and _without_resume(saved) != _without_resume(now):
             state += ", with another fit command before"
         print(f"# {run.grid} / {run.entry.name} / seed {run.seed} ({state})")
         print(shlex.join(now))

@@ -139,8 +139,7 @@ class NeuralCollapseMonitor(Callback):
         training images with the evaluation transform; failing at the end of epoch 0 lost it."""
         data = trainer.datamodule
         loader_fn = getattr(data, "train_eval_dataloader", None)
-        missing = loader_fn is None or (hasattr(data, "train_eval_set")
-                                        and getattr(data, "train_eval_set") is None)
+        missing = loader_fn is None or getattr(data, "train_eval_set", True) is None
         if missing:
             raise TypeError(
                 f"--nc.eval_pass true needs the training images with the evaluation transform: "
