@@ -5,10 +5,10 @@ and on interruption (SIGTERM or Ctrl-C during ``fit``).
   ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when a top-k
   checkpoint is saved, i.e. when the metric improves, so it is usually *not* the last epoch.)
 
-* SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current batch and raises
-  ``SIGTERMException``; :class:`InterruptCheckpoint` then writes ``last.ckpt``.
-* Ctrl-C: the first press is turned into the same request (the batch in progress finishes, the
-  checkpoint is written, the run stops); a second press aborts at once.
+* SIGTERM (cluster pre-emption, ``kill``) or a first Ctrl-C: the batch in progress finishes
+  (on every process under DDP), :class:`~hug_lightning.interrupt.InterruptCheckpoint` writes
+  ``last.ckpt`` and the run stops; a second Ctrl-C aborts at once (see
+  :mod:`hug_lightning.interrupt`).
 * ``hug-lightning fit --config <same config> --ckpt_path last`` resumes the newest
   ``last.ckpt`` of that experiment in its own log folder (see :func:`find_last_checkpoint`).
 
@@ -18,20 +18,16 @@ interrupted one stopped (the data order and augmentations are keyed by seed, epo
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hug_lightning.interrupt import InterruptCheckpoint
 
-#: "SIGINT" or "SIGTERM" after an interrupted fit in this process (for the exit status)
-LAST_INTERRUPT: str | None = None
+__all__ = ["InterruptCheckpoint", "LastCheckpoint", "find_last_checkpoint",
+           "recorded_best_checkpoint"]
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -78,69 +74,6 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self._every_n_train_steps:  # the final weights (the last step may not be a multiple)
             self._save_now(trainer)
-
-
-class InterruptCheckpoint(Callback):
-    """Write ``<checkpoint dir>/last.ckpt`` when ``fit`` is interrupted by SIGTERM or Ctrl-C.
-
-    Args:
-        enabled: Save on interruption (and turn the first Ctrl-C into a graceful stop).
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.interrupted_by: str | None = None  # "SIGINT" or "SIGTERM" once interrupted
-        self._previous_handler: Any = None
-        self._trainer: Trainer | None = None
-        self._aborted = False
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        trainer = self._trainer
-        if trainer is None or getattr(trainer, "received_sigterm", False):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._aborted = trainer is not None  # the second press: stop now, save nothing
-            raise KeyboardInterrupt
-        rank_zero_info("\nCtrl-C: finishing this batch and saving last.ckpt "
-                       "(press Ctrl-C again to abort without saving).")
-        trainer._signal_connector.received_sigterm = True  # same path as SIGTERM
-        self.interrupted_by = "SIGINT"
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self._trainer = trainer
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-
-    def _restore(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
-        self._trainer = None
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
-                     exception: BaseException) -> None:
-        self._restore()
-        if not self.enabled or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
-            return
-        global LAST_INTERRUPT
-        self.interrupted_by = self.interrupted_by or (
-            "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT")
-        LAST_INTERRUPT = self.interrupted_by
-        if self._aborted:  # the batch in progress may be half done: no save (exit status 1)
-            rank_zero_info("Aborted by a second Ctrl-C: nothing saved; --ckpt_path last resumes "
-                           "from the last periodic save.")
-            return
-        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
-            return
-        dirpath = trainer.checkpoint_callback.dirpath
-        if dirpath is None:
-            return
-        path = Path(dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
-                       f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
 
 
 def recorded_best_checkpoint(last: Path) -> Path | None:

@@ -46,16 +46,17 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from hug_lightning import checkpointing
+from hug_lightning import interrupt
 from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _user_frame,
                                       data_num_classes)
 from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
                                         resumed_config_name)
-from hug_lightning.checkpointing import (InterruptCheckpoint, LastCheckpoint,
-                                         find_last_checkpoint, recorded_best_checkpoint)
+from hug_lightning.checkpointing import (LastCheckpoint, find_last_checkpoint,
+                                         recorded_best_checkpoint)
 from hug_lightning.data.base import DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
+from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
 
@@ -301,7 +302,7 @@ def console_main() -> int:
     try:
         main(args=None)
     except SIGTERMException:
-        return 130 if checkpointing.LAST_INTERRUPT == "SIGINT" else 143
+        return 130 if interrupt.LAST_INTERRUPT == "SIGINT" else 143
     except ConfigError as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise

@@ -16,7 +16,7 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import REPO
-from hug_lightning import checkpointing, cli
+from hug_lightning import cli, interrupt
 from hug_lightning.checkpointing import recorded_best_checkpoint
 from hug_lightning.experiments import load_grid, main as grid_main, process, runner
 from hug_lightning.experiments.results import build_table
@@ -87,11 +87,11 @@ def test_reasons_keep_only_the_rejection(tmp_path):
 @pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_console_exit_status_of_an_interrupted_fit(monkeypatch, signal_name, status):
     def interrupted(args=None, run=True):
-        checkpointing.LAST_INTERRUPT = signal_name
+        interrupt.LAST_INTERRUPT = signal_name
         raise SIGTERMException()
 
     monkeypatch.setattr(cli, "main", interrupted)
-    monkeypatch.setattr(checkpointing, "LAST_INTERRUPT", None)
+    monkeypatch.setattr(interrupt, "LAST_INTERRUPT", None)
     assert cli.console_main() == status
 
 

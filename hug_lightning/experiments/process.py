@@ -1,7 +1,7 @@
 """Subprocesses of the grid runner: launch, and stop them cleanly on Ctrl-C or SIGTERM.
 
 When the runner is interrupted, every running ``hug_lightning`` child gets SIGTERM: Lightning
-finishes the batch in progress and :class:`hug_lightning.checkpointing.InterruptCheckpoint`
+finishes the batch in progress and :class:`hug_lightning.interrupt.InterruptCheckpoint`
 writes ``last.ckpt``, from which the next run of the same grid resumes. A child still running
 after :data:`GRACE_S` seconds (or after a second Ctrl-C) is killed.
 """

@@ -1,0 +1,230 @@
+"""Stop ``fit`` cleanly on SIGTERM or Ctrl-C, in one process or under DDP, and save ``last.ckpt``.
+
+A signal reaches the processes of a DDP job at different moments, or only one of them (``kill``
+on the main process, a scheduler signalling one task). If each process stopped where its own
+signal landed, they would leave the training loop at different batches, and the checkpoint save
+that follows, which is collective (a barrier, the module's and the NC monitor's reductions),
+would hang. Lightning 2.6's own SIGTERM handler has this problem: it issues a broadcast from
+inside the signal handler, wherever the process happens to be.
+
+So the signal handlers here only record the request. Once per training batch,
+:class:`AgreedStop` shares it between the processes, and every process stops after the same
+batch:
+
+* one process: the request is acted on after the batch in progress;
+* several processes: each one's request goes into an all-reduce (max) on a CPU (gloo) group,
+  started without waiting at the end of batch *i* and read at the end of batch *i + 1*, so the
+  step never waits for the GPU or for the other processes. Every process stops after batch
+  *i + 1*, whichever of them got the signal.
+
+Then Lightning raises ``SIGTERMException`` on every process at that batch boundary,
+:class:`InterruptCheckpoint` writes ``last.ckpt`` (all processes together) and the command exits
+with status 143 (SIGTERM) or 130 (Ctrl-C). A second Ctrl-C aborts at once without saving.
+A request that arrives during validation is acted on at the next training batch; if the
+stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
+one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
+best-checkpoint decision. A request after the last training batch lets the fit finish normally.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+#: "SIGINT" or "SIGTERM" after an interrupted fit in this process (for the exit status)
+LAST_INTERRUPT: str | None = None
+
+_CODES = {"SIGTERM": 1, "SIGINT": 2}  # agreed by max: Ctrl-C wins the exit status
+_NAMES = {code: name for name, code in _CODES.items()}
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while the agreement runs."""
+
+
+class AgreedStop:
+    """A stop request that every process acts on after the same training batch.
+
+    Call :meth:`start` once when training starts (on every process), :meth:`request` from a
+    signal handler, :meth:`step` at the end of every training batch (on every process, the same
+    number of times) and :meth:`finish` when training ends. ``step`` returns the agreed request
+    ("SIGTERM", "SIGINT" or None): the same value on every process at the same batch.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._group: Any = None
+        self._buffer: torch.Tensor | None = None
+        self._work: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self._group is not None
+
+    def start(self) -> None:
+        """Set up the sharing (collective: every process calls it at the same point)."""
+        self.finish()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a CPU group: reading the result never waits for the GPU (NCCL would)
+            self._group = dist.new_group(backend="gloo")
+
+    def request(self, name: str) -> None:
+        """Record a request (safe in a signal handler: no I/O, no collective)."""
+        self.requested = self.requested or name
+
+    def step(self) -> str | None:
+        """The agreed request at this batch boundary (one batch late under DDP)."""
+        if not self.distributed:
+            return self.requested
+        agreed = 0
+        if self._work is not None:
+            self._work.wait()  # started a batch ago: long done
+            agreed = int(self._buffer.item())  # a CPU tensor: no device sync
+        self._buffer = torch.tensor([_CODES.get(self.requested or "", 0)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True)
+        return _NAMES.get(agreed)
+
+    def finish(self) -> None:
+        """Wait for the last sharing started (every process started it) and stop sharing."""
+        if self._work is not None:
+            self._work.wait()
+        self._work = self._buffer = self._group = None
+
+
+class InterruptCheckpoint(Callback):
+    """Write ``<checkpoint dir>/last.ckpt`` when ``fit`` is interrupted by SIGTERM or Ctrl-C.
+
+    The stop happens at a training-batch boundary agreed by all processes (see the module
+    docstring), so it also works under DDP, whichever process gets the signal. This callback
+    takes over Lightning's SIGTERM handler during ``fit``; SLURM's requeue signal (SIGUSR1) is
+    left to Lightning.
+
+    Args:
+        enabled: Save on interruption (and turn the first Ctrl-C into a graceful stop).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.interrupted_by: str | None = None  # "SIGINT" or "SIGTERM" once the stop is agreed
+        self.stop = AgreedStop()
+        self._previous_sigint: Any = None
+        self._trainer: Trainer | None = None
+        self._connector: Any = None
+        self._epoch_loop: Any = None
+        self._aborted = False
+
+    # -- signal handlers: record only ------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        if self._trainer is None:  # not installed outside fit; as the default handlers
+            raise KeyboardInterrupt if name == "SIGINT" else SystemExit(128 + signum)
+        if name == "SIGINT" and self.stop.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._aborted = True  # the second press: stop now, save nothing
+            raise KeyboardInterrupt
+        if not self.stop.requested:
+            rank_zero_info(f"\n{'Ctrl-C' if name == 'SIGINT' else 'SIGTERM'}: stopping after "
+                           "this training batch and saving last.ckpt"
+                           + (" (press Ctrl-C again to abort without saving)."
+                              if name == "SIGINT" else "."))
+        self.stop.request(name)
+
+    # for tests and callers of the previous API
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._on_signal(signum, frame)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
+        # Lightning registers its SIGTERM handler after on_fit_start, built from this method
+        # (which broadcasts from inside the handler): ours records the request instead
+        self._connector = getattr(trainer, "_signal_connector", None)
+        if self._connector is not None:
+            self._connector._sigterm_notifier_fn = self._on_signal
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._trainer is None:
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        if self._on_signal not in getattr(handler, "signal_handlers", [handler]):
+            signal.signal(signal.SIGTERM, self._on_signal)  # another Lightning version
+        # Lightning 2.6 also broadcasts rank 0's flag and reads it back with .item() at every
+        # step under DDP (a host-device sync per step with NCCL); the agreement replaces it
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_broadcast
+            self._epoch_loop = loop
+        self.stop.start()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._trainer is None:
+            return
+        agreed = self.stop.step()
+        if agreed and not self.interrupted_by:
+            self.interrupted_by = agreed
+            # Lightning raises SIGTERMException at the end of this batch (on every process)
+            trainer._signal_connector.received_sigterm = True
+
+    # Lightning's validation loop raises at its next batch once received_sigterm is set, which
+    # would lose the validation that follows the stopping batch (the epoch's last, or a
+    # val_check_interval one): the flag is held while that validation runs to its end.
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.interrupted_by and self._trainer is not None:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.interrupted_by and self._trainer is not None:
+            trainer._signal_connector.received_sigterm = True  # raised after this validation
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop.finish()
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+        if self._connector is not None and "_sigterm_notifier_fn" in vars(self._connector):
+            del self._connector._sigterm_notifier_fn  # Lightning's own again (validate, test)
+        if self._epoch_loop is not None and "_broadcast_sigterm_tensor" in vars(self._epoch_loop):
+            del self._epoch_loop._broadcast_sigterm_tensor
+        self._connector = self._trainer = self._epoch_loop = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
+        if not self.enabled or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        global LAST_INTERRUPT
+        self.interrupted_by = self.interrupted_by or (
+            "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT")
+        LAST_INTERRUPT = self.interrupted_by
+        if self._aborted:  # the batch in progress may be half done: no save (exit status 1)
+            rank_zero_info("Aborted by a second Ctrl-C: nothing saved; --ckpt_path last resumes "
+                           "from the last periodic save.")
+            return
+        self.stop.finish()
+        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
+            return
+        dirpath = trainer.checkpoint_callback.dirpath
+        if dirpath is None:
+            return
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)  # every process: the save is collective
+        rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
+                       f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
