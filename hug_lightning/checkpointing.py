@@ -18,16 +18,63 @@ interrupted one stopped (the data order and augmentations are keyed by seed, epo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from hug_lightning.interrupt import InterruptCheckpoint
 
-__all__ = ["InterruptCheckpoint", "LastCheckpoint", "find_last_checkpoint",
-           "recorded_best_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "LastCheckpoint",
+           "find_last_checkpoint", "recorded_best_checkpoint"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic for local files on any file system.
+
+    The checkpoint goes to ``.<name>.part`` in the target's own folder, is flushed to disk,
+    then renamed over the target (``os.replace``): a kill at any moment leaves the previous
+    file or the new one, never a truncated one. Lightning's own save writes its temporary file
+    in ``$TMPDIR`` and moves it, which is a copy when the logs are on another file system
+    (node-local ``/tmp``, logs on NFS/Lustre): a kill during that copy truncated ``last.ckpt``
+    with the previous one already gone. Remote paths (``s3://`` ...) keep Lightning's save.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        fs = get_filesystem(path)
+        if storage_options is not None or not isinstance(fs, LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(fs._strip_protocol(str(path)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part")  # one writer: the global rank 0
+        try:
+            with open(part, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, target)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+
+
+def use_atomic_checkpoint_io(trainer: Trainer) -> None:
+    """Make the trainer's checkpoint writes atomic (:class:`AtomicCheckpointIO`), unless the
+    user configured a writer of their own (only Lightning's default one is replaced)."""
+    strategy = trainer.strategy
+    io = getattr(strategy, "_checkpoint_io", None)
+    if io is None or type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    elif isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:  # AsyncCheckpointIO
+        io.checkpoint_io = AtomicCheckpointIO()  # its base writer (Lightning's default otherwise)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -53,6 +100,10 @@ class LastCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return "LastCheckpoint"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        use_atomic_checkpoint_io(trainer)  # every checkpoint of the run, best ones included
 
     def _save_now(self, trainer: Trainer) -> None:
         """``last.ckpt`` at this point (Lightning's own ModelCheckpoint takes either step or
