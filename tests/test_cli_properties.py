@@ -422,13 +422,57 @@ def test_resumed_fit_with_another_command_is_announced_and_keeps_the_first(tmp_p
     monkeypatch.setattr(process, "launch", launch_test)
     assert runner.execute(run, ["--trainer.max_epochs", "9"]) == "done"
     out = capsys.readouterr().out
-    assert "resuming a fit started with another command" in out
+    assert "resuming a fit started with another fit command" in out
     assert json.loads(run.fit_file.read_text())["command"] == first
     assert json.loads(run.result_file.read_text())["fit_command"] == first
     # the test reads the config the last (resumed) fit saved: its data paths are current
     assert tested[0][tested[0].index("--config") + 1].endswith("config.resume-2.yaml")
     assert runner.execute(run, ["--trainer.max_epochs", "9"]) == "skipped"
     assert "done before with another fit command" in capsys.readouterr().out
+
+
+def test_edits_inside_a_config_file_are_a_change_of_command(tmp_path, monkeypatch, capsys):
+    """The runner compared command lines only: a config file edited between two runs of the
+    grid gave 'done before: skipped' (and resumed unfinished fits silently) though every run
+    was now defined differently."""
+    config = tmp_path / "mine.yaml"
+    config.write_text((REPO / "configs" / "ufm_ce.yaml").read_text())
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"name": "g", "seeds": [0, 1], "entries": [
+        {"name": "ce", "configs": [str(config), "debug.yaml"]}]}))
+    out = tmp_path / "runs"
+    done, unfinished = runner.grid_runs(load_grid(grid_path), [0, 1], out)
+    statuses = iter([0, 0, 143])
+
+    def launch(cmd, log_file):
+        run = done if "seed0" in " ".join(cmd) else unfinished
+        status = next(statuses)
+        if status == 0 and cmd[3] == "fit":
+            run.completed_file.write_text("{}")
+        return status
+
+    monkeypatch.setattr(process, "launch", launch)
+    monkeypatch.setattr(runner, "_tested_checkpoint", lambda r: config)
+    monkeypatch.setattr(runner, "last_values", lambda d: {})
+    assert runner.execute(done) == "done" and runner.execute(unfinished) == "interrupted"
+    (unfinished.ckpt_dir).mkdir(parents=True)
+    (unfinished.ckpt_dir / "last.ckpt").write_bytes(b"x")
+    capsys.readouterr()
+    assert runner.execute(done) == "skipped"
+    runner.dry_run([done, unfinished])
+    assert "edited" not in capsys.readouterr().out  # unchanged: no warning
+    config.write_text(config.read_text() + "\nseed_everything: 7\n")
+    assert runner.execute(done) == "skipped"
+    assert "done before with config files edited since (mine.yaml)" in capsys.readouterr().out
+    runner.dry_run([done, unfinished])
+    heads = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# ")]
+    assert heads == ["# g / ce / seed 0 (done: skipped, config files edited since (mine.yaml))",
+                     "# g / ce / seed 1 (resumes from last.ckpt, config files edited since "
+                     "(mine.yaml))"]
+    monkeypatch.setattr(process, "launch", lambda cmd, log_file: 143)
+    runner.execute(unfinished)
+    assert ("resuming a fit started with config files edited since (mine.yaml)"
+            in capsys.readouterr().out)
 
 
 def test_read_scalars_keeps_the_newest_value_of_a_step_written_twice(tmp_path):

@@ -14,10 +14,14 @@ is complete (``fit.json``) only reruns the test; an unfinished fit with a
 weights, optimizer, scheduler, loops and callbacks; the events continue in ``fit/``); an
 unfinished fit without it starts again in an emptied ``fit/``. Ctrl-C or SIGTERM stops the
 runner's subprocesses so that each fit saves ``last.ckpt`` (:mod:`.process`).
+The fit command a run was first given is recorded with a digest of each of its config files
+(``fit_started.json``, then ``fit.json`` and ``result.json``): a rerun whose arguments or config
+contents differ says so (a finished run is still skipped, an unfinished one still resumes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import shutil
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hug_lightning.checkpointing import recorded_best_checkpoint
+from hug_lightning.config_files import packaged_config
 from hug_lightning.experiments import process
 from hug_lightning.experiments.callbacks import marker_callback_args
 from hug_lightning.experiments.grid import Entry, Grid
@@ -178,13 +183,44 @@ def _without_resume(cmd: Sequence[str]) -> list[str]:
     return out
 
 
-def _recorded_command(run: Run) -> list[str] | None:
-    """The fit command a run was first given: a finished run's (``result.json``), else the one
-    an unfinished fit was started with (``fit_started.json``); None for a new run."""
+def config_digests(cmd: Sequence[str]) -> list[list[str]]:
+    """``[file name, sha256 of its content]`` of each ``--config`` file of a command, in order
+    (``missing`` for a file that is not there): edits inside a config file change it."""
+    out = []
+    for flag, value in zip(cmd, cmd[1:]):
+        if flag in ("--config", "-c") and not value.lstrip().startswith("{"):
+            path = Path(value) if Path(value).is_file() else packaged_config(value)
+            digest = (hashlib.sha256(path.read_bytes()).hexdigest()
+                      if path is not None and path.is_file() else "missing")
+            out.append([Path(value).name, digest])
+    return out
+
+
+def _recorded_command(run: Run) -> tuple[list[str], list[list[str]] | None] | None:
+    """The fit command a run was first given and its config files' digests: a finished run's
+    (``result.json``), else the ones an unfinished fit was started with (``fit_started.json``);
+    None for a new run. Runs recorded before digests were kept give None digests."""
     if run.result_file.is_file():
-        return json.loads(run.result_file.read_text()).get("fit_command", [])
+        result = json.loads(run.result_file.read_text())
+        return result.get("fit_command", []), result.get("fit_config_digests")
     if run.started_file.is_file():
-        return json.loads(run.started_file.read_text())["command"]
+        started = json.loads(run.started_file.read_text())
+        return started["command"], started.get("config_digests")
+    return None
+
+
+def _what_changed(recorded: tuple[list[str], list[list[str]] | None],
+                  now: Sequence[str]) -> str | None:
+    """How the fit command ``now`` differs from the recorded one, or None when it is the same:
+    other arguments (the grid or ``--extra`` changed), or edits inside its config files."""
+    saved, digests = recorded
+    if _without_resume(saved) != _without_resume(now):
+        return "another fit command"
+    if digests is not None:
+        edited = [name for (name, before), (_, after) in zip(digests, config_digests(now))
+                  if before != after]
+        if edited:
+            return f"config files edited since ({', '.join(edited)})"
     return None
 
 
@@ -201,11 +237,10 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
     if process.STOP.is_set():
         return "interrupted"
     if run.result_file.is_file():
-        saved = _recorded_command(run) or []
-        now = run.fit_command(extra, None)
-        if _without_resume(saved) != _without_resume(now):
-            _say(f"{tag} done before with another fit command: skipped, results kept. Delete "
-                 f"{run.root} to rerun it with the current grid and --extra arguments.")
+        change = _what_changed(_recorded_command(run) or ([], None), run.fit_command(extra))
+        if change:
+            _say(f"{tag} done before with {change}: skipped, results kept. Delete "
+                 f"{run.root} to rerun it with the current grid, configs and --extra arguments.")
         else:
             _say(f"{tag} done before: skipped")
         return "skipped"
@@ -217,16 +252,16 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             shutil.rmtree(run.fit_dir)
         run.completed_file.unlink(missing_ok=True)
         cmd = run.fit_command(extra, resume)
-        first = _recorded_command(run) if resume is not None else None
-        if first is None:
-            first = cmd
+        recorded = _recorded_command(run) if resume is not None else None
+        if recorded is None:
+            recorded = (cmd, config_digests(cmd))
             run.root.mkdir(parents=True, exist_ok=True)
-            _write_json(run.started_file, {"command": cmd})
-        elif _without_resume(first) != _without_resume(cmd):
-            _say(f"{tag} WARNING: resuming a fit started with another command (the grid or "
-                 "--extra changed): the checkpoint's model options stay, other options "
-                 f"change mid-run, and the results keep the first command. Delete "
-                 f"{run.root} to restart it with the current arguments.")
+            _write_json(run.started_file, {"command": cmd, "config_digests": recorded[1]})
+        elif change := _what_changed(recorded, cmd):
+            _say(f"{tag} WARNING: resuming a fit started with {change}: the checkpoint's "
+                 "model options stay, other options change mid-run, and the results keep the "
+                 f"first command. Delete {run.root} to restart it with the current arguments.")
+        first, first_digests = recorded
         _say(f"{tag} fit" + (f" (resuming from {resume})" if resume else ""))
         rc = process.launch(cmd, run.root / "fit.log")
         if process.STOP.is_set() or (rc == 0 and not run.completed_file.is_file()) \
@@ -236,7 +271,8 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
         if rc != 0:
             return _failed(run, "fit")
         best = _tested_checkpoint(run)
-        _write_json(run.fit_file, {"best_ckpt": str(best), "command": first})
+        _write_json(run.fit_file, {"best_ckpt": str(best), "command": first,
+                                   "config_digests": first_digests})
     best = json.loads(run.fit_file.read_text())["best_ckpt"]
     if not Path(best).is_file():  # the output folder was moved since
         best = str(_tested_checkpoint(run))
@@ -249,8 +285,9 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
         return "interrupted"
     if rc != 0:
         return _failed(run, "test")
+    fit = json.loads(run.fit_file.read_text())
     result = {"grid": run.grid, "entry": run.entry.name, "seed": run.seed, "best_ckpt": best,
-              "fit_command": json.loads(run.fit_file.read_text())["command"],
+              "fit_command": fit["command"], "fit_config_digests": fit.get("config_digests"),
               "test_command": cmd, "fit": last_values(run.fit_dir),
               "test": last_values(run.test_dir), "seconds": round(time.time() - start, 1)}
     _write_json(run.result_file, result)
@@ -304,8 +341,10 @@ def dry_run(runs: Sequence[Run], extra: Sequence[str] = ()) -> None:
         resume = run.ckpt_dir / "last.ckpt" if state.startswith("resumes") else None
         now = run.fit_command(extra, resume)
         saved = _recorded_command(run) if state.startswith(("done", "resumes")) else None
-        if saved is not None and _without_resume(saved) != _without_resume(now):
-            state += ", with another fit command before"
+        change = _what_changed(saved, now) if saved is not None else None
+        if change:
+            state += f", recorded with {change}" if change.startswith("another") \
+                else f", {change}"
         print(f"# {run.grid} / {run.entry.name} / seed {run.seed} ({state})")
         print(shlex.join(now))
         tested = (str(run.ckpt_dir / "last.ckpt") if run.entry.test_checkpoint == "last"
