@@ -21,7 +21,6 @@ contents differ says so (a finished run is still skipped, an unfinished one stil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import shutil
@@ -34,9 +33,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hug_lightning.checkpointing import recorded_best_checkpoint
-from hug_lightning.config_files import packaged_config
 from hug_lightning.experiments import process
 from hug_lightning.experiments.callbacks import marker_callback_args
+from hug_lightning.experiments.commands import config_digests, what_changed
 from hug_lightning.experiments.grid import Entry, Grid
 from hug_lightning.experiments.results import last_values
 
@@ -156,46 +155,6 @@ def _tested_checkpoint(run: Run) -> Path:
     return best_checkpoint(run.ckpt_dir)
 
 
-def _without_resume(cmd: Sequence[str]) -> list[str]:
-    """A fit command from ``fit`` on, without its ``--ckpt_path <last.ckpt>`` (resumes differ
-    only there) and with the places that move between machines made neutral: the interpreter,
-    the run's own folder (``<run>``: the output folder may have been moved) and the folder of
-    each ``--config`` file (packaged configs live in the environment's site-packages)."""
-    cmd = list(cmd)
-    cmd = cmd[cmd.index("fit"):] if "fit" in cmd else cmd
-    value = {a: b for a, b in zip(cmd, cmd[1:])}
-    save_dir = value.get("--trainer.logger.init_args.save_dir")
-    name = value.get("--trainer.logger.init_args.name")
-    root = str(Path(save_dir) / name) if save_dir and name else None
-    out, previous = [], ""
-    for arg in cmd:
-        if arg == "--ckpt_path" or previous == "--ckpt_path":
-            pass
-        elif previous == "--config":
-            out.append(Path(arg).name)
-        elif previous == "--trainer.logger.init_args.save_dir":
-            out.append("<run>/..")
-        elif root and root in arg:  # also inside the marker callback's JSON
-            out.append(arg.replace(root, "<run>"))
-        else:
-            out.append(arg)
-        previous = arg
-    return out
-
-
-def config_digests(cmd: Sequence[str]) -> list[list[str]]:
-    """``[file name, sha256 of its content]`` of each ``--config`` file of a command, in order
-    (``missing`` for a file that is not there): edits inside a config file change it."""
-    out = []
-    for flag, value in zip(cmd, cmd[1:]):
-        if flag in ("--config", "-c") and not value.lstrip().startswith("{"):
-            path = Path(value) if Path(value).is_file() else packaged_config(value)
-            digest = (hashlib.sha256(path.read_bytes()).hexdigest()
-                      if path is not None and path.is_file() else "missing")
-            out.append([Path(value).name, digest])
-    return out
-
-
 def _recorded_command(run: Run) -> tuple[list[str], list[list[str]] | None] | None:
     """The fit command a run was first given and its config files' digests: a finished run's
     (``result.json``), else the ones an unfinished fit was started with (``fit_started.json``);
@@ -206,21 +165,6 @@ def _recorded_command(run: Run) -> tuple[list[str], list[list[str]] | None] | No
     if run.started_file.is_file():
         started = json.loads(run.started_file.read_text())
         return started["command"], started.get("config_digests")
-    return None
-
-
-def _what_changed(recorded: tuple[list[str], list[list[str]] | None],
-                  now: Sequence[str]) -> str | None:
-    """How the fit command ``now`` differs from the recorded one, or None when it is the same:
-    other arguments (the grid or ``--extra`` changed), or edits inside its config files."""
-    saved, digests = recorded
-    if _without_resume(saved) != _without_resume(now):
-        return "another fit command"
-    if digests is not None:
-        edited = [name for (name, before), (_, after) in zip(digests, config_digests(now))
-                  if before != after]
-        if edited:
-            return f"config files edited since ({', '.join(edited)})"
     return None
 
 
@@ -237,7 +181,7 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
     if process.STOP.is_set():
         return "interrupted"
     if run.result_file.is_file():
-        change = _what_changed(_recorded_command(run) or ([], None), run.fit_command(extra))
+        change = what_changed(_recorded_command(run) or ([], None), run.fit_command(extra))
         if change:
             _say(f"{tag} done before with {change}: skipped, results kept. Delete "
                  f"{run.root} to rerun it with the current grid, configs and --extra arguments.")
@@ -257,7 +201,7 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             recorded = (cmd, config_digests(cmd))
             run.root.mkdir(parents=True, exist_ok=True)
             _write_json(run.started_file, {"command": cmd, "config_digests": recorded[1]})
-        elif change := _what_changed(recorded, cmd):
+        elif change := what_changed(recorded, cmd):
             _say(f"{tag} WARNING: resuming a fit started with {change}: the checkpoint's "
                  "model options stay, other options change mid-run, and the results keep the "
                  f"first command. Delete {run.root} to restart it with the current arguments.")
@@ -341,7 +285,7 @@ def dry_run(runs: Sequence[Run], extra: Sequence[str] = ()) -> None:
         resume = run.ckpt_dir / "last.ckpt" if state.startswith("resumes") else None
         now = run.fit_command(extra, resume)
         saved = _recorded_command(run) if state.startswith(("done", "resumes")) else None
-        change = _what_changed(saved, now) if saved is not None else None
+        change = what_changed(saved, now) if saved is not None else None
         if change:
             state += f", recorded with {change}" if change.startswith("another") \
                 else f", {change}"
