@@ -102,18 +102,24 @@ def ddp_worker(rank: int, world_size: int, init_file: str, data_file: str, out_d
     dist.destroy_process_group()
 
 
-def run_workers(world_size: int, tmp_path: Path, timeout_s: float = 120.0) -> None:
-    """Start ``ddp_worker`` on ``world_size`` processes and wait (bounded) for them.
+def start_workers(fn: Any, args: tuple, nprocs: int = 2, timeout_s: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` on ``nprocs`` processes and wait for them, at most ``timeout_s``
+    (a hung collective fails the test instead of hanging the suite).
 
     Uses ``fork`` where available: the children inherit the imported torch/torchmetrics, which
     makes the test take well under a second instead of ~9 s of re-imports with ``spawn``.
     """
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    args = (world_size, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path))
-    ctx = mp.start_processes(ddp_worker, args, nprocs=world_size, join=False, start_method=method)
+    ctx = mp.start_processes(fn, args, nprocs=nprocs, join=False, start_method=method)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
             raise TimeoutError(f"DDP workers did not finish within {timeout_s} s")
+
+
+def run_workers(world_size: int, tmp_path: Path, timeout_s: float = 120.0) -> None:
+    """Start ``ddp_worker`` on ``world_size`` processes and wait (bounded) for them."""
+    args = (world_size, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path))
+    start_workers(ddp_worker, args, world_size, timeout_s)

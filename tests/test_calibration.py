@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _ddp_helpers import start_workers
 from conftest import tiny_args
 from hug_lightning.calibration import (expected_calibration_error, fit_temperature,
                                        negative_log_likelihood, probabilities)
@@ -157,9 +156,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_gather_and_counts_match_single_process(tmp_path):
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method=method)
+    start_workers(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)))
     z, y = synthetic(301, k=5)
     t_single = fit_temperature(z.float(), y)
     for r in range(2):

@@ -6,7 +6,6 @@ test_reliability.py; these are the fast unit checks of the agreement itself.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import sys
@@ -16,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from _ddp_helpers import start_workers
 from conftest import tiny_args
 from datagen import CIFAR10_CLASSES, write_image_folder
 from hug_lightning.cli import main
@@ -59,9 +58,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_processes_see_the_same_request_at_the_same_batch(tmp_path):
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method=method)
+    start_workers(_worker, (str(tmp_path / "init"), str(tmp_path)))
     expected = _expected()
     assert expected[4] == "SIGTERM" and expected[3] is None and expected[-1] == "SIGINT"
     for rank in range(2):
