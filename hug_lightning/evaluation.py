@@ -9,7 +9,6 @@ Ordinary Lightning callbacks, selectable from YAML or the command line, e.g.
 from __future__ import annotations
 
 import warnings
-import zlib
 from contextlib import nullcontext
 from typing import Any, Literal, Sequence
 
@@ -19,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning import calibration as cal
-from hug_lightning.robustness import (CORRUPTIONS, CorrectCounts, corrupt, fgsm, from_pixels, pgd,
+from hug_lightning.robustness import (CORRUPTIONS, NOISE_CORRUPTIONS, CorrectCounts, Generators,
+                                      corrupt, fgsm, from_pixels, image_generators, pgd,
                                       to_pixels)
 
 # reduced over processes by their own collectors (all-gather / all-reduce): global already
@@ -44,8 +44,8 @@ class RobustnessEvaluation(Callback):
     (exact under DDP) and logged as ``test/robust/clean`` (equals ``test/acc`` when
     ``max_batches`` is None), ``test/robust/<attack>_eps<k>`` (``k = eps * 255``),
     ``test/robust/<corruption>_s<severity>`` and ``test/robust/corruption_mean`` (mean over
-    corruptions and severities). Random draws are seeded per (seed, rank, batch, corruption,
-    severity): a run is reproducible for a given world size and batch size.
+    corruptions and severities). Random draws are seeded per image by (seed, attack or
+    corruption, its content): the same for any number of processes and any eval batch size.
 
     Args:
         enabled: Turn the evaluation on or off.
@@ -140,12 +140,8 @@ class RobustnessEvaluation(Callback):
         with context:
             return pl_module(x)
 
-    def _generator(self, rank: int, batch_idx: int, tag: str) -> torch.Generator:
-        key = f"{self.seed}/{rank}/{batch_idx}/{tag}".encode()
-        return torch.Generator().manual_seed(zlib.crc32(key))
-
     def adversarial(self, pl_module: LightningModule, x: Tensor, y: Tensor, attack: str,
-                    eps: float, generator: torch.Generator | None = None,
+                    eps: float, generator: Generators = None,
                     trainer: Trainer | None = None) -> Tensor:
         """Attacked version of the normalized batch ``x`` (normalized, same dtype as ``x``)."""
         def fn(pixels: Tensor) -> Tensor:
@@ -173,19 +169,21 @@ class RobustnessEvaluation(Callback):
                           dataloader_idx: int = 0) -> None:
         if not self.enabled or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
-        x, y, rank = batch[0], batch[1], trainer.global_rank
+        x, y = batch[0], batch[1]
         with torch.no_grad():
             has_logits = isinstance(outputs, dict) and "logits" in outputs
             scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]
+            pixels = self.to_pixels(x)
             for attack in self.attacks:
                 for eps in self.eps:
-                    gen = self._generator(rank, batch_idx, f"{attack}/{eps!r}")
+                    gen = (image_generators(pixels, self.seed, f"{attack}/{eps!r}")
+                           if attack == "pgd" and self.random_start else None)
                     adv = self.adversarial(pl_module, x, y, attack, eps, gen, trainer)
                     scores.append(self._forward(trainer, pl_module, adv))
-            pixels = self.to_pixels(x)
             for name in self.corruptions:
                 for sev in self.severities:
-                    gen = self._generator(rank, batch_idx, f"{name}/{sev}")
+                    gen = (image_generators(pixels, self.seed, f"{name}/{sev}")
+                           if name in NOISE_CORRUPTIONS else None)
                     xc = self.from_pixels(corrupt(pixels, name, sev, generator=gen), x.dtype)
                     scores.append(self._forward(trainer, pl_module, xc))
         correct = torch.stack([(s.argmax(-1) == y).sum() for s in scores])

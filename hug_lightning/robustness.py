@@ -22,12 +22,17 @@ authors' ``make_cifar_c.py`` (github.com/hendrycks/robustness), re-implemented i
 distributions and kernels, not the same random draws as the released ``.npy`` files. Outputs
 are rounded to the uint8 grid (the released script truncates with ``np.uint8``; rounding differs
 by under 1/255 and is unbiased). Severity 0 returns the input unchanged (an exact copy).
+
+Random draws (PGD's start, the noise corruptions) take one ``torch.Generator`` for the batch, or
+a sequence of generators, one per image: each image's draws then come from its own generator
+only, whatever batch it is in (:func:`image_generators` keys them by image content).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +42,37 @@ from torch import Tensor
 from torchmetrics import Metric
 
 ModelFn = Callable[[Tensor], Tensor]
+#: one generator for the batch, one per image, or None (the global one)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def image_generators(pixels: Tensor, seed: int, tag: str) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by ``(seed, tag, the image's uint8 content)``.
+
+    Draws made with them are the same for an image whatever its batch, its position in it, the
+    eval batch size or the number of processes (identical images share their draws).
+    """
+    u8 = (pixels.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
+    prefix = f"{int(seed)}/{tag}/".encode()
+    out = []
+    for img in u8.numpy():
+        digest = hashlib.blake2b(prefix + img.tobytes(), digest_size=8).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+    return out
+
+
+def _draw(fn: Callable[..., Tensor], shape: torch.Size, generator: Generators,
+          like: Tensor) -> Tensor:
+    """``fn(shape)`` (``torch.rand``/``randn``) drawn on the generators' device, image by image
+    for a sequence of generators, returned on ``like``'s device and dtype."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        out = fn(shape, generator=generator, device=device)
+    else:
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images.")
+        out = torch.stack([fn(shape[1:], generator=g, device=g.device) for g in generator])
+    return out.to(like.device, like.dtype)
 
 #: CIFAR-10-C parameters (``make_cifar_c.py``), one entry per severity 1-5.
 CIFAR_C_PARAMS: dict[str, list] = {
@@ -49,6 +85,8 @@ CIFAR_C_PARAMS: dict[str, list] = {
     "jpeg_compression": [80, 65, 58, 50, 40],  # PIL JPEG quality
 }
 CORRUPTIONS = tuple(CIFAR_C_PARAMS)
+#: the corruptions that draw random numbers
+NOISE_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise")
 
 
 class CorrectCounts(Metric):
@@ -132,7 +170,7 @@ def fgsm(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float,
 
 def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         step_size: float | None = None, random_start: bool = True,
-        generator: torch.Generator | None = None, temperature: float = 1.0,
+        generator: Generators = None, temperature: float = 1.0,
         early_stop: bool = True) -> Tensor:
     """Projected gradient descent (Madry et al. 2018), L-infinity, signed steps.
 
@@ -144,7 +182,8 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         steps: Number of gradient steps.
         step_size: Step length; ``None``: ``eps / 4``.
         random_start: Start from a uniform point of the eps-ball (drawn with ``generator``).
-        generator: Random generator of the start (any device); ``None``: the global one.
+        generator: Random generator of the start (any device), or one per image; ``None``:
+            the global one.
         temperature: Divides the scores inside the cross-entropy (see the module docstring).
         early_stop: Keep, per sample, the first iterate the model misclassifies (the sample is
             counted as broken however later steps move); ``False`` returns the last iterate.
@@ -163,9 +202,8 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         lo, hi = (x0 - eps).clamp_(min=0), (x0 + eps).clamp_(max=1)
         x_adv = x0.clone()
         if random_start:
-            device = generator.device if generator is not None else x0.device
-            u = torch.rand(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-            x_adv = torch.minimum(torch.maximum(x0 + (2 * u.to(x0.device) - 1) * eps, lo), hi)
+            u = _draw(torch.rand, x0.shape, generator, x0)
+            x_adv = torch.minimum(torch.maximum(x0 + (2 * u - 1) * eps, lo), hi)
         done = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
         frozen = x_adv.clone()
         for _ in range(steps):
@@ -181,14 +219,12 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
 
 
 # --------------------------------------------------------------------------- corruptions
-def _randn(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
-
-
-def _rand(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=device).to(like.device, like.dtype)
+def _poisson(rate: Tensor, generator: Generators) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else rate.device
+        return torch.poisson(rate.float().to(device), generator=generator).to(rate.device)
+    return torch.stack([torch.poisson(r.float().to(g.device), generator=g).to(rate.device)
+                        for r, g in zip(rate, generator, strict=True)])
 
 
 def disk_kernel(radius: float, alias_blur: float) -> Tensor:
@@ -226,7 +262,7 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
     return out.to(x.device, x.dtype) / 255
 
 
-def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator | None = None,
+def corrupt(x: Tensor, name: str, severity: int, generator: Generators = None,
             quantize: bool = True) -> Tensor:
     """Apply a CIFAR-10-C corruption to pixel images.
 
@@ -234,7 +270,8 @@ def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator | No
         x: Images ``(B, C, H, W)`` in ``[0, 1]`` (JPEG needs C = 1 or 3).
         name: One of :data:`CORRUPTIONS`.
         severity: 0 (identity: an exact copy of ``x``) to 5.
-        generator: Random generator of the noise corruptions (any device); ``None``: global.
+        generator: Random generator of the noise corruptions (any device), or one per image;
+            ``None``: the global one.
         quantize: Round the result to the uint8 grid (CIFAR-10-C stores uint8 images).
 
     Returns:
@@ -249,12 +286,12 @@ def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator | No
     c = CIFAR_C_PARAMS[name][int(severity) - 1]
     x = x.detach()
     if name == "gaussian_noise":
-        out = x + c * _randn(x.shape, generator, x)
+        out = x + c * _draw(torch.randn, x.shape, generator, x)
     elif name == "shot_noise":
-        rate = (x.clamp(0, 1) * c).to(generator.device if generator is not None else x.device)
-        out = torch.poisson(rate.float(), generator=generator).to(x.device, x.dtype) / c
+        out = _poisson(x.clamp(0, 1) * c, generator).to(x.dtype) / c
     elif name == "impulse_noise":  # skimage random_noise(mode="s&p", amount=c), per element
-        flip, salt = _rand(x.shape, generator, x) <= c, _rand(x.shape, generator, x) <= 0.5
+        flip = _draw(torch.rand, x.shape, generator, x) <= c
+        salt = _draw(torch.rand, x.shape, generator, x) <= 0.5
         out = torch.where(flip, salt.to(x.dtype), x)
     elif name == "defocus_blur":
         out = _filter(x, disk_kernel(*c), "reflect")
@@ -272,5 +309,5 @@ def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator | No
     return (out * 255).round() / 255 if quantize else out
 
 
-__all__ = ["CIFAR_C_PARAMS", "CORRUPTIONS", "CorrectCounts", "corrupt", "disk_kernel", "fgsm", "from_pixels", "pgd",
-           "to_pixels"]
+__all__ = ["CIFAR_C_PARAMS", "CORRUPTIONS", "NOISE_CORRUPTIONS", "CorrectCounts", "corrupt", "disk_kernel", "fgsm",
+           "from_pixels", "image_generators", "pgd", "to_pixels"]

@@ -19,7 +19,8 @@ from hug_lightning.calibration import (expected_calibration_error, fit_temperatu
                                        negative_log_likelihood)
 from hug_lightning.evaluation import RobustnessEvaluation
 from hug_lightning.predictions import PredictionWriter
-from hug_lightning.robustness import corrupt, fgsm, pgd, to_pixels
+from hug_lightning.robustness import (NOISE_CORRUPTIONS, corrupt, fgsm, image_generators, pgd,
+                                      to_pixels)
 from hug_lightning.ufm import FreeFeatures, UFMDataModule
 
 EPS = 8 / 255
@@ -228,6 +229,44 @@ def test_callback_max_batches_counts_exactly_that_many_batches():
     for i in range(4):
         cb.on_test_batch_end(_trainer(), net, None, (x, y), i)
     assert len(net.seen) == 2 and int(cb.counts.total) == 8
+
+
+def test_random_draws_follow_the_image_not_its_batch():
+    """Noise corruptions and PGD's random start were seeded per (rank, batch): the same image
+    got other noise with another eval batch size or number of processes (about 1 point of a
+    noise corruption's accuracy on a 300-image check). Per-image generators keyed by content:
+    the whole set at once, or shuffled in batches of 3, gives each image the same draws."""
+    pix = (torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    y = torch.arange(10) % 3
+    x = _norm(pix)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+
+    def per_image(fn) -> torch.Tensor:  # fn(pixels of a batch) -> per-image outputs
+        whole = fn(pix)
+        parts = torch.empty_like(whole)
+        for chunk in order.split(3):
+            parts[chunk] = fn(pix[chunk])
+        assert torch.equal(whole, parts)
+        return whole
+
+    for name in NOISE_CORRUPTIONS:
+        out = per_image(lambda p, n=name: corrupt(p, n, 3, image_generators(p, 0, n)))
+        assert not torch.equal(out, pix)  # it did corrupt
+        other = corrupt(pix, name, 3, image_generators(pix, 1, name))  # another seed
+        assert not torch.equal(out, other)
+    start = per_image(lambda p: pgd(lambda q: torch.zeros(q.shape[0], 3), p, y[:p.shape[0]],
+                                    EPS, steps=0, generator=image_generators(p, 0, "pgd")))
+    assert 0 < (start - pix).abs().max() <= EPS + 1e-6
+    # the callback: the counts of one batch of 10 equal those of batches of 4 + 6
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    counts = []
+    for sizes in ((10,), (4, 6)):
+        cb = RobustnessEvaluation(mean=MEAN, std=STD, attacks=("pgd",), pgd_steps=1,
+                                  corruptions=NOISE_CORRUPTIONS, severities=(5,))
+        for i, idx in enumerate(torch.arange(10).split(sizes)):
+            cb.on_test_batch_end(_trainer(), net, None, (x[idx], y[idx]), i)
+        counts.append(cb.counts.correct.clone())
+    assert torch.equal(counts[0], counts[1])
 
 
 def test_to_pixels_clamps_out_of_range_inputs():
