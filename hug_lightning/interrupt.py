@@ -146,6 +146,7 @@ class InterruptCheckpoint(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
+        self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method

@@ -180,3 +180,27 @@ def test_an_interrupt_next_to_validation_keeps_that_validation(small_root, tmp_p
     best = [[v.get("best_model_score") for k, v in state["callbacks"].items()
              if k.startswith("ModelCheckpoint")] for state in (a, b)]
     assert best[0] == best[1] and best[0][0] is not None
+
+
+def test_a_new_fit_starts_without_the_previous_fits_request():
+    """The same callback object reused for a second ``trainer.fit`` (from Python) must not
+    stop that fit at its first batch because the first one was interrupted."""
+    class Connector:
+        received_sigterm = False
+
+    trainer = SimpleNamespace(_signal_connector=Connector())
+    cb = InterruptCheckpoint()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        cb.on_fit_start(trainer, None)
+        cb._on_signal(signal.SIGTERM, None)
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert cb.interrupted_by == "SIGTERM" and trainer._signal_connector.received_sigterm
+        cb._restore()
+        trainer._signal_connector.received_sigterm = False  # Lightning resets it per run
+        cb.on_fit_start(trainer, None)
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert cb.interrupted_by is None and not trainer._signal_connector.received_sigterm
+    finally:
+        cb._restore()
+        signal.signal(signal.SIGINT, previous)
