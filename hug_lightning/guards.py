@@ -1,9 +1,11 @@
-"""Input and numerical guards used by the training loop: labels in range, finite losses.
+"""Input and numerical guards used by the training loop: labels in range, finite losses, and
+the shapes a backbone and a head give (the contract of the extension hooks).
 
-Both are written to cost nothing on GPUs in the common case: a check that needs the value of a
+They are written to cost nothing on GPUs in the common case: a check that needs the value of a
 device tensor on the host (``.item()``) stalls the CUDA stream, so on accelerators labels are
 checked on the first batch of each stage only, and the loss's finiteness flag is copied to the
-host asynchronously and read a few steps later (the error still names the step it came from).
+host asynchronously and read a few steps later (the error still names the step it came from);
+shape checks read no values.
 """
 
 from __future__ import annotations
@@ -35,6 +37,50 @@ def check_labels(labels: Tensor, num_classes: int, stage: str, always: bool = Fa
             "Check that the data module's num_classes matches its labels, or that the model's "
             "num_classes is linked from the data (`data.num_classes`)."
         )
+
+
+def check_backbone_width(backbone: torch.nn.Module, given: torch.nn.Module) -> int:
+    """The backbone's feature width ``num_features``, or a ``TypeError`` when it is missing or
+    not an integer (``given`` is the backbone argument, named when a hook replaced it)."""
+    width = getattr(backbone, "num_features", None)
+    if not isinstance(width, int):
+        built = (type(given).__name__ if backbone is given else
+                 f"{type(backbone).__name__} (returned by configure_backbone for "
+                 f"{type(given).__name__})")
+        raise TypeError(
+            f"The backbone {built} must expose its feature width as an integer attribute "
+            "`num_features` (the backbones in hug_lightning.backbones do; a wrapper built in "
+            "configure_backbone must set it too)."
+        )
+    return width
+
+
+def check_features(features: Tensor, feature_dim: int, stage: str) -> None:
+    """Raise a ``ValueError`` unless ``features`` is ``(batch, feature_dim)`` (shapes: no
+    sync)."""
+    if features.dim() != 2 or features.shape[1] != feature_dim:
+        raise ValueError(
+            f"{stage}: the features fed to the head have shape {tuple(features.shape)}, "
+            f"expected (batch, {feature_dim}). The backbone's `num_features` must equal "
+            "the width it outputs (and images must have the size the backbone expects).")
+
+
+def check_logits(logits: Tensor, batch: int, num_classes: int, stage: str, head: str) -> None:
+    """Raise a ``ValueError`` unless the logits are ``(batch, num_classes)`` (shapes only: no
+    sync).
+
+    Args:
+        logits: What the head gave for ``batch`` features.
+        batch: Number of features fed to the head.
+        num_classes: The module's number of classes.
+        stage: ``train``, ``val`` or ``test``: the message starts with it.
+        head: The head's class name, named in the message.
+    """
+    if logits.shape != (batch, num_classes):
+        raise ValueError(
+            f"{stage}: {head} gave logits of shape "
+            f"{tuple(logits.shape)}, expected (batch, num_classes) = "
+            f"({batch}, {num_classes}).")
 
 
 class RunningStatsSnapshot:

@@ -1,7 +1,8 @@
 """ClassifierModule: backbone -> optional embedding -> pluggable head.
 
-The training loop is written once here; everything a study changes is a constructor argument
-chosen in YAML (``class_path``) or one small hook to override in a subclass:
+The training loop is written once (in the base class :class:`~hug_lightning.loop.ClassifierLoop`);
+everything a study changes is a constructor argument chosen in YAML (``class_path``) or one small
+hook of this class to override in a subclass:
 
 * :meth:`configure_backbone`, :meth:`configure_embedding`, :meth:`configure_head` build the
   three stages;
@@ -24,37 +25,29 @@ before calling ``super().__init__()``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal, Sequence
 
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from hug_lightning.backbones import CifarResNet
-from hug_lightning.guards import FiniteLossGuard, RunningStatsSnapshot, check_labels
+from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
+                                  check_features, check_labels, check_logits)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
+from hug_lightning.loop import ClassifierLoop
 from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.collapse import all_reduce_sync
-from hug_lightning.metrics.functional_geometry import cosine_stats, riesz_energy
-from hug_lightning.optim import total_steps_context
-from hug_lightning.param_groups import apply_lr_scale, check_kinds, parameter_groups
-
-# Epoch values that are global already (summed over processes, synced torchmetrics values, or
-# the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train/acc|"
-                        r"val/acc_best|hp/(val_acc_best|test_acc)|geometry/[a-z0-9_]+)'")
+from hug_lightning.metrics.functional_geometry import class_separation
+from hug_lightning.optim import build_optimizers, run_length
+from hug_lightning.param_groups import check_kinds, parameter_groups
+from hug_lightning.train_accuracy import TrainAccuracy
 
 _PLAIN = (str, int, float, bool, type(None))
-#: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
-#: as a measured accuracy in runs that never ran that stage)
-HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
 
 
 def _is_plain(value: Any) -> bool:
@@ -67,7 +60,7 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-class ClassifierModule(LightningModule):
+class ClassifierModule(ClassifierLoop):
     """Image classifier: ``backbone(x) -> [embedding] -> head``, trained by the head's loss.
 
     Args:
@@ -139,16 +132,7 @@ class ClassifierModule(LightningModule):
         self.head_lr_scale = float(head_lr_scale)
         self.channels_last = channels_last
         self.backbone = self.configure_backbone(backbone)
-        width = getattr(self.backbone, "num_features", None)
-        if not isinstance(width, int):
-            built = (type(backbone).__name__ if self.backbone is backbone else
-                     f"{type(self.backbone).__name__} (returned by configure_backbone for "
-                     f"{type(backbone).__name__})")
-            raise TypeError(
-                f"The backbone {built} must expose its feature width as an integer attribute "
-                "`num_features` (the backbones in hug_lightning.backbones do; a wrapper built in "
-                "configure_backbone must set it too)."
-            )
+        width = check_backbone_width(self.backbone, backbone)
         self.embedding, self.feature_dim = self.configure_embedding(
             width, embedding_dim, embedding_norm
         )
@@ -162,15 +146,6 @@ class ClassifierModule(LightningModule):
         self._norm_snapshot = RunningStatsSnapshot(self)
         self._labels_checked: set[str] = set()
         self.configure_metrics()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets `_current_fx_name` twice around every hook call (about 50 times a
-        # step); nn.Module.__setattr__ spends ~5 us on each checking parameters, buffers and
-        # submodules. That name is only ever a string or None: store it directly.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     # ----------------------------------------------------------------- hooks to override
     def configure_backbone(self, backbone: nn.Module) -> nn.Module:
@@ -207,11 +182,9 @@ class ClassifierModule(LightningModule):
         # validate_args=False: torchmetrics' input checks read values back to the host (a
         # device sync per step); labels are checked by the data modules and check_labels
         acc = {"num_classes": self.num_classes, "average": "micro", "validate_args": False}
-        # training accuracy: two counters (correct, seen), 3 small kernels per step, summed over
-        # processes at the end of the epoch; kept in checkpoints for exact mid-epoch resume.
-        # Not a registered buffer: DDP broadcasts buffers from rank 0 before every forward,
-        # which would replace each rank's counts by rank 0's (see on_save_checkpoint)
-        self.train_counts = torch.zeros(2, dtype=torch.long)
+        # training accuracy: two counters (correct, seen), summed over processes at the end of
+        # the epoch, kept in checkpoints; not a registered buffer (see TrainAccuracy)
+        self.train_accuracy = TrainAccuracy()
         self.val_acc = MulticlassAccuracy(**acc)
         self.test_acc = MulticlassAccuracy(**acc)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -247,17 +220,10 @@ class ClassifierModule(LightningModule):
         check_labels(y, self.num_classes, stage, always=first)
         self._labels_checked.add(stage)
         features = self.forward_features(x)
-        if features.dim() != 2 or features.shape[1] != self.feature_dim:  # shapes: no sync
-            raise ValueError(
-                f"{stage}: the features fed to the head have shape {tuple(features.shape)}, "
-                f"expected (batch, {self.feature_dim}). The backbone's `num_features` must equal "
-                "the width it outputs (and images must have the size the backbone expects).")
+        check_features(features, self.feature_dim, stage)
         out = self.head.forward_train(features, y)
-        if out.logits.shape != (features.shape[0], self.num_classes):  # shapes only: no sync
-            raise ValueError(
-                f"{stage}: {type(self.head).__name__} gave logits of shape "
-                f"{tuple(out.logits.shape)}, expected (batch, num_classes) = "
-                f"({features.shape[0]}, {self.num_classes}).")
+        check_logits(out.logits, features.shape[0], self.num_classes, stage,
+                     type(self.head).__name__)
         return {
             "loss": out.loss,
             "terms": out.terms,
@@ -266,7 +232,7 @@ class ClassifierModule(LightningModule):
             "labels": y,
         }
 
-    # ----------------------------------------------------------------- stages
+    # ----------------------------------------------------------------- Lightning, the loop's hooks
     def setup(self, stage: str) -> None:
         bind = getattr(self.backbone, "bind_data", None)  # e.g. the UFM's free features
         if callable(bind) and self.trainer.datamodule is not None:
@@ -285,39 +251,6 @@ class ClassifierModule(LightningModule):
                 self.head.count_sync = CountSync(lambda t: all_reduce_sync(t)[0],
                                                  self.trainer.world_size)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
-        this hook on every rank, so the reduction is collective)."""
-        counts = self.train_counts.clone()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        checkpoint["train_counts"] = counts.cpu()
-        checkpoint["skipped_batches"] = self.loss_guard.skipped  # the same on every rank
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the training-accuracy counts on rank 0 (they are already the sum over
-        processes; older checkpoints stored them as a module buffer) and the count of skipped
-        non-finite batches, and accept checkpoints written before ``val_acc_best`` was saved."""
-        state = checkpoint.get("state_dict", {})
-        for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
-            state.setdefault(key, value)  # checkpoints from before it was saved
-        self.loss_guard.skipped = int(checkpoint.pop("skipped_batches", 0))
-        saved = checkpoint.pop("train_counts", None)
-        legacy = state.pop("train_counts", None)
-        saved = saved if saved is not None else legacy
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        self.train_counts = (saved.clone().long() if saved is not None and rank == 0
-                             else torch.zeros(2, dtype=torch.long))
-
-    def on_train_epoch_end(self) -> None:
-        self.loss_guard.flush()
-        counts = self.train_counts.clone()
-        if self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        self.log("train/acc", counts[0].double() / counts[1].clamp_min(1))
-        self.train_counts.zero_()
-        self.log_dict(self.class_vector_geometry())
-
     @torch.no_grad()
     def class_vector_geometry(self) -> dict[str, Tensor]:
         """Separation of the head's normalized class vectors (one K x K Gram, every epoch).
@@ -325,47 +258,8 @@ class ClassifierModule(LightningModule):
         ``geometry/min_angle`` (degrees, between the closest two), ``geometry/max_cos`` and
         ``geometry/riesz2_energy`` (mean over pairs of 1/||w_c - w_c'||^2, HUG's inter term).
         """
-        w = self.head.class_vectors.detach()
-        stats = cosine_stats(w)
-        return {
-            "geometry/min_angle": stats["min_angle"].float(),
-            "geometry/max_cos": stats["max_cos"].float(),
-            "geometry/riesz2_energy": riesz_energy(w, s=2.0).float(),
-        }
-
-    def _log_this_step(self) -> bool:
-        """Log step values only every ``trainer.log_every_n_steps`` (``self.log`` costs ~1 ms)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
-        skipping = self.loss_guard.policy == "skip"
-        if skipping:  # a skipped batch must leave the BatchNorm running statistics untouched
-            self._norm_snapshot.save()
-        out = self.step(batch, "train")
-        out["features"] = out["features"].detach()  # callbacks keep them: no graph
-        n = out["labels"].shape[0]
-        terms = out.get("terms") or {}
-        if not self.loss_guard.check(out["loss"], terms, self.current_epoch, self.global_step):
-            if skipping:
-                self._norm_snapshot.restore()
-            self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
-            return None
-        counts = self.train_counts
-        if counts.device != out["labels"].device:  # a plain tensor: follows the data once
-            self.train_counts = counts = counts.to(out["labels"].device)
-        counts[0] += (out["logits"].argmax(-1) == out["labels"]).sum()
-        counts[1] += n  # a scalar argument: no host-to-device copy
-        if self._log_this_step():  # under DDP the mean over ranks (the global batch's value)
-            sync = self.trainer.world_size > 1
-            self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n,
-                     sync_dist=sync)
-            for name, value in terms.items():
-                self.log(f"train/{name}", value, batch_size=n, sync_dist=sync)
-            if self.trainer.optimizers:
-                self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
-                         batch_size=n)
-        return out
+        separation = class_separation(self.head.class_vectors.detach())
+        return {f"geometry/{name}": value.float() for name, value in separation.items()}
 
     def update_metrics(self, out: dict[str, Any], stage: str) -> None:
         """Feed one validation/test batch's :meth:`step` output to the stage's metrics and log
@@ -378,64 +272,8 @@ class ClassifierModule(LightningModule):
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
 
-    def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(batch, stage)
-        out["features"] = out["features"].detach()
-        self.update_metrics(out, stage)
-        return out
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        self.val_acc_best.update(self.val_acc.compute())
-        best = self.val_acc_best.compute()
-        self.log("val/acc_best", best)
-        self.log("hp/val_acc_best", best)
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.log("hp/test_acc", self.test_acc.compute())
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        logits = self(x)
-        result = {"pred": logits.argmax(-1), "logits": logits}
-        if isinstance(batch, (list, tuple)) and len(batch) > 1:
-            result["label"] = batch[1]
-        return result
-
-    # ----------------------------------------------------------------- logging, optimizers
-    def _declare_hp_metrics(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
-            self.logger.log_hyperparams(self.hparams, HP_METRICS)
-
-    def on_fit_start(self) -> None:
-        self._declare_hp_metrics()
-
-    def on_test_start(self) -> None:
-        self._declare_hp_metrics()
-
     def configure_optimizers(self) -> Any:
-        optimizer = apply_lr_scale(self.optimizer_factory(self.parameter_groups()))
-        if self.scheduler_factory is None:
-            return optimizer
-        with total_steps_context(self._total_steps()):
-            scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": (
-                {"scheduler": scheduler, "interval": "epoch", "monitor": self.scheduler_monitor}
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-                else {"scheduler": scheduler, "interval": self.scheduler_interval}),
-        }
-
-    def _total_steps(self) -> int:
-        if self.scheduler_interval == "epoch":
-            return int(self.trainer.max_epochs or 1)
-        steps = self.trainer.estimated_stepping_batches  # inf without max_epochs/max_steps
-        return int(steps) if math.isfinite(steps) else -1  # -1: resolve_total_steps explains
+        return build_optimizers(
+            self.parameter_groups(), self.optimizer_factory, self.scheduler_factory,
+            self.scheduler_interval, self.scheduler_monitor,
+            lambda: run_length(self.trainer, self.scheduler_interval))

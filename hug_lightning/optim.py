@@ -3,7 +3,8 @@
 LightningCLI injects the scheduler as a callable taking only the optimizer
 (``LRSchedulerCallable``). Schedules that need the total number of optimizer steps read it
 from :func:`total_steps_context`, which :class:`~hug_lightning.module.ClassifierModule` opens
-around the call with ``trainer.estimated_stepping_batches``; so a YAML config says
+around the call with ``trainer.estimated_stepping_batches`` (:func:`build_optimizers`); so a
+YAML config says
 
 .. code-block:: yaml
 
@@ -20,10 +21,12 @@ import contextlib
 import math
 import warnings
 from contextvars import ContextVar
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler
+
+from hug_lightning.param_groups import apply_lr_scale
 
 _TOTAL_STEPS: ContextVar[int | None] = ContextVar("hug_total_steps", default=None)
 
@@ -52,6 +55,46 @@ def resolve_total_steps(total_steps: int | None, who: str) -> int:
             "Set trainer.max_epochs or trainer.max_steps."
         )
     return int(steps)
+
+
+def run_length(trainer: Any, interval: str) -> int:
+    """The run's length in scheduler steps: ``trainer.max_epochs`` (``epoch``) or the optimizer
+    steps Lightning estimates (``step``; -1 when unbounded)."""
+    if interval == "epoch":
+        return int(trainer.max_epochs or 1)
+    steps = trainer.estimated_stepping_batches  # inf without max_epochs/max_steps
+    return int(steps) if math.isfinite(steps) else -1  # -1: resolve_total_steps explains
+
+
+def build_optimizers(groups: list[dict[str, Any]], optimizer: Callable[..., Optimizer],
+                     scheduler: Callable[[Optimizer], Any] | None, interval: str, monitor: str,
+                     total_steps: Callable[[], int]) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer over ``groups`` (with each group's
+    ``lr_scale`` applied, see :func:`~hug_lightning.param_groups.apply_lr_scale`) and, with a
+    ``scheduler`` factory, Lightning's scheduler config.
+
+    Args:
+        groups: Parameter groups passed to ``optimizer``.
+        optimizer: Optimizer factory called with the groups.
+        scheduler: Scheduler factory called with the optimizer, built inside
+            :func:`total_steps_context`; ``None``: the optimizer alone is returned.
+        interval: Step the scheduler every ``step`` or ``epoch``.
+        monitor: The metric a ``ReduceLROnPlateau`` follows (it is stepped every epoch).
+        total_steps: Called only when a scheduler is built: the run's length
+            (:func:`run_length`).
+    """
+    built = apply_lr_scale(optimizer(groups))
+    if scheduler is None:
+        return built
+    with total_steps_context(total_steps()):
+        schedule = scheduler(built)
+    return {
+        "optimizer": built,
+        "lr_scheduler": (
+            {"scheduler": schedule, "interval": "epoch", "monitor": monitor}
+            if isinstance(schedule, lr_scheduler.ReduceLROnPlateau)
+            else {"scheduler": schedule, "interval": interval}),
+    }
 
 
 class OneCycleLR(lr_scheduler.OneCycleLR):

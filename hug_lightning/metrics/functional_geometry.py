@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "class_separation",
     "cosine_stats",
     "equinorm",
     "etf_distance",
@@ -137,6 +138,18 @@ def riesz_energy(vectors: Tensor, s: float = 2.0) -> Tensor:
         return _nan(vectors)
     log_d = _log_dist(vectors)
     return torch.exp(torch.logsumexp(-s * log_d, dim=0) - math.log(log_d.numel()))
+
+
+def class_separation(vectors: Tensor) -> dict[str, Tensor]:
+    """Separation of the normalised class vectors (one ``K x K`` Gram).
+
+    Returns:
+        ``min_angle`` (degrees, between the closest two), ``max_cos`` and ``riesz2_energy``
+        (mean over pairs of ``1 / |u_c - u_c'|^2``, HUG's inter term).
+    """
+    stats = cosine_stats(vectors)
+    return {"min_angle": stats["min_angle"], "max_cos": stats["max_cos"],
+            "riesz2_energy": riesz_energy(vectors, s=2.0)}
 
 
 def log_energy(vectors: Tensor) -> tuple[Tensor, Tensor]:

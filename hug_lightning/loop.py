@@ -1,0 +1,170 @@
+"""The stages of :class:`~hug_lightning.module.ClassifierModule`, written once around its hooks.
+
+:class:`ClassifierLoop` is the module's base class: the Lightning hooks of training,
+validation, test and predict, checkpoint extras, and logging. What a study changes is not here
+but in the hooks it calls, defined by ``ClassifierModule``:
+
+* :meth:`~ClassifierLoop.step` (the shared step: ``loss``, ``features``, ``logits``,
+  ``labels``, optionally ``terms``); every ``*_step`` detaches the features and returns the
+  dict, so callbacks read it from ``outputs``;
+* :meth:`~ClassifierLoop.update_metrics` (validation and test metrics);
+* :meth:`~ClassifierLoop.class_vector_geometry` (logged at the end of each training epoch).
+
+It reads the attributes ``ClassifierModule.__init__`` sets: ``loss_guard``
+(:class:`~hug_lightning.guards.FiniteLossGuard`), ``_norm_snapshot``
+(:class:`~hug_lightning.guards.RunningStatsSnapshot`), and those of ``configure_metrics``:
+``train_accuracy`` (:class:`~hug_lightning.train_accuracy.TrainAccuracy`), ``val_acc``,
+``val_acc_best``, ``test_acc``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+# Epoch values that are global already (summed over processes, synced torchmetrics values, or
+# the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train/acc|"
+                        r"val/acc_best|hp/(val_acc_best|test_acc)|geometry/[a-z0-9_]+)'")
+
+#: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
+#: as a measured accuracy in runs that never ran that stage)
+HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
+
+
+class ClassifierLoop(LightningModule):
+    """Training, validation, test and predict steps around the hooks :meth:`step`,
+    :meth:`update_metrics` and :meth:`class_vector_geometry` (see the module docstring)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets `_current_fx_name` twice around every hook call (about 50 times a
+        # step); nn.Module.__setattr__ spends ~5 us on each checking parameters, buffers and
+        # submodules. That name is only ever a string or None: store it directly.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def train_counts(self) -> Tensor:
+        """The epoch's ``(correct, seen)`` training counts on this process (``train_accuracy``'s
+        tensor, read and set)."""
+        return self.train_accuracy.counts
+
+    @train_counts.setter
+    def train_counts(self, counts: Tensor) -> None:
+        self.train_accuracy.counts = counts
+
+    # ----------------------------------------------------------------- hooks (ClassifierModule)
+    def step(self, batch: Any, stage: str) -> dict[str, Any]:
+        """The shared train/val/test step (see the module docstring)."""
+        raise NotImplementedError
+
+    def update_metrics(self, out: dict[str, Any], stage: str) -> None:
+        """Feed one validation/test batch's :meth:`step` output to the metrics and log them."""
+        raise NotImplementedError
+
+    def class_vector_geometry(self) -> dict[str, Tensor]:
+        """Values to log at the end of each training epoch."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
+        this hook on every rank, so the reduction is collective)."""
+        self.train_accuracy.save(checkpoint, self._trainer)
+        checkpoint["skipped_batches"] = self.loss_guard.skipped  # the same on every rank
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the training-accuracy counts on rank 0 (they are already the sum over
+        processes; older checkpoints stored them as a module buffer) and the count of skipped
+        non-finite batches, and accept checkpoints written before ``val_acc_best`` was saved."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
+            state.setdefault(key, value)  # checkpoints from before it was saved
+        self.loss_guard.skipped = int(checkpoint.pop("skipped_batches", 0))
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self.train_accuracy.load(checkpoint, rank)
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_guard.flush()
+        self.log("train/acc", self.train_accuracy.compute_and_reset(self.trainer))
+        self.log_dict(self.class_vector_geometry())
+
+    # ----------------------------------------------------------------- steps
+    def _log_this_step(self) -> bool:
+        """Log step values only every ``trainer.log_every_n_steps`` (``self.log`` costs ~1 ms)."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        skipping = self.loss_guard.policy == "skip"
+        if skipping:  # a skipped batch must leave the BatchNorm running statistics untouched
+            self._norm_snapshot.save()
+        out = self.step(batch, "train")
+        out["features"] = out["features"].detach()  # callbacks keep them: no graph
+        n = out["labels"].shape[0]
+        terms = out.get("terms") or {}
+        if not self.loss_guard.check(out["loss"], terms, self.current_epoch, self.global_step):
+            if skipping:
+                self._norm_snapshot.restore()
+            self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
+            return None
+        self.train_accuracy.update(out["logits"], out["labels"])
+        if self._log_this_step():  # under DDP the mean over ranks (the global batch's value)
+            sync = self.trainer.world_size > 1
+            self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n,
+                     sync_dist=sync)
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, batch_size=n, sync_dist=sync)
+            if self.trainer.optimizers:
+                self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
+                         batch_size=n)
+        return out
+
+    def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self.step(batch, stage)
+        out["features"] = out["features"].detach()
+        self.update_metrics(out, stage)
+        return out
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_acc.compute())
+        best = self.val_acc_best.compute()
+        self.log("val/acc_best", best)
+        self.log("hp/val_acc_best", best)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log("hp/test_acc", self.test_acc.compute())
+
+    def predict_step(self, batch: Any, batch_idx: int,
+                     dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        logits = self(x)
+        result = {"pred": logits.argmax(-1), "logits": logits}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            result["label"] = batch[1]
+        return result
+
+    # ----------------------------------------------------------------- TensorBoard's HPARAMS
+    def _declare_hp_metrics(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.log_hyperparams(self.hparams, HP_METRICS)
+
+    def on_fit_start(self) -> None:
+        self._declare_hp_metrics()
+
+    def on_test_start(self) -> None:
+        self._declare_hp_metrics()
