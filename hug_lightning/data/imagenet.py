@@ -5,12 +5,12 @@ images, and ``<root>/val/<wnid>/*.JPEG``, the official validation images moved i
 A subset is a list of WNIDs: ``imagenet100`` (CMC), ``imagenette``, ``imagewoof`` (fastai),
 shipped in ``hug_lightning/data/class_lists/``; ``full`` (every class folder of ``train/``); or
 a text file with one WNID per line (``#`` comments). Labels are the indices of the **sorted**
-WNIDs of the subset. Images are decoded per sample, in the DataLoader workers.
+WNIDs of the subset. Images are decoded per sample, in the DataLoader workers
+(:class:`~hug_lightning.data.image_files.ImageFileDataset`, importable from here too).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from importlib import resources
@@ -18,19 +18,16 @@ from itertools import groupby
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
-from hug_lightning.data.folders import (IMAGE_EXTENSIONS, CorruptImageError, find_classes,
-                                        read_rgb_tensor, scan_class_folders)
+from hug_lightning.data.folders import IMAGE_EXTENSIONS, find_classes, scan_class_folders
+from hug_lightning.data.image_files import ImageFileDataset
 from hug_lightning.data.splits import seeded_choice, stratified_split, val_count
 
-log = logging.getLogger(__name__)
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _TO_FLOAT = (v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
@@ -65,75 +62,6 @@ def read_class_list(path: str | Path) -> list[str]:
         raise ValueError(f"Class list {path} " + (f"names some classes twice: {_listing(dups)}."
                                                   if dups else "holds no class names."))
     return names
-
-
-class ImageFileDataset(Dataset):
-    """Image files decoded per sample into ``(3, H, W)`` uint8 tensors, then ``transform``.
-
-    Paths are held in one NumPy bytes array, which forked DataLoader workers share without
-    copying (a list of strings gets copied page by page as its refcounts change). Items may be
-    ``(index, key)``: the transform's random draws then depend on the key only (resumable).
-
-    Args:
-        samples: ``(path, label)`` pairs.
-        transform: Callable on the uint8 image tensor (``None``: the tensor itself).
-        on_corrupt: ``raise`` :class:`CorruptImageError` naming the file, or ``skip``: warn
-            once per file and return the next readable image of the same class instead.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str | Path, int]],
-                 transform: Callable[[Tensor], Tensor] | None = None,
-                 on_corrupt: Literal["raise", "skip"] = "raise") -> None:
-        self._paths = np.array([os.fsencode(p) for p, _ in samples] or [b""])[:len(samples)]
-        self.labels = self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
-        self.transform, self.on_corrupt, self._warned = transform, on_corrupt, set()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def paths(self) -> list[str]:  # file paths, in order
-        return [os.fsdecode(p) for p in self._paths]
-
-    def subset(self, indices: Sequence[int] | Tensor,
-               transform: Callable[[Tensor], Tensor] | None = None) -> "ImageFileDataset":
-        """The samples at ``indices``, with another ``transform``."""
-        idx = torch.as_tensor(indices, dtype=torch.long).numpy()
-        return ImageFileDataset(list(zip(self._paths[idx], self.labels[idx].tolist())),
-                                transform, self.on_corrupt)
-
-    def path(self, i: int) -> Path:  # file of sample i
-        return Path(os.fsdecode(self._paths[i]))
-
-    def _read(self, i: int) -> Tensor:
-        try:
-            return read_rgb_tensor(self.path(i))  # the error names the file
-        except CorruptImageError:
-            if self.on_corrupt == "raise":
-                raise
-        if i not in self._warned:  # once per file and worker
-            self._warned.add(i)
-            log.warning("Unreadable image %s replaced by another of its class.", self.path(i))
-        same = (self.labels == self.labels[i]).nonzero().flatten().tolist()
-        for j in same[same.index(i) + 1:] + same[:same.index(i)]:
-            try:
-                return read_rgb_tensor(self.path(j))
-            except CorruptImageError:
-                continue
-        raise CorruptImageError(f"Every image of class {int(self.labels[i])} is unreadable, "
-                                f"e.g. {self.path(i)}.")
-
-    accepts_keys = True  # EpochShardSampler gives (index, key): the key seeds the augmentation
-
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
-        i, key = item if isinstance(item, tuple) else (item, None)
-        image = self._read(i)
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[], enabled=key is not None):
-                if key is not None:  # the draws become a function of (seed, epoch, index)
-                    torch.default_generator.manual_seed(int(key))  # CPU only: CUDA untouched
-                image = self.transform(image)
-        return image, int(self.labels[i])
 
 
 def resolve_classes(subset: str, root: Path) -> list[str]:
