@@ -110,8 +110,8 @@ class LastCheckpoint(ModelCheckpoint):
         epoch triggers, not both; every rank calls this, as ``save_checkpoint`` requires)."""
         if not self.save_top_k or self.dirpath is None or trainer.sanity_checking:
             return
-        if self._last_global_step_saved == trainer.global_step:
-            return  # the step trigger just wrote this state
+        # even when the step trigger saved this global step: the epoch's validation, NC
+        # values and epoch-end progress came after that save
         path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         self._last_global_step_saved = trainer.global_step

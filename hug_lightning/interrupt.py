@@ -121,6 +121,9 @@ class InterruptCheckpoint(Callback):
         self._connector: Any = None
         self._epoch_loop: Any = None
         self._aborted = False
+        self._stopping = False  # received_sigterm set: Lightning raises after this batch
+        self._saving = False  # the interrupt save is being written
+        self._waits_for_validation = 0
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -128,6 +131,9 @@ class InterruptCheckpoint(Callback):
         name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
         if self._trainer is None:  # not installed outside fit; as the default handlers
             raise KeyboardInterrupt if name == "SIGINT" else SystemExit(128 + signum)
+        if self._saving:  # a second signal must not cut the save it asked for
+            rank_zero_info(f"{name} ignored: writing last.ckpt, wait for it to finish.")
+            return
         if name == "SIGINT" and self.stop.requested:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             self._aborted = True  # the second press: stop now, save nothing
@@ -147,6 +153,7 @@ class InterruptCheckpoint(Callback):
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
         self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
+        self._stopping, self._saving, self._waits_for_validation = False, False, 0
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method
@@ -176,18 +183,45 @@ class InterruptCheckpoint(Callback):
         agreed = self.stop.step()
         if agreed and not self.interrupted_by:
             self.interrupted_by = agreed
+            if not self.stop.requested:  # another process got the signal
+                rank_zero_info(f"\n{agreed} received by another process: stopping at the "
+                               "next batch boundary and saving last.ckpt.")
+        if self.interrupted_by and not self._stopping and self._resumable_stop(trainer):
+            self._stopping = True
             # Lightning raises SIGTERMException at the end of this batch (on every process)
             trainer._signal_connector.received_sigterm = True
 
+    def _resumable_stop(self, trainer: Trainer) -> bool:
+        """Whether a stop after this batch resumes exactly (the same answer on every process:
+        it depends on the batch index and the run's settings only). Not inside a gradient
+        accumulation window (its gradients are not in checkpoints), not before a mid-epoch
+        validation (Lightning's restart would shift later validations by a batch; the stop
+        waits one batch, once), and not after the fit's last batch (the fit just finishes)."""
+        try:
+            loop = trainer.fit_loop.epoch_loop
+            if loop._should_accumulate():
+                return False
+            last = loop.batch_progress.is_last_batch
+            if (not last and self._waits_for_validation == 0
+                    and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
+                self._waits_for_validation += 1
+                return False
+        except AttributeError:  # another Lightning version: stop here
+            return True
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        return not ((trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
+                    or (last and max_epochs is not None
+                        and trainer.current_epoch + 1 >= max_epochs))
+
     # Lightning's validation loop raises at its next batch once received_sigterm is set, which
-    # would lose the validation that follows the stopping batch (the epoch's last, or a
-    # val_check_interval one): the flag is held while that validation runs to its end.
+    # would lose the epoch-end validation that follows the stopping batch: the flag is held
+    # while that validation runs to its end.
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.interrupted_by and self._trainer is not None:
+        if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.interrupted_by and self._trainer is not None:
+        if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = True  # raised after this validation
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -208,9 +242,15 @@ class InterruptCheckpoint(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
-        self._restore()
-        if not self.enabled or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
-            return
+        try:
+            if self.enabled and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+                self._saving = True  # the handlers stay ours until the save is written
+                self._save_on_interrupt(trainer, exception)
+        finally:
+            self._saving = False
+            self._restore()
+
+    def _save_on_interrupt(self, trainer: Trainer, exception: BaseException) -> None:
         global LAST_INTERRUPT
         self.interrupted_by = self.interrupted_by or (
             "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT")

@@ -111,30 +111,40 @@ def test_the_callback_hands_sigterm_back_to_lightning_after_fit():
     assert connector.received_sigterm and loop.broadcasts == 1
 
 
-class SigtermAt(Callback):
-    """SIGTERM to this process, once, in epoch 1: in validation batch 1 (``where="val"``) or
-    at the start of the epoch's last training batch (``where="last"``)."""
+class SignalAt(Callback):
+    """SIGTERM to this process, once, in epoch ``epoch``: at the start of training batch
+    ``batch`` (``where="train"``, -1: the epoch's last) or in validation batch 1
+    (``where="val"``); ``again_in_save``: a second SIGTERM while last.ckpt is being written."""
 
-    def __init__(self, where: str = "val") -> None:
-        self.where, self.sent = where, False
+    def __init__(self, where: str = "train", epoch: int = 1, batch: int = -1,
+                 again_in_save: bool = False, ctrl_c: bool = False) -> None:
+        self.where, self.epoch, self.batch, self.again = where, epoch, batch, again_in_save
+        self.signum = signal.SIGINT if ctrl_c else signal.SIGTERM
+        self.sent = False
 
     def _send(self) -> None:
         self.sent = True
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if (self.where == "val" and not self.sent and not trainer.sanity_checking
-                and trainer.current_epoch == 1 and batch_idx == 1):
+                and trainer.current_epoch == self.epoch and batch_idx == 1):
             self._send()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if (self.where == "last" and not self.sent and trainer.current_epoch == 1
-                and batch_idx == trainer.num_training_batches - 1):
+        target = self.batch if self.batch >= 0 else trainer.num_training_batches - 1
+        if (self.where == "train" and not self.sent and trainer.current_epoch == self.epoch
+                and batch_idx == target):
             self._send()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.again and self.sent:
+            self.again = False
+            os.kill(os.getpid(), self.signum)
 
 
 sys.modules["tests_interrupt_callbacks"] = type(sys)("tests_interrupt_callbacks")
-sys.modules["tests_interrupt_callbacks"].SigtermAt = SigtermAt
+sys.modules["tests_interrupt_callbacks"].SignalAt = SignalAt
 
 
 @pytest.fixture(scope="module")
@@ -143,43 +153,80 @@ def small_root(tmp_path_factory) -> Path:
                               train_per_class=10, test_per_class=3)
 
 
-@pytest.mark.parametrize("where", ["val", "last"])
-def test_an_interrupt_next_to_validation_keeps_that_validation(small_root, tmp_path, where):
-    """SIGTERM during validation, or in the training batch that validation follows: the
-    validation runs to its end before the stop (Lightning's loop raised after one validation
-    batch, and the resumed run skipped the rest: val/* and the best-checkpoint decision of that
-    epoch were lost). Interrupted + resumed = one run: same val/* and nc/val/* values, same
-    weights, same best score."""
-    def args(log: Path, *extra: str) -> list[str]:
-        return tiny_args(small_root, log, "--trainer.deterministic", "true",
-                         "--model.init_args.scheduler", "null", "--trainer.limit_train_batches",
-                         "1.0", "--trainer.limit_val_batches", "1.0",
-                         "--data.init_args.batch_size", "8", "--trainer.max_epochs", "3", *extra)
+def _args(root: Path, log: Path, *extra: str) -> list[str]:
+    """3 epochs of 10 batches, deterministic (interrupted + resumed must equal one run)."""
+    return tiny_args(root, log, "--trainer.deterministic", "true", "--model.init_args.scheduler",
+                     "null", "--trainer.limit_train_batches", "1.0",
+                     "--trainer.limit_val_batches", "1.0", "--data.init_args.batch_size", "8",
+                     "--trainer.max_epochs", "3", *extra)
 
-    main(["fit", *args(tmp_path / "ref")])
-    with pytest.raises(SIGTERMException):
-        main(["fit", *args(tmp_path / "cut", "--trainer.callbacks+",
-                           "tests_interrupt_callbacks.SigtermAt",
-                           "--trainer.callbacks.where", where)])
-    main(["fit", *args(tmp_path / "cut", "--ckpt_path", "last")])
 
-    def logged(log: Path) -> dict:
-        scalars = read_scalars(next(log.glob("cifar10_ce/version_*")))
-        return {tag: v for tag, v in scalars.items() if tag.startswith(("val/", "nc/val/"))}
+def _logged(log: Path) -> dict:
+    scalars = read_scalars(next(log.glob("cifar10_ce/version_*")))
+    return {tag: v for tag, v in scalars.items() if tag.startswith(("val/", "nc/val/"))}
 
-    def final(log: Path) -> dict:
-        ckpt = next(log.glob("cifar10_ce/version_*/checkpoints/last.ckpt"))
-        return torch.load(ckpt, weights_only=True)
 
-    ref, cut = logged(tmp_path / "ref"), logged(tmp_path / "cut")
-    assert "val/acc" in ref and [s for s, _ in ref["val/acc"]] == [9, 19, 29]
-    assert cut == ref
-    a, b = final(tmp_path / "ref"), final(tmp_path / "cut")
+def _final(log: Path) -> dict:
+    return torch.load(next(log.glob("cifar10_ce/version_*/checkpoints/last.ckpt")),
+                      weights_only=True)
+
+
+def _assert_one_run(ref: Path, cut: Path) -> None:
+    """Interrupted + resumed = one run: same val/* and nc/val/* values at the same steps, same
+    weights and optimizer step, same best score."""
+    assert _logged(cut) == _logged(ref)
+    a, b = _final(ref), _final(cut)
+    assert a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     best = [[v.get("best_model_score") for k, v in state["callbacks"].items()
              if k.startswith("ModelCheckpoint")] for state in (a, b)]
     assert best[0] == best[1] and best[0][0] is not None
+
+
+_SIGNAL = ("--trainer.callbacks+", "tests_interrupt_callbacks.SignalAt")
+
+
+@pytest.mark.parametrize("case, settings, signal_at", [
+    # validation: the stop waited for it; the epoch's last batch: its validation runs first
+    ("in_validation", (), ("--trainer.callbacks.where", "val")),
+    ("last_batch", (), ()),
+    # inside an accumulation window: the stop waits for the optimizer step
+    ("accumulating", ("--trainer.accumulate_grad_batches", "2"),
+     ("--trainer.callbacks.batch", "2")),
+    # before a mid-epoch validation (after batches 4 and 9): the stop waits one batch
+    ("before_mid_epoch_val", ("--trainer.val_check_interval", "0.5"),
+     ("--trainer.callbacks.batch", "4")),
+    # a second SIGTERM while last.ckpt is written: ignored, the save completes
+    ("again_in_save", (), ("--trainer.callbacks.batch", "3",
+                           "--trainer.callbacks.again_in_save", "true")),
+    # the same with Ctrl-C: the second press during the save does not abort it
+    ("ctrl_c_again_in_save", (), ("--trainer.callbacks.batch", "3", "--trainer.callbacks.ctrl_c",
+                                  "true", "--trainer.callbacks.again_in_save", "true")),
+])
+def test_interrupted_and_resumed_is_one_run(small_root, tmp_path, case, settings, signal_at):
+    """Found by an audit: a stop inside a gradient-accumulation window lost the accumulated
+    gradients; one before a mid-epoch validation shifted every later validation by a batch;
+    a validation next to the stop was cut (Lightning's loop raises after one validation
+    batch); a second SIGTERM during the save exited before writing it."""
+    main(["fit", *_args(small_root, tmp_path / "ref", *settings)])
+    with pytest.raises(SIGTERMException):
+        main(["fit", *_args(small_root, tmp_path / "cut", *settings, *_SIGNAL, *signal_at)])
+    interrupted_at = _final(tmp_path / "cut")["global_step"]
+    assert 0 < interrupted_at < _final(tmp_path / "ref")["global_step"]
+    main(["fit", *_args(small_root, tmp_path / "cut", *settings, "--ckpt_path", "last")])
+    _assert_one_run(tmp_path / "ref", tmp_path / "cut")
+    if "again_in_save" in case:  # the interrupt save itself, not the epoch-end save before
+        assert interrupted_at == 10 + 4
+
+
+def test_a_signal_in_the_fits_last_batch_lets_it_finish(small_root, tmp_path):
+    """The fit's last batch: nothing is left to resume, so the fit finishes (exit status 0)
+    instead of reporting an interruption that needed one more --ckpt_path last run."""
+    main(["fit", *_args(small_root, tmp_path / "ref")])
+    main(["fit", *_args(small_root, tmp_path / "cut", *_SIGNAL, "--trainer.callbacks.epoch",
+                        "2")])  # returns: no SIGTERMException
+    _assert_one_run(tmp_path / "ref", tmp_path / "cut")
 
 
 def test_a_new_fit_starts_without_the_previous_fits_request():
@@ -204,3 +251,20 @@ def test_a_new_fit_starts_without_the_previous_fits_request():
     finally:
         cb._restore()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_step_saves_do_not_replace_the_final_epoch_end_save(small_root, tmp_path):
+    """``--last.every_n_train_steps N``: the epoch-end and end-of-training saves were skipped
+    when the step trigger had saved that global step already (always, for N = 1), so the final
+    last.ckpt held the state from before the last validation (best score, NC sums, progress)."""
+    main(["fit", *_args(small_root, tmp_path / "ref")])
+    main(["fit", *_args(small_root, tmp_path / "steps", "--last.every_n_train_steps", "1")])
+    a, b = _final(tmp_path / "ref"), _final(tmp_path / "steps")
+    assert a["global_step"] == b["global_step"]  # (its epoch counter is one later: train end)
+    assert set(a["callbacks"]) <= set(b["callbacks"])
+    for key, state in a["callbacks"].items():
+        if not key.startswith("LastCheckpoint"):
+            assert (repr(state).replace(str(tmp_path / "ref"), "<run>")
+                    == repr(b["callbacks"][key]).replace(str(tmp_path / "steps"), "<run>")), key
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
