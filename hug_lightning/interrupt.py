@@ -145,10 +145,6 @@ class InterruptCheckpoint(Callback):
                               if name == "SIGINT" else "."))
         self.stop.request(name)
 
-    # for tests and callers of the previous API
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self._on_signal(signum, frame)
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
