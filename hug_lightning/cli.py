@@ -291,7 +291,8 @@ def console_main() -> int:
     """Entry point of the ``hug-lightning`` script and ``python -m hug_lightning``.
 
     Exit status: 0 when the subcommand finished; 130 (Ctrl-C) or 143 (SIGTERM) when ``fit`` was
-    interrupted and saved ``last.ckpt`` (Lightning alone would exit with 0), so shells and job
+    interrupted and saved ``last.ckpt`` (with ``--interrupt.enabled false`` Lightning handles
+    signals and nothing is saved; Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
     value and 1 for missing data or a missing run to resume/evaluate (one message saying what to
     do, no traceback).
