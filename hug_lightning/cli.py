@@ -36,7 +36,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +51,15 @@ from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _
                                       data_num_classes)
 from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
                                         resumed_config_name)
-from hug_lightning.checkpointing import (LastCheckpoint, find_last_checkpoint,
-                                         recorded_best_checkpoint)
+from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.data.base import DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
+from hug_lightning.run_folders import (check_writable, logger_init_args,
+                                       never_into_a_run_folder, resolve_evaluated, resolve_last,
+                                       run_folder)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -163,94 +164,27 @@ class HUGLightningCLI(LightningCLI):
         # instantiate_trainer passes the same keys as 1
         self._integer_ones = (restore_integer_ones(written, cfg["trainer"])
                               if cfg.get("trainer") is not None else [])
-        logger = _logger_init_args(cfg)
+        logger = logger_init_args(cfg)
         if logger is not None:
             check_writable(Path(str(logger.get("save_dir") or ".")))
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":
             if cfg.get("ckpt_path") == "last":
-                self._resolve_last(cfg, logger)
-            folder = _run_folder(logger) if cfg.get("ckpt_path") and logger is not None else None
+                resolve_last(cfg, logger)
+            folder = run_folder(logger) if cfg.get("ckpt_path") and logger is not None else None
             if folder is not None:  # a resume into the run's own folder keeps its config
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": resumed_config_name(folder)}
         elif subcommand in ("validate", "test", "predict"):
             if cfg.get("ckpt_path") in ("last", "best"):
-                self._resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
+                resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
             if logger is not None:
-                _never_into_a_run_folder(logger, subcommand)
+                never_into_a_run_folder(logger, subcommand)
         if subcommand and logger is None:  # no version folder: the config goes to the
             # trainer's root (the working folder by default), maybe next to the user's own
             root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or "."))
             self.save_config_kwargs = {**self.save_config_kwargs,
                                        "config_filename": free_config_name(root)}
-
-    @staticmethod
-    def _find_last(logger: Any, flag: str) -> Path:
-        if logger is None:
-            raise ConfigError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
-                              "and name to find the run; pass the checkpoint file instead.")
-        save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
-        found = find_last_checkpoint(save_dir, name)
-        if found is None:
-            raise RunNotFoundError(
-                f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
-                "Give the checkpoint file instead (or train first).")
-        try:  # a write cut by SIGKILL or a full disk lacks the zip directory at the end
-            with zipfile.ZipFile(found):
-                pass
-        except (zipfile.BadZipFile, OSError) as err:
-            raise RunNotFoundError(
-                f"--ckpt_path {flag}: {found} cannot be read ({type(err).__name__}: {err}); it is "
-                "truncated or corrupt (an interrupted write?). Pass another checkpoint file "
-                "(e.g. the best one next to it), or move it away to start over.") from err
-        return found
-
-    @classmethod
-    def _resolve_last(cls, cfg: Any, logger: Any) -> None:
-        """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
-        found = cls._find_last(logger, "last")
-        cfg["ckpt_path"] = str(found)
-        logger["version"] = found.parent.parent.name  # keep logging into the same run folder
-
-    @classmethod
-    def _resolve_evaluated(cls, cfg: Any, logger: Any, which: str) -> None:
-        """``validate|test|predict --ckpt_path last|best``: the newest run of this experiment.
-
-        Lightning alone resolves these only inside the process that trained: in a new process
-        ``last`` silently evaluates the untrained model and ``best`` fails with a misleading
-        message. ``best`` is the best checkpoint recorded in that run's ``last.ckpt``.
-        """
-        found = cls._find_last(logger, which)
-        if which == "best":
-            best = recorded_best_checkpoint(found)
-            if best is None:
-                raise RunNotFoundError(
-                    f"--ckpt_path best: {found} records no best checkpoint (or its file is "
-                    "gone); give the checkpoint file instead.")
-            found = best
-        cfg["ckpt_path"] = str(found)
-
-
-def _run_folder(logger: Any) -> Path | None:
-    """The version folder a logger with a fixed ``version`` writes to (None: a new one)."""
-    version = logger.get("version")
-    if version is None:
-        return None
-    return Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
-                version if isinstance(version, str) else f"version_{version}")
-
-
-def _never_into_a_run_folder(logger: Any, subcommand: str) -> None:
-    """``validate|test|predict`` log into a new version folder, never a training run's: the
-    config saved by a resumed fit names its version, and reusing it would overwrite that run's
-    ``config.yaml`` with the evaluation's."""
-    folder = _run_folder(logger)
-    if folder is not None and (folder / "config.yaml").is_file():
-        logger["version"] = None
-        print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
-              file=sys.stderr)
-
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     """Leaves of a (nested) config namespace or dict, keyed by dotted paths."""
@@ -262,29 +196,6 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     for key, item in value.items():
         out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
     return out
-
-
-def _logger_init_args(cfg: Any) -> Any:
-    """The ``init_args`` of a single configured logger with a ``save_dir``, else None."""
-    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    init = getattr(logger, "init_args", None) if logger is not None else None
-    if init is None and isinstance(logger, dict):
-        init = logger.get("init_args")
-    return init if init is not None and "save_dir" in init else None
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work when the log folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hug_write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(
-            f"Cannot write the log folder {folder.resolve()} ({err.strerror or err}). Choose "
-            "another with --trainer.logger.init_args.save_dir <folder>."
-        ) from err
 
 
 def console_main() -> int:

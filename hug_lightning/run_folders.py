@@ -1,0 +1,107 @@
+"""Run folders of the CLI: where a command logs, and which checkpoint ``last``/``best`` means.
+
+A run is ``<save_dir>/<name>/<version>/`` (TensorBoard or CSV logger). ``fit --ckpt_path last``
+resumes the newest ``last.ckpt`` of the experiment in its own folder; ``validate|test|predict
+--ckpt_path last|best`` evaluate the newest run's last or best checkpoint in a new folder, never
+writing into the training run's. Missing or unreadable checkpoints are one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hug_lightning.checkpointing import find_last_checkpoint, recorded_best_checkpoint
+from hug_lightning.cli_errors import ConfigError, RunNotFoundError
+
+
+def logger_init_args(cfg: Any) -> Any:
+    """The ``init_args`` of a single configured logger with a ``save_dir``, else None."""
+    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
+    init = getattr(logger, "init_args", None) if logger is not None else None
+    if init is None and isinstance(logger, dict):
+        init = logger.get("init_args")
+    return init if init is not None and "save_dir" in init else None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when the log folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".hug_write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot write the log folder {folder.resolve()} ({err.strerror or err}). Choose "
+            "another with --trainer.logger.init_args.save_dir <folder>."
+        ) from err
+
+
+def find_last(logger: Any, flag: str) -> Path:
+    """The newest readable ``last.ckpt`` of the logger's experiment (``--ckpt_path <flag>``)."""
+    if logger is None:
+        raise ConfigError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
+                          "and name to find the run; pass the checkpoint file instead.")
+    save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
+    found = find_last_checkpoint(save_dir, name)
+    if found is None:
+        raise RunNotFoundError(
+            f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
+            "Give the checkpoint file instead (or train first).")
+    try:  # a write cut by SIGKILL or a full disk lacks the zip directory at the end
+        with zipfile.ZipFile(found):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        raise RunNotFoundError(
+            f"--ckpt_path {flag}: {found} cannot be read ({type(err).__name__}: {err}); it is "
+            "truncated or corrupt (an interrupted write?). Pass another checkpoint file "
+            "(e.g. the best one next to it), or move it away to start over.") from err
+    return found
+
+
+def resolve_last(cfg: Any, logger: Any) -> None:
+    """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
+    found = find_last(logger, "last")
+    cfg["ckpt_path"] = str(found)
+    logger["version"] = found.parent.parent.name  # keep logging into the same run folder
+
+def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
+    """``validate|test|predict --ckpt_path last|best``: the newest run of this experiment.
+
+    Lightning alone resolves these only inside the process that trained: in a new process
+    ``last`` silently evaluates the untrained model and ``best`` fails with a misleading
+    message. ``best`` is the best checkpoint recorded in that run's ``last.ckpt``.
+    """
+    found = find_last(logger, which)
+    if which == "best":
+        best = recorded_best_checkpoint(found)
+        if best is None:
+            raise RunNotFoundError(
+                f"--ckpt_path best: {found} records no best checkpoint (or its file is "
+                "gone); give the checkpoint file instead.")
+        found = best
+    cfg["ckpt_path"] = str(found)
+
+
+def run_folder(logger: Any) -> Path | None:
+    """The version folder a logger with a fixed ``version`` writes to (None: a new one)."""
+    version = logger.get("version")
+    if version is None:
+        return None
+    return Path(str(logger.get("save_dir") or "."), str(logger.get("name") or ""),
+                version if isinstance(version, str) else f"version_{version}")
+
+
+def never_into_a_run_folder(logger: Any, subcommand: str) -> None:
+    """``validate|test|predict`` log into a new version folder, never a training run's: the
+    config saved by a resumed fit names its version, and reusing it would overwrite that run's
+    ``config.yaml`` with the evaluation's."""
+    folder = run_folder(logger)
+    if folder is not None and (folder / "config.yaml").is_file():
+        logger["version"] = None
+        print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
+              file=sys.stderr)
