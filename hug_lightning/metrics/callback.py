@@ -33,22 +33,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
+from hug_lightning.metrics.direct_log import epoch_log_step, log_direct
+from hug_lightning.metrics.eval_pass import check_eval_pass_data, run_eval_pass
 from hug_lightning.metrics.figures import log_figures
 from hug_lightning.metrics.functional import COV_NAMES, SPH_NAMES, select_metrics
 
 STAGES = ("train", "train_eval", "val")
-
-
-def epoch_log_step(trainer: Trainer) -> int:
-    """The step at which Lightning writes epoch-end values (``val/acc``, ``train/acc``), so that
-    values logged directly line up with them in TensorBoard: its logger step counter, which
-    the training loop has already advanced when ``on_train_epoch_end`` runs (Lightning steps
-    it back by one for its own epoch logging there)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    steps = getattr(loop, "_batches_that_stepped", None)
-    if steps is None:  # not Lightning's loop (a stand-in trainer): its global step
-        return int(getattr(trainer, "global_step", 0))
-    return max(steps - 1, 0) if trainer.training else steps
 
 
 class NeuralCollapseMonitor(Callback):
@@ -117,7 +107,7 @@ class NeuralCollapseMonitor(Callback):
             self.enabled = False
             return
         if stage == "fit" and self.stages["train_eval"]:
-            self._check_eval_pass_data(trainer)
+            check_eval_pass_data(trainer)
         k, d = int(pl_module.num_classes), int(pl_module.feature_dim)
         shape = tuple(getattr(pl_module.head, "class_vectors", torch.empty(0)).shape)
         if shape != (k, d):
@@ -132,20 +122,6 @@ class NeuralCollapseMonitor(Callback):
         self._rank = trainer.global_rank
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
-
-    @staticmethod
-    def _check_eval_pass_data(trainer: Trainer) -> None:
-        """Before the first epoch (the data module is set up first): the eval pass needs the
-        training images with the evaluation transform; failing at the end of epoch 0 lost it."""
-        data = trainer.datamodule
-        loader_fn = getattr(data, "train_eval_dataloader", None)
-        missing = loader_fn is None or getattr(data, "train_eval_set", True) is None
-        if missing:
-            raise TypeError(
-                f"--nc.eval_pass true needs the training images with the evaluation transform: "
-                f"{type(data).__name__} must provide train_eval_dataloader() (a "
-                "hug_lightning ClassificationDataModule: set self.train_eval_set in "
-                "build_datasets). Or set --nc.eval_pass false.")
 
     def state_dict(self) -> dict[str, Any]:
         """The collectors' states, their sums added over processes.
@@ -196,21 +172,9 @@ class NeuralCollapseMonitor(Callback):
 
     @staticmethod
     def _log(trainer: Trainer, stage: str, values: dict[str, Tensor]) -> None:
-        """Log ``nc/<stage>/<name>`` to every logger and to ``trainer.callback_metrics``.
-
-        Not through ``pl_module.log``: its result collection costs about 1 ms of Python per key,
-        and with ~35 metrics per stage that alone made the collectors cost a fifth of a short GPU
-        epoch. Nothing is lost by going direct: the values are already identical on every rank
-        (computed after the all-reduce, no reduction left to do), loggers get them at the
-        step of Lightning's own epoch values (:func:`epoch_log_step`; rank 0 writes), and
-        ``callback_metrics`` has them for ``ModelCheckpoint`` / ``EarlyStopping`` monitors.
-        """
-        named = {f"nc/{stage}/{name}": value.detach().float().cpu() for name, value in values.items()}
-        trainer.callback_metrics.update(named)
-        if trainer.loggers:
-            scalars = {key: float(value) for key, value in named.items()}
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=epoch_log_step(trainer))
+        """Log ``nc/<stage>/<name>`` to every logger and to ``trainer.callback_metrics``
+        directly (:func:`~hug_lightning.metrics.direct_log.log_direct`: not ``pl_module.log``)."""
+        log_direct(trainer, {f"nc/{stage}/{name}": value for name, value in values.items()})
 
     def _update(self, stage: str, outputs: Any) -> None:
         col = self.collectors.get(stage)
@@ -260,36 +224,13 @@ class NeuralCollapseMonitor(Callback):
         if "train" in self.collectors:
             self._flush()
             reference = self._finish("train", pl_module)
-        if "train_eval" in self.collectors and (trainer.current_epoch + 1) % self.eval_pass_every == 0:
-            self._eval_pass(trainer, pl_module)
+        if ("train_eval" in self.collectors
+                and (trainer.current_epoch + 1) % self.eval_pass_every == 0):
+            run_eval_pass(trainer, pl_module, self.collectors["train_eval"],
+                          self.buffer_batches)
             reference = self._finish("train_eval", pl_module)
         if reference is not None and "val" in self.collectors:
             self.collectors["val"].set_reference(reference)
-
-    @torch.no_grad()
-    def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader_fn = getattr(trainer.datamodule, "train_eval_dataloader", None)
-        if loader_fn is None:
-            raise TypeError("--nc.eval_pass true needs a data module with "
-                            "train_eval_dataloader(); or set --nc.eval_pass false.")
-        was_training = pl_module.training
-        pl_module.eval()
-        pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        collector = self.collectors["train_eval"]
-        try:
-            for batch in loader_fn():
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                with trainer.precision_plugin.forward_context():
-                    features = pl_module.forward_features(batch[0])
-                    logits = pl_module.head.logits(features)
-                pending.append((features, batch[1], logits))
-                if len(pending) >= self.buffer_batches:  # fewer, larger collector updates
-                    collector.update(*(torch.cat(t) for t in zip(*pending)))
-                    pending = []
-            if pending:
-                collector.update(*(torch.cat(t) for t in zip(*pending)))
-        finally:
-            pl_module.train(was_training)
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
