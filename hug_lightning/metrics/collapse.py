@@ -13,10 +13,9 @@ Design decisions:
   :mod:`.functional_states`), ``persistent=True`` (mid-epoch resume; ``metric.persistent(False)``
   drops them from checkpoints); counts are float64 because samples may carry real weights;
 * accumulation stays float64 under ``metric.to(torch.bfloat16)``, ``parent.half()`` and
-  Lightning's precision plugins (``_apply`` keeps float64 tensors, moving only their device);
-  only :meth:`set_dtype` changes the accumulation dtype (e.g. float32 on MPS);
-* ``update`` runs no collective; the sync performs **one** ``all_reduce(SUM)`` per state instead
-  of torchmetrics' ``all_gather`` of every rank's copy (see :func:`all_reduce_sync`);
+  Lightning's precision plugins; only :meth:`set_dtype` changes the accumulation dtype (e.g.
+  float32 on MPS); ``update`` runs no collective; the sync performs **one** ``all_reduce(SUM)``
+  per state (both from the base class, :class:`~.sum_metric.SumStateMetric`);
 * ``compute(W=None, b=None)`` syncs and returns a dict of float64 scalars; torchmetrics forwards
   the arguments. Callers that cannot pass them (``MetricCollection.compute()``) use
   :meth:`set_classifier` first. ``compute_with_cache`` defaults to False because the cache would
@@ -32,33 +31,21 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from hug_lightning.metrics import functional as NF  # noqa: N812
 from hug_lightning.metrics import functional_states as FS  # noqa: N812
+from hug_lightning.metrics.sum_metric import SumStateMetric, all_reduce_sync
 
 __all__ = ["NCCollector", "NCFeatureStats", "all_reduce_sync"]
 
 
-def all_reduce_sync(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
-    """``dist_sync_fn`` for SUM states: one ``all_reduce`` on a copy, as a one-element list.
-
-    torchmetrics stacks the list and applies ``dim_zero_sum``, which is then a no-op; transient
-    memory is one state copy instead of ``world_size`` copies.
-    """
-    out = tensor.detach().clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=group)
-    return [out]
-
-
-class NCFeatureStats(Metric):
+class NCFeatureStats(SumStateMetric):
     """One-pass, DDP-summable neural-collapse statistics of (penultimate) features.
 
     Args:
@@ -98,9 +85,8 @@ class NCFeatureStats(Metric):
         compute_device: str | None = "cpu",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("dist_sync_fn", all_reduce_sync)
         kwargs.setdefault("compute_with_cache", False)
-        super().__init__(**kwargs)
+        super().__init__(acc_dtype=acc_dtype, **kwargs)
         self.compute_device = compute_device
         if int(num_classes) < 1 or int(dim) < 1:
             raise ValueError(f"num_classes and dim must be positive, got {num_classes}, {dim}")
@@ -117,7 +103,6 @@ class NCFeatureStats(Metric):
         self.track_cov = track_cov and bool(want & set(NF.COV_NAMES))
         self.ncc = ncc and bool(want & set(NF.NCC_NAMES))
         self.metrics, self.global_mean, self.centered = want, global_mean, centered
-        self._acc_dtype = acc_dtype
         states = FS.init_states(
             self.num_classes, self.dim, spherical=self.spherical, track_cov=self.track_cov,
             ncc=self.ncc, dtype=acc_dtype,
@@ -135,7 +120,7 @@ class NCFeatureStats(Metric):
         self._classifier: tuple[Tensor | None, Tensor | None] = (None, None)
         self._means: dict[str, Tensor] = {}
 
-    # ------------------------------------------------------------------ states and dtype
+    # ------------------------------------------------------------------ states
     def nc_states(self) -> dict[str, Tensor]:
         """Current (local, or synced inside ``compute``) states plus pivots, for functional use."""
         out = {name: getattr(self, name) for name in self._defaults}
@@ -143,30 +128,6 @@ class NCFeatureStats(Metric):
         if self.spherical:
             out["pivot_sph"] = self.pivot_sph
         return out
-
-    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> torch.nn.Module:
-        """Move states/buffers with ``fn`` but keep their dtype unless :meth:`set_dtype` is used."""
-        if self._dtype_convert:  # the sanctioned path: set_dtype
-            out = super()._apply(lambda t: fn(t) if t.is_floating_point() else t, exclude_state)
-            self._acc_dtype = self.s.dtype
-            return out
-
-        def keep_dtype(t: Tensor) -> Tensor:
-            moved = fn(t)
-            if t.is_floating_point() and moved.dtype != t.dtype:
-                return t.to(device=moved.device)  # lossless: same values, new device only
-            return moved
-
-        return super()._apply(keep_dtype, exclude_state)
-
-    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group=None) -> None:
-        """SUM-reduce every state with one ``all_reduce`` (the default gather is not used)."""
-        if dist_sync_fn not in (all_reduce_sync, gather_all_tensors):  # user-supplied function
-            return super()._sync_dist(dist_sync_fn, process_group)
-        group = process_group or self.process_group
-        for name in self._reductions:
-            setattr(self, name, all_reduce_sync(getattr(self, name), group)[0])
-        return None
 
     # ------------------------------------------------------------------ accumulation
     def update(
@@ -196,9 +157,7 @@ class NCFeatureStats(Metric):
             if low < 0 or high >= self.num_classes:
                 raise ValueError(f"NCFeatureStats(num_classes={self.num_classes}): label "
                                  f"{low if low < 0 else high} is outside [0, {self.num_classes}).")
-        for name in self._defaults:  # guard against casts that bypassed _apply (e.g. loading)
-            if getattr(self, name).dtype != self._acc_dtype:
-                setattr(self, name, getattr(self, name).to(self._acc_dtype))
+        self._states_to_acc_dtype()  # guard against casts that bypassed _apply (e.g. loading)
         ref = self._has_reference and logits is not None
         FS.update_states(
             {name: getattr(self, name) for name in self._defaults},
