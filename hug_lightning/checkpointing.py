@@ -110,21 +110,26 @@ class LastCheckpoint(ModelCheckpoint):
         epoch triggers, not both; every rank calls this, as ``save_checkpoint`` requires)."""
         if not self.save_top_k or self.dirpath is None or trainer.sanity_checking:
             return
-        # even when the step trigger saved this global step: the epoch's validation, NC
-        # values and epoch-end progress came after that save
         path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         self._last_global_step_saved = trainer.global_step
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._every_n_train_steps:  # step mode: the epoch end as well
+        if not self._every_n_train_steps:
+            return
+        # step mode: the epoch end as well, even when the step trigger saved this global step
+        # (the epoch's validation and NC values came after that save), except at a max_steps
+        # stop inside the epoch, where that step save is the state to resume from
+        loop = getattr(trainer.fit_loop, "epoch_loop", None)
+        complete = getattr(getattr(loop, "batch_progress", None), "is_last_batch", True)
+        if complete or self._last_global_step_saved != trainer.global_step:
             self._save_now(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self._every_n_train_steps:  # the final weights (the last step may not be a multiple)
-            self._save_now(trainer)
+        if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)  # the final weights (the last step may not be a multiple)
 
 
 def recorded_best_checkpoint(last: Path) -> Path | None:
