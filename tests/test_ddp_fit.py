@@ -128,3 +128,35 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
         torch.testing.assert_close(synced[key], one[key], rtol=1e-5, atol=1e-6)
     diff = (local["backbone.weight"] - one["backbone.weight"]).norm()
     assert diff > 0.01 * one["backbone.weight"].norm()  # the local balancing: not one process
+
+
+@pytest.mark.slow
+def test_ddp_robust_accuracy_equals_one_process(cifar10_folder_root, tmp_path):
+    """`test` with the robustness evaluation on 1 and on 2 processes: the same robust
+    accuracies. The noise and PGD's start were drawn per (rank, batch), so they changed with
+    the number of processes; they are now drawn per image."""
+    import json
+
+    from hug_lightning.experiments.results import last_values
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.max_epochs", "1")
+
+    def run(*extra: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", *extra], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("fit", *args)
+    robust = ["--robust.enabled", "true", "--robust.attacks", "[pgd]", "--robust.eps",
+              json.dumps([8 / 255]), "--robust.pgd_steps", "1", "--robust.severities", "[5]",
+              "--robust.corruptions", "[gaussian_noise, shot_noise, impulse_noise]",
+              "--trainer.limit_test_batches", "1.0", "--data.init_args.batch_size", "7"]
+    for devices, strategy in (("1", "auto"), ("2", "ddp")):
+        run("test", *args, *robust, "--ckpt_path", "last", "--trainer.devices", devices,
+            "--trainer.strategy", strategy, "--trainer.accelerator", "cpu")
+    runs = sorted((tmp_path / "cifar10_ce").glob("version_*"), key=lambda p: int(p.name[8:]))
+    one, two = ({k: v for k, v in last_values(r).items() if k.startswith("test/robust/")}
+                for r in runs[1:3])
+    assert {"test/robust/pgd_eps8", "test/robust/shot_noise_s5"} <= set(one)
+    assert one == two
