@@ -21,8 +21,8 @@ from torch import Tensor
 
 from hug_lightning.calibration_monitor import CalibrationMonitor
 from hug_lightning.robustness import (CORRUPTIONS, NOISE_CORRUPTIONS, CorrectCounts, Generators,
-                                      corrupt, fgsm, from_pixels, image_generators, pgd,
-                                      to_pixels)
+                                      corrupt, fgsm, from_pixels, image_digests,
+                                      image_generators, pgd, to_pixels)
 
 # reduced over processes by the callback's own all-reduce (CorrectCounts): global already
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('test/robust/")
@@ -175,15 +175,16 @@ class RobustnessEvaluation(Callback):
             has_logits = isinstance(outputs, dict) and "logits" in outputs
             scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]
             pixels = self.to_pixels(x)
+            digests = image_digests(pixels)  # once per batch: every tag's draws are keyed on it
             for attack in self.attacks:
                 for eps in self.eps:
-                    gen = (image_generators(pixels, self.seed, f"{attack}/{eps!r}")
+                    gen = (image_generators(digests, self.seed, f"{attack}/{eps!r}")
                            if attack == "pgd" and self.random_start else None)
                     adv = self.adversarial(pl_module, x, y, attack, eps, gen, trainer)
                     scores.append(self._forward(trainer, pl_module, adv))
             for name in self.corruptions:
                 for sev in self.severities:
-                    gen = (image_generators(pixels, self.seed, f"{name}/{sev}")
+                    gen = (image_generators(digests, self.seed, f"{name}/{sev}")
                            if name in NOISE_CORRUPTIONS else None)
                     xc = self.from_pixels(corrupt(pixels, name, sev, generator=gen), x.dtype)
                     scores.append(self._forward(trainer, pl_module, xc))

@@ -36,7 +36,7 @@ from torchmetrics import Metric
 
 from hug_lightning.corruptions import (CIFAR_C_PARAMS, CORRUPTIONS, NOISE_CORRUPTIONS, corrupt,
                                        disk_kernel)
-from hug_lightning.image_draws import Generators, _draw, image_generators
+from hug_lightning.image_draws import Generators, _draw, image_digests, image_generators
 
 ModelFn = Callable[[Tensor], Tensor]
 
@@ -171,4 +171,5 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
 
 
 __all__ = ["CIFAR_C_PARAMS", "CORRUPTIONS", "NOISE_CORRUPTIONS", "CorrectCounts", "corrupt",
-           "disk_kernel", "fgsm", "from_pixels", "image_generators", "pgd", "to_pixels"]
+           "disk_kernel", "fgsm", "from_pixels", "image_digests", "image_generators", "pgd",
+           "to_pixels"]
