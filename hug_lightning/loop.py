@@ -12,7 +12,8 @@ but in the hooks it calls, defined by ``ClassifierModule``:
 
 It reads the attributes ``ClassifierModule.__init__`` sets: ``loss_guard``
 (:class:`~hug_lightning.guards.FiniteLossGuard`), ``_norm_snapshot``
-(:class:`~hug_lightning.guards.RunningStatsSnapshot`), and those of ``configure_metrics``:
+(:class:`~hug_lightning.guards.RunningStatsSnapshot`), ``step_log``
+(:class:`~hug_lightning.step_log.StepLog`), and those of ``configure_metrics``:
 ``train_accuracy`` (:class:`~hug_lightning.train_accuracy.TrainAccuracy`), ``val_acc``,
 ``val_acc_best``, ``test_acc``.
 """
@@ -92,39 +93,51 @@ class ClassifierLoop(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.loss_guard.flush()
+        self.step_log.flush(self.trainer)
         self.log("train/acc", self.train_accuracy.compute_and_reset(self.trainer))
         self.log_dict(self.class_vector_geometry())
 
+    def on_train_end(self) -> None:
+        self.step_log.flush(self.trainer)
+
     # ----------------------------------------------------------------- steps
     def _log_this_step(self) -> bool:
-        """Log step values only every ``trainer.log_every_n_steps`` (``self.log`` costs ~1 ms)."""
+        """Log step values only every ``trainer.log_every_n_steps``, as Lightning does."""
         connector = getattr(self.trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        self.step_log.poll(self.trainer)
         skipping = self.loss_guard.policy == "skip"
         if skipping:  # a skipped batch must leave the BatchNorm running statistics untouched
             self._norm_snapshot.save()
         out = self.step(batch, "train")
         out["features"] = out["features"].detach()  # callbacks keep them: no graph
-        n = out["labels"].shape[0]
         terms = out.get("terms") or {}
         if not self.loss_guard.check(out["loss"], terms, self.current_epoch, self.global_step):
             if skipping:
                 self._norm_snapshot.restore()
-            self.log("train/skipped_batches", float(self.loss_guard.skipped), reduce_fx="max")
+            self.step_log.record(self.trainer, {"train/skipped_batches": self.loss_guard.skipped})
             return None
         self.train_accuracy.update(out["logits"], out["labels"])
-        if self._log_this_step():  # under DDP the mean over ranks (the global batch's value)
-            sync = self.trainer.world_size > 1
-            self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=n,
-                     sync_dist=sync)
-            for name, value in terms.items():
-                self.log(f"train/{name}", value, batch_size=n, sync_dist=sync)
-            if self.trainer.optimizers:
-                self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
-                         batch_size=n)
+        if self._log_this_step():
+            self.log_step_values(out)
         return out
+
+    def log_step_values(self, out: dict[str, Any]) -> None:
+        """Log the training loss (also in the progress bar), its terms and the learning rate
+        of the first parameter group, on the steps Lightning logs.
+
+        Through :class:`~hug_lightning.step_log.StepLog`, not ``self.log``: no host
+        synchronisation (``self.log(..., prog_bar=True)`` costs one on every later step of the
+        epoch). Under DDP the tensors are averaged over processes (the global batch's value).
+        Override to log more; keep every rank calling it at the same steps.
+        """
+        values: dict[str, Any] = {"train/loss": out["loss"]}
+        values.update({f"train/{name}": value for name, value in (out.get("terms") or {}).items()})
+        if self.trainer.optimizers:
+            values["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.step_log.record(self.trainer, values, prog_bar=("train/loss",), sync_dist=True)
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
         out = self.step(batch, stage)
@@ -164,6 +177,7 @@ class ClassifierLoop(LightningModule):
             self.logger.log_hyperparams(self.hparams, HP_METRICS)
 
     def on_fit_start(self) -> None:
+        self.step_log.clear()  # anything left by a fit that died
         self._declare_hp_metrics()
 
     def on_test_start(self) -> None:

@@ -45,6 +45,7 @@ from hug_lightning.metrics.collapse import all_reduce_sync
 from hug_lightning.metrics.functional_geometry import class_separation
 from hug_lightning.optim import build_optimizers, run_length
 from hug_lightning.param_groups import check_kinds, parameter_groups
+from hug_lightning.step_log import StepLog
 from hug_lightning.train_accuracy import TrainAccuracy
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -144,6 +145,7 @@ class ClassifierModule(ClassifierLoop):
             self.backbone.compile()
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
         self._norm_snapshot = RunningStatsSnapshot(self)
+        self.step_log = StepLog()
         self._labels_checked: set[str] = set()
         self.configure_metrics()
 

@@ -103,8 +103,11 @@ def test_ddp_predict_of_the_ufm_indexes_every_sample_once(tmp_path):
 def test_ddp_hug_training_equals_one_process(tmp_path):
     """UFM with 5 samples per class: the 2 ranks' shards hold 3 and 2 of each class, so with
     per-rank class balancing the DDP gradient differs from one process (about 15 % on the
-    features, measured); with the class counts all-reduced the weights are the same."""
+    features, measured); with the class counts all-reduced the weights are the same, and so
+    are the logged step values (the loss and its terms: averaged over the 2 processes)."""
     import torch
+
+    from hug_lightning.experiments.results import read_scalars
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -113,7 +116,7 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
                 "--trainer.logger.init_args.name", name, "--trainer.max_epochs", "1",
                 "--data.init_args.samples_per_class", "5", "--data.init_args.steps_per_epoch",
                 "3", "--model.init_args.backbone.init_args.dim", "8", "--nc.enabled", "false",
-                *extra]
+                "--trainer.log_every_n_steps", "1", *extra]
         proc = subprocess.run([sys.executable, "-m", "hug_lightning", "fit", *args], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,6 +129,12 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
     local = weights("local", *ddp, "--model.init_args.head.init_args.sync_class_counts", "false")
     for key in ("backbone.weight", "head.proxies"):
         torch.testing.assert_close(synced[key], one[key], rtol=1e-5, atol=1e-6)
+    logged = {name: read_scalars(tmp_path / name / "version_0") for name in ("one", "synced")}
+    for key in ("train/loss", "train/inter", "train/intra"):
+        steps, values = zip(*logged["one"][key])
+        assert steps == (0, 1, 2), (key, steps)
+        assert [s for s, _ in logged["synced"][key]] == list(steps), key
+        assert [v for _, v in logged["synced"][key]] == pytest.approx(values, rel=1e-5), key
     diff = (local["backbone.weight"] - one["backbone.weight"]).norm()
     assert diff > 0.01 * one["backbone.weight"].norm()  # the local balancing: not one process
 

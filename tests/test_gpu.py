@@ -98,9 +98,23 @@ def test_device_loader_batches_do_not_synchronize():
         torch.cuda.set_sync_debug_mode("default")
 
 
+class _Losses(Callback):
+    """Each batch's loss, kept on the device, by the step Lightning logs it at."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.by_step[trainer.global_step - 1] = outputs["loss"].detach().clone()
+
+
 @pytest.mark.parametrize("head", ["ce", "hug"])
 def test_training_steps_do_not_synchronize(head):
-    """Steps 3-10 of a bf16 fit with the NC collectors on: no synchronising call at all."""
+    """Steps 3-10 of a bf16 fit with the NC collectors on, logging every 2 steps with the
+    progress bar shown: no synchronising call at all, and the logged losses (copied to the host
+    behind an event) are the steps' losses."""
+    from test_step_log import RecordingLogger
+
     torch.manual_seed(0)
     factory = (CrossEntropyHead if head == "ce"
                else lambda k, d: HUGHead(k, d, alpha=1.0, beta=4.0, intra_power=2))
@@ -108,11 +122,38 @@ def test_training_steps_do_not_synchronize(head):
     images, labels = _data()
     data = load_bench("train_bench").TensorCIFAR(images, labels, batch_size=64, drop_last=True,
                                                  num_workers=0, device_resident=True)
-    recorder = _SyncRecorder(first=3, last=10)
+    recorder, losses, logger = _SyncRecorder(first=3, last=10), _Losses(), RecordingLogger()
     trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=12,
-                      limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, log_every_n_steps=1000,
-                      callbacks=[recorder, NeuralCollapseMonitor(val=False, buffer_batches=2)])
+                      limit_val_batches=0, num_sanity_val_steps=0, logger=logger,
+                      enable_checkpointing=False, enable_progress_bar=True,
+                      enable_model_summary=False, log_every_n_steps=2,
+                      callbacks=[recorder, losses,
+                                 NeuralCollapseMonitor(val=False, buffer_batches=2)])
     trainer.fit(model, datamodule=data)
+    assert recorder.sites == [], f"host synchronisations in the training step: {recorder.sites}"
+    logged = {step: value for step, key, value in logger.records if key == "train/loss"}
+    assert sorted(logged) == [1, 3, 5, 7, 9, 11]
+    for step, value in logged.items():
+        assert value == pytest.approx(float(losses.by_step[step]), rel=1e-6), step
+    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(logged[11], rel=1e-6)
+
+
+def test_cli_fit_steps_do_not_synchronize(cifar10_folder_root, tmp_path):
+    """``hug-lightning fit`` with the shipped GPU preset, device-resident data and every
+    default callback of the command (progress bar, checkpoints, NC monitor, calibration,
+    interrupt handling), logging every 2 steps: steps 3-10 have no synchronising call."""
+    from conftest import REPO, tiny_args
+    from hug_lightning.cli import main
+
+    cli = main(tiny_args(cifar10_folder_root, tmp_path,
+                         "--config", str(REPO / "configs" / "gpu.yaml"),
+                         "--data.init_args.device_resident", "true",
+                         "--data.init_args.batch_size", "4",
+                         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "14",
+                         "--trainer.log_every_n_steps", "2",
+                         "--trainer.enable_progress_bar", "true"), run=False)
+    recorder = _SyncRecorder(first=3, last=10)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 14
     assert recorder.sites == [], f"host synchronisations in the training step: {recorder.sites}"
