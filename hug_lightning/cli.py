@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -57,6 +57,7 @@ from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
+from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.run_folders import (check_writable, logger_init_args,
                                        never_into_a_run_folder, resolve_evaluated, resolve_last,
                                        run_folder)
@@ -92,8 +93,18 @@ class HUGLightningCLI(LightningCLI):
         self._warn_replaced_num_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer, with ``limit_*_batches: 1`` as one batch (see :mod:`batch_limits`)."""
+        """The Trainer, with ``limit_*_batches: 1`` as one batch (see :mod:`batch_limits`) and
+        a :class:`~hug_lightning.progress.ThrottledProgressBar` unless the configuration names
+        a progress bar or turns it off."""
         ones = {key: 1 for key in getattr(self, "_integer_ones", ()) if key not in kwargs}
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        given = config.get("callbacks")
+        given = [] if given is None else list(given) if isinstance(given, list) else [given]
+        extra = [self._get(self.config_init, key)
+                 for key in self._parser(self.subcommand).callback_keys]
+        if "callbacks" not in kwargs and config.get("enable_progress_bar") is not False and \
+                not any(isinstance(c, ProgressBar) for c in [*given, *extra]):
+            kwargs["callbacks"] = [*given, ThrottledProgressBar()]
         return super().instantiate_trainer(**kwargs, **ones)
 
     def _warn_replaced_num_classes(self) -> None:

@@ -1,0 +1,91 @@
+"""ThrottledProgressBar: fewer redraws, the same bar; the command's choice of progress bar."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import tiny_args
+from hug_lightning.backbones import SmallConvNet
+from hug_lightning.cli import main
+from hug_lightning.heads import CrossEntropyHead
+from hug_lightning.module import ClassifierModule
+from hug_lightning.progress import ThrottledProgressBar
+
+BATCHES = 10
+
+
+class BarCounts(Callback):
+    """The count the train and validation bars show after each batch."""
+
+    def __init__(self, bar: TQDMProgressBar) -> None:
+        self.bar, self.train, self.val = bar, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append(self.bar.train_progress_bar.n)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val.append(self.bar.val_progress_bar.n)
+
+
+def _fit(bar: TQDMProgressBar, tmp_path) -> BarCounts:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8 * BATCHES, 3, 8, 8, generator=g),
+                         torch.arange(8 * BATCHES) % 3)
+    counts = BarCounts(bar)
+    module = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead,
+                              num_classes=3)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, callbacks=[bar, counts], logger=False,
+                      enable_checkpointing=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, log_every_n_steps=2,
+                      default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert trainer.progress_bar_metrics["train/loss"] > 0  # the values reach the bar
+    return counts
+
+
+def test_frozen_clock_draws_first_and_last_batch_only(tmp_path):
+    bar = ThrottledProgressBar(min_interval_s=0.1)
+    bar._clock = lambda: 100.0
+    counts = _fit(bar, tmp_path)
+    assert counts.train == [1] * (BATCHES - 1) + [BATCHES]
+    assert counts.val == [1] * (BATCHES - 1) + [BATCHES]
+
+
+def test_zero_interval_draws_every_batch_like_lightnings_bar(tmp_path):
+    throttled = _fit(ThrottledProgressBar(min_interval_s=0.0), tmp_path / "a")
+    lightning = _fit(TQDMProgressBar(), tmp_path / "b")
+    assert throttled.train == lightning.train == list(range(1, BATCHES + 1))
+    assert throttled.val == lightning.val == list(range(1, BATCHES + 1))
+
+
+def test_negative_interval_is_refused():
+    with pytest.raises(ValueError, match="min_interval_s"):
+        ThrottledProgressBar(min_interval_s=-1)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ((), ThrottledProgressBar),
+    (("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate=5"),
+     TQDMProgressBar),
+    (("--trainer.enable_progress_bar", "false"), None),
+])
+def test_the_command_uses_the_throttled_bar_unless_told_otherwise(
+        extra, expected, cifar10_folder_root, tmp_path):
+    args = [a for a in tiny_args(cifar10_folder_root, tmp_path)]
+    at = args.index("--trainer.enable_progress_bar")
+    del args[at:at + 2]  # tiny_args turns the bar off
+    cli = main([*args, *extra], run=False)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, TQDMProgressBar)]
+    if expected is None:
+        assert bars == [] and cli.trainer.progress_bar_callback is None
+    else:
+        assert [type(b) for b in bars] == [expected]
+        assert cli.trainer.progress_bar_callback is bars[0]
+    if expected is TQDMProgressBar:
+        assert bars[0].refresh_rate == 5
