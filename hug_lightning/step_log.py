@@ -12,7 +12,7 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
 (``trainer.log_every_n_steps``) and writes them once the device has produced them:
 
 * the tensors are stacked into one vector (averaged over processes under DDP, like
-  ``sync_dist=True``: one all-reduce for all of them) and copied to pinned host memory without
+  ``sync_dist=True``, but with one bare all-reduce for all of them and no barrier) and copied to pinned host memory without
   blocking, with a CUDA event behind the copy;
 * :meth:`StepLog.poll`, called every step, writes the entries whose event has completed (usually
   the next step) to every logger at the step they belong to, and to
@@ -31,6 +31,8 @@ from typing import Any, Collection, Mapping
 import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
+
+from hug_lightning.metrics.sum_metric import all_reduce_sync
 
 #: entries still in flight before the oldest is waited for (the queue is rarely one step deep)
 MAX_PENDING = 16
@@ -81,8 +83,9 @@ class StepLog:
         host, event = None, None
         if tensors:
             vector = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
-            if sync_dist and trainer.world_size > 1:
-                vector = trainer.strategy.reduce(vector, reduce_op="mean")
+            if sync_dist and trainer.world_size > 1:  # a bare all-reduce: Lightning's
+                # strategy.reduce puts a barrier first, which blocks the host under NCCL
+                vector = all_reduce_sync(vector)[0].div_(trainer.world_size)
             if vector.device.type == "cuda":
                 host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
                 host.copy_(vector, non_blocking=True)

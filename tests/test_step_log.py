@@ -195,3 +195,37 @@ def test_floats_and_tensors_are_written_at_their_step(tmp_path):
                                       (41, "train/lr", 0.1)]
     assert trainer.progress_bar_metrics == {"train/loss": 0.25}
     assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(0.1)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    barriers = []
+    original = dist.barrier
+    dist.barrier = lambda *a, **k: barriers.append(1) or original(*a, **k)
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(loggers=[logger], world_size=2, current_epoch=0, global_step=7,
+                              callback_metrics={}, logged_metrics={}, progress_bar_metrics={})
+    StepLog().record(trainer, {"train/loss": torch.tensor(1.0 + 2.0 * rank),
+                               "train/intra": torch.tensor(float(rank))}, sync_dist=True)
+    dist.barrier = original
+    torch.save({"records": sorted(logger.records), "barriers": len(barriers)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sync_dist_is_the_mean_over_processes_without_a_barrier(tmp_path):
+    """2 gloo processes with losses 1 and 3: both write 2; no ``barrier`` (Lightning's
+    ``strategy.reduce`` calls one first, which blocks the host under NCCL)."""
+    from _ddp_helpers import start_workers
+
+    start_workers(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["barriers"] == 0
+        assert out["records"] == [(7, "epoch", 0.0), (7, "train/intra", 0.5),
+                                  (7, "train/loss", 2.0)]
