@@ -18,7 +18,7 @@ export PYTHONPATH="/tmp/site:$PWD:$PWD/bench"
 stage() { echo "=== $1 ($(date +%T))"; }
 
 stage "GPU tests: no host sync per step, device batches = CPU batches"
-timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
+timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
 
 # first: what decides (b)/(a) (issue 6): device time kernel by kernel, then host time
 
@@ -26,11 +26,11 @@ stage "(a) vs (b) device time per step, kernel by kernel"
 timeout 60 python3 bench/profile_host.py --device cuda --compare --steps 20 --top 25 \
     2>> "$OUT/bench.err" | tee "$OUT/compare.md" | cut -c1-160
 stage "host time per step that Lightning adds: NullBackbone (no compute), (b) - (a)"
-timeout 60 python3 bench/train_bench.py --device cuda --overhead --measure a b b0 --repeats 2 \
+timeout 70 python3 bench/train_bench.py --device cuda --overhead --measure a b b0 bcli --repeats 2 \
     --steps 500 --warmup 50 --json "$OUT/overhead.json" 2>> "$OUT/bench.err" | grep "|"
 
-stage "train_bench, eager: throughput ((b0): bare LightningModule, splits (b) - (a))"
-timeout 110 python3 bench/train_bench.py --device cuda --measure a b b0 c hug --repeats 2 \
+stage "train_bench, eager: throughput ((b0): bare LightningModule; (bcli): the command's Trainer)"
+timeout 140 python3 bench/train_bench.py --device cuda --measure a b b0 bcli c hug --repeats 2 \
     --steps 300 --json "$OUT/throughput.json" 2>> "$OUT/bench.err" | grep "|"
 stage "train_bench, eager: NC collectors, epoch times"
 timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \

@@ -7,6 +7,9 @@ All numbers come from one process on one machine, so the ratios are comparable:
 * (b0) the plain loop's body as a bare ``LightningModule`` (no head object, metrics, guards,
   logging or callbacks) on the same Trainer and data: (b0)/(a) is what Lightning itself costs,
   (b)/(b0) what ``ClassifierModule`` and the project's callbacks add;
+* (b-cli) the Trainer ``hug-lightning fit`` builds from ``configs/cifar10_ce.yaml`` (+
+  ``gpu.yaml``) with all the command's defaults (logger, progress bar, checkpoints, NC monitor;
+  ``bench/cli_fit.py``), on the same data: what a user's run gets;
 * (c) the same with the classic DataLoader (per-image crop/flip in CPU worker processes);
 * HUG vs CE step time, neural-collapse collectors on vs off (both on path (b)), and the extra
   cost of the eval-pass NC mode over whole epochs.
@@ -255,7 +258,21 @@ def reset_dynamo() -> None:
     counters.clear()
 
 
-MEASURES = ("a", "b", "b0", "c", "hug", "nc10", "nc100", "eval")
+MEASURES = ("a", "b", "b0", "bcli", "c", "hug", "nc10", "nc100", "eval")
+
+
+def cli_measure(images: Tensor, labels: Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """(b-cli): ``bench/cli_fit.py`` (imported from this file's folder)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    cli_fit = importlib.import_module("cli_fit")
+    return cli_fit.cli_run(images, labels, args, TensorCIFAR, StepTimer,
+                           null_backbone=f"{NullBackbone.__module__}.NullBackbone")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -273,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              "128 gives d=512 features)")
     parser.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
                         help="a: plain loop, b: device path, b0: bare LightningModule on the "
-                             "device path, c: classic loader, hug: HUG head, "
+                             "device path, bcli: the Trainer of `hug-lightning fit` with its "
+                             "defaults, c: classic loader, hug: HUG head, "
                              "nc10/nc100: epoch time with collectors on/off at K=10/100, "
                              "eval: eval-pass NC mode at K=100")
     parser.add_argument("--repeats", type=int, default=2,
@@ -316,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if "b0" in want:
             record("b0_lightning_minimal",
                    lightning_run(images, labels[10], args, minimal=True)["images_s"])
+        if "bcli" in want:
+            record("bcli_hug_lightning_fit", cli_measure(images, labels[10], args)["images_s"])
         if "c" in want:
             record("c_lightning_dataloader",
                    lightning_run(images, labels[10], args, device_resident=False)["images_s"])
@@ -343,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ratio("(b0)/(a) bare LightningModule vs plain loop", "b0_lightning_minimal", "a_plain_loop")
     ratio("(b)/(b0) ClassifierModule vs bare LightningModule", "b_lightning_device",
           "b0_lightning_minimal")
+    ratio("(b-cli)/(a) `hug-lightning fit` (all defaults) vs plain loop",
+          "bcli_hug_lightning_fit", "a_plain_loop")
+    ratio("(b-cli)/(b) the command's defaults vs a bare Trainer", "bcli_hug_lightning_fit",
+          "b_lightning_device")
     ratio("(b)/(c) device-resident vs classic DataLoader", "b_lightning_device",
           "c_lightning_dataloader")
     ratio("HUG step / CE step", "b_lightning_device", "b_hug")

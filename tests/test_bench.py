@@ -10,9 +10,10 @@ from conftest import REPO, load_bench
 def test_train_bench_toy_runs(capsys):
     out = load_bench("train_bench").main(["--toy"])
     assert out["a_plain_loop"] > 0 and out["b_lightning_device"] > 0
-    assert out["b0_lightning_minimal"] > 0
+    assert out["b0_lightning_minimal"] > 0 and out["bcli_hug_lightning_fit"] > 0
     printed = capsys.readouterr().out
     assert "(b)/(a)" in printed and "(b)/(b0)" in printed and "of which Lightning" in printed
+    assert "(b-cli)/(a)" in printed
 
 
 def test_dynamo_summary_counts_frames_and_graph_breaks():
