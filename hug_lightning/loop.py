@@ -102,9 +102,13 @@ class ClassifierLoop(LightningModule):
 
     # ----------------------------------------------------------------- steps
     def _log_this_step(self) -> bool:
-        """Log step values only every ``trainer.log_every_n_steps``, as Lightning does."""
+        """Log step values when Lightning writes step values: every
+        ``trainer.log_every_n_steps`` optimizer steps, on the last batch of an accumulation
+        window (Lightning's loop internals; every batch where they are missing)."""
         connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        accumulating = getattr(getattr(self.trainer, "fit_loop", None), "_should_accumulate",
+                               lambda: False)
+        return bool(getattr(connector, "should_update_logs", True)) and not accumulating()
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
         self.step_log.poll(self.trainer)
