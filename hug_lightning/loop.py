@@ -134,14 +134,18 @@ class ClassifierLoop(LightningModule):
 
         Through :class:`~hug_lightning.step_log.StepLog`, not ``self.log``: no host
         synchronisation (``self.log(..., prog_bar=True)`` costs one on every later step of the
-        epoch). Under DDP the tensors are averaged over processes (the global batch's value).
-        Override to log more; keep every rank calling it at the same steps.
+        epoch), unless a callback monitors one of these keys (``ModelCheckpoint(monitor=
+        "train/loss")``): it reads them in the same batch, so they are waited for. Under DDP
+        the tensors are averaged over processes (the global batch's value). Override to log
+        more; keep every rank calling it at the same steps.
         """
         values: dict[str, Any] = {"train/loss": out["loss"]}
         values.update({f"train/{name}": value for name, value in (out.get("terms") or {}).items()})
         if self.trainer.optimizers:
             values["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.step_log.record(self.trainer, values, prog_bar=("train/loss",), sync_dist=True)
+        monitored = {getattr(callback, "monitor", None) for callback in self.trainer.callbacks}
+        self.step_log.record(self.trainer, values, prog_bar=("train/loss",), sync_dist=True,
+                             wait=not monitored.isdisjoint(values))
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Any]:
         out = self.step(batch, stage)

@@ -18,7 +18,10 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
   the next step) to every logger at the step they belong to, and to
   ``trainer.progress_bar_metrics``, ``trainer.callback_metrics`` and ``trainer.logged_metrics``;
 * :meth:`StepLog.flush` waits for the rest (end of each training epoch and of training), so
-  epoch-end monitors (``EarlyStopping(monitor="train/loss")``) see the last logged value.
+  epoch-end monitors (``EarlyStopping(monitor="train/loss")``) see the last logged value;
+  ``record(..., wait=True)`` writes at once, for a callback that reads a value in the same
+  batch (``ModelCheckpoint(monitor="train/loss", every_n_train_steps=...)``): one wait for
+  the device per logged step, only then.
 
 On the CPU the copy is immediate and the values are written at once. What is not written yet
 when a run dies of an exception (at most a step or two of logs) is lost.
@@ -69,7 +72,8 @@ class StepLog:
         self._pending: list[_Entry] = []
 
     def record(self, trainer: Trainer, values: Mapping[str, Tensor | float],
-               prog_bar: Collection[str] = (), sync_dist: bool = False) -> None:
+               prog_bar: Collection[str] = (), sync_dist: bool = False,
+               wait: bool = False) -> None:
         """Queue ``values`` (scalar tensors or Python numbers) for this step.
 
         Args:
@@ -77,6 +81,8 @@ class StepLog:
             values: ``{key: value}``; tensors are detached, floats are written as given.
             prog_bar: Keys also shown in the progress bar.
             sync_dist: Average the tensors over processes (every rank must call this).
+            wait: Write everything queued now, waiting for the device if need be (for a
+                callback that reads one of these keys in this batch).
         """
         tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
         floats = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
@@ -86,16 +92,24 @@ class StepLog:
             if sync_dist and trainer.world_size > 1:  # a bare all-reduce: Lightning's
                 # strategy.reduce puts a barrier first, which blocks the host under NCCL
                 vector = all_reduce_sync(vector)[0].div_(trainer.world_size)
-            if vector.device.type == "cuda":
-                host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
-                host.copy_(vector, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                host = vector.to("cpu", copy=True)
+            host, event = self._to_host(vector)
         self._pending.append(_Entry(logged_step(trainer), trainer.current_epoch,
                                     list(tensors), host, event, floats, prog_bar))
-        self.poll(trainer)
+        if wait:
+            self.flush(trainer)
+        else:
+            self.poll(trainer)
+
+    @staticmethod
+    def _to_host(vector: Tensor) -> tuple[Tensor, Any]:
+        """A host copy of ``vector`` and an event completed with it (``None``: complete)."""
+        if vector.device.type != "cuda":
+            return vector.to("cpu", copy=True), None
+        host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+        host.copy_(vector, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
     def poll(self, trainer: Trainer) -> None:
         """Write the queued entries whose values have reached the host, oldest first."""

@@ -70,10 +70,12 @@ def _data(n: int = 80) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
-def _fit(module_cls, head, logger, tmp_path, **kwargs) -> Trainer:
+def _fit(module_cls, head, logger, tmp_path, prepare=None, **kwargs) -> Trainer:
     torch.manual_seed(0)
     module = module_cls(backbone=SmallConvNet(width=4), head=head, num_classes=K,
                         optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    if prepare is not None:
+        prepare(module)
     options = dict(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=7,
                    limit_val_batches=2, logger=logger, log_every_n_steps=3,
                    enable_checkpointing=False, enable_model_summary=False,
@@ -113,6 +115,62 @@ def test_step_values_equal_what_lightning_logs(head, accumulate, tmp_path):
         assert float(t_ours.callback_metrics[key]) == pytest.approx(
             float(t_ref.callback_metrics[key]), rel=1e-6)
     assert ours.saves >= 4  # as Lightning saves after each write (CSVLogger writes its file)
+
+
+# --------------------------------------------------------------------------- a device behind
+class FakeEvent:
+    """A copy the device never finishes before the host waits for it (a GPU far behind)."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.waited
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def _behind(module) -> None:
+    module.step_log._to_host = lambda vector: (vector.clone(), FakeEvent())
+
+
+class Pending(Callback):
+    def __init__(self) -> None:
+        self.counts = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(len(pl_module.step_log._pending))
+
+
+def test_values_wait_for_the_device_and_land_at_their_steps(tmp_path):
+    """Copies never ready before the epoch's end: they queue up (logged at batches 3 and 6 of
+    7) and are written then, at their own steps, with the values self.log gives."""
+    ours, ref, pending = RecordingLogger(), RecordingLogger(), Pending()
+    _fit(ClassifierModule, CrossEntropyHead, ours, tmp_path / "a", prepare=_behind,
+         max_epochs=1, callbacks=[pending])
+    _fit(LoggedByLightning, CrossEntropyHead, ref, tmp_path / "b", max_epochs=1)
+    assert pending.counts == [0, 0, 1, 1, 1, 2, 2]
+    got, want = ours.train_step_records(), ref.train_step_records()
+    assert [r[:2] for r in got] == [r[:2] for r in want] and {r[0] for r in got} == {2, 5}
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in want], rel=1e-6)
+
+
+def test_a_callback_monitoring_a_step_value_gets_it_in_the_same_batch(tmp_path):
+    """ModelCheckpoint(monitor="train/loss", every_n_train_steps=3) reads callback_metrics
+    right after the logged batch: the value is waited for there (nothing left pending), and
+    the best score is the lowest logged loss."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logger, pending = RecordingLogger(), Pending()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss", mode="min",
+                           every_n_train_steps=3, save_top_k=1)
+    _fit(ClassifierModule, CrossEntropyHead, logger, tmp_path, prepare=_behind, max_epochs=1,
+         enable_checkpointing=True, callbacks=[pending, ckpt])
+    assert pending.counts == [0] * 7
+    losses = [v for _, k, v in logger.records if k == "train/loss"]
+    assert len(losses) == 2
+    assert float(ckpt.best_model_score) == pytest.approx(min(losses), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- no host reads
