@@ -34,7 +34,8 @@ class ThrottledProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position,
                          leave=leave)
         if min_interval_s < 0:
-            raise ValueError(f"ThrottledProgressBar: min_interval_s={min_interval_s} must be >= 0")
+            raise ValueError(f"ThrottledProgressBar: min_interval_s={min_interval_s} must be "
+                             ">= 0")
         self.min_interval_s = float(min_interval_s)
         self._last_draw: dict[str, float] = {}
         self._clock = time.monotonic

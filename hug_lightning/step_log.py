@@ -12,8 +12,8 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
 (``trainer.log_every_n_steps``) and writes them once the device has produced them:
 
 * the tensors are stacked into one vector (averaged over processes under DDP, like
-  ``sync_dist=True``, but with one bare all-reduce for all of them and no barrier) and copied to pinned host memory without
-  blocking, with a CUDA event behind the copy;
+  ``sync_dist=True``, but with one bare all-reduce for all of them and no barrier) and
+  copied to pinned host memory without blocking, with a CUDA event behind the copy;
 * :meth:`StepLog.poll`, called every step, writes the entries whose event has completed (usually
   the next step) to every logger at the step they belong to, and to
   ``trainer.progress_bar_metrics``, ``trainer.callback_metrics`` and ``trainer.logged_metrics``;

@@ -20,7 +20,7 @@ from hug_lightning.metrics import (
     nc1_pinv,
     riesz_energy,
 )
-from hug_lightning.metrics.functional import METRIC_NAMES
+from hug_lightning.metrics.functional import METRIC_NAMES, OVR_NAMES
 
 F64 = torch.float64
 
@@ -235,8 +235,13 @@ def test_metric_selection_and_unknown_names():
     with pytest.raises(ValueError, match="unknown"):
         compute_nc_metrics(states, metrics=["nc9"])
     full = compute_nc_metrics(states, W=m, b=torch.zeros(10))
-    assert set(full) == set(METRIC_NAMES) - {"nc4_ncc_mismatch", "ncc_accuracy", "linear_accuracy"}
+    assert set(full) == set(METRIC_NAMES) - {"nc4_ncc_mismatch", "ncc_accuracy",
+                                             "linear_accuracy"} - set(OVR_NAMES)
     assert all(v.dtype == F64 and v.ndim == 0 for v in full.values())
+    more = compute_nc_metrics(states, W=m, b=torch.zeros(10), metrics=["default", *OVR_NAMES])
+    assert set(more) == set(full) | set(OVR_NAMES)  # "default" stands for the default set
+    for name in OVR_NAMES:  # ETF means and weights: K / (K - 1) for every class
+        assert more[name].item() == pytest.approx(10 / 9, abs=1e-9), name
 
 
 def test_equinorm_stays_centred_when_unit_metrics_are_not():

@@ -3,6 +3,7 @@
 * :mod:`.functional_states`: the DDP-summable sufficient statistics (init / update / rebase).
 * :mod:`.functional` and :mod:`.functional_geometry`: states (and classifier ``W, b``) -> metrics,
   float64, no Lightning; :func:`compute_nc_metrics` returns the names in :data:`METRIC_NAMES`.
+* :mod:`.ovr`: the one-vs-rest distance (Jiang GNC2) with its certified error, on request.
 * :mod:`.collapse`: :class:`NCFeatureStats`, the epoch collector (one ``all_reduce`` per state).
 
 Conventions (class-average global mean,
@@ -31,6 +32,7 @@ from hug_lightning.metrics.functional_geometry import (
     nc3_self_duality,
     riesz_energy,
 )
+from hug_lightning.metrics.ovr import one_vs_rest_distance
 from hug_lightning.metrics.functional_states import (
     feature_states,
     init_states,
@@ -59,6 +61,7 @@ __all__ = [
     "nc3_cos",
     "nc3_self_duality",
     "ncc_predict",
+    "one_vs_rest_distance",
     "rebase_states",
     "riesz_energy",
     "update_states",

@@ -51,7 +51,9 @@ class NeuralCollapseMonitor(Callback):
         eval_pass: Also run an eval-mode forward over the training set every
             ``eval_pass_every`` epochs (the canonical NC protocol; epochs about 1.4x longer).
         eval_pass_every: Period of the eval pass in epochs.
-        metrics: Names to log (see ``hug_lightning.metrics.METRIC_NAMES``); ``None``: all.
+        metrics: Names to log (see ``hug_lightning.metrics.METRIC_NAMES``); ``None``: all but
+            the one-vs-rest distances (``gnc2_ovr_dist_*``, cubic in K), for which the list
+            ``[default, gnc2_ovr_dist_weights]`` adds them to that default set.
         spherical: Also compute the spherical (``*_sph``) variants.
         track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
         figures_every: Every this many epochs rank 0 logs figures (cosine heat maps of class

@@ -29,11 +29,14 @@ import torch
 from torch import Tensor
 
 from hug_lightning.metrics import functional_geometry as geo
+from hug_lightning.metrics.ovr import one_vs_rest_distance
 
 __all__ = [
     "METRIC_NAMES",
     "class_means",
     "class_variances",
+    "DEFAULT_NAMES",
+    "OVR_NAMES",
     "compute_nc_metrics",
     "nc1_cdnv",
     "nc1_pinv",
@@ -58,18 +61,27 @@ NCC_NAMES = ("nc4_ncc_mismatch", "ncc_accuracy", "linear_accuracy")
 COV_NAMES = ("nc1_pinv", "nc1_pinv_rank", "nc1_pinv_cond") + tuple(
     f"{m}_sph" for m in ("nc1_pinv", "nc1_pinv_rank", "nc1_pinv_cond")
 )
+#: one-vs-rest distances (Jiang GNC2; min and mean over classes): cubic in K per iteration of
+#: their solver, so only on request (``metrics=["default", "gnc2_ovr_dist_weights"]``)
+OVR_NAMES = tuple(f"gnc2_ovr_dist{s}_{tag}" for tag in ("means", "weights")
+                  for s in ("", "_mean_k"))
 METRIC_NAMES = ("k_eff",) + NC1_NAMES + SPH_NAMES + MEANS_NAMES + WEIGHT_NAMES + NC3_NAMES
-METRIC_NAMES += NCC_NAMES
+METRIC_NAMES += NCC_NAMES + OVR_NAMES
+DEFAULT_NAMES = tuple(name for name in METRIC_NAMES if name not in OVR_NAMES)
 
 
 def select_metrics(metrics: Iterable[str] | None) -> frozenset[str]:
-    """Validate a metric subset (``None``: all of :data:`METRIC_NAMES`)."""
+    """Validate a metric subset (``None``: :data:`DEFAULT_NAMES`, every metric but the
+    one-vs-rest distances; the name ``"default"`` in a list stands for that set)."""
     if metrics is None:
-        return frozenset(METRIC_NAMES)
+        return frozenset(DEFAULT_NAMES)
     chosen = frozenset(metrics)
+    if "default" in chosen:
+        chosen = (chosen - {"default"}) | frozenset(DEFAULT_NAMES)
     unknown = sorted(chosen - set(METRIC_NAMES))
     if unknown:
-        raise ValueError(f"unknown NC metric name(s) {unknown}; choose from {METRIC_NAMES}")
+        raise ValueError(f"unknown NC metric name(s) {unknown}; choose from {METRIC_NAMES} "
+                         "(or 'default': all but the one-vs-rest distances)")
     return chosen
 
 
@@ -211,6 +223,12 @@ def _geometry(out: dict, want: frozenset[str], vectors: Tensor, tag: str, log_ta
     if f"gnc2_log_energy_mean{log_tag}" in want or f"gnc2_log_energy_var{log_tag}" in want:
         mean, var = geo.log_energy(vectors)
         out[f"gnc2_log_energy_mean{log_tag}"], out[f"gnc2_log_energy_var{log_tag}"] = mean, var
+    if f"gnc2_ovr_dist_{tag}" in want or f"gnc2_ovr_dist_mean_k_{tag}" in want:
+        if vectors.shape[0] < 2:
+            rho = torch.full((1,), float("nan"), dtype=torch.float64, device=vectors.device)
+        else:
+            rho = one_vs_rest_distance(vectors).rho
+        out[f"gnc2_ovr_dist_{tag}"], out[f"gnc2_ovr_dist_mean_k_{tag}"] = rho.min(), rho.mean()
 
 
 def compute_nc_metrics(
