@@ -41,8 +41,12 @@ class ThrottledProgressBar(TQDMProgressBar):
         self._clock = time.monotonic
 
     def _due(self, stage: str, batch_idx: int, bar: Any) -> bool:
-        """Whether this batch's redraw of ``bar`` happens (the last batch always does)."""
+        """Whether this batch's redraw of ``bar`` happens (the last batch always does). Only a
+        batch that ``refresh_rate`` lets draw takes the interval's slot: otherwise batches
+        skipped by ``refresh_rate`` could take every slot, and the bar never moved."""
         total = getattr(bar, "total", None)
+        if not self._should_update(batch_idx + 1, total):
+            return False
         now = self._clock()
         if (total is not None and batch_idx + 1 >= total) or \
                 now - self._last_draw.get(stage, float("-inf")) >= self.min_interval_s:

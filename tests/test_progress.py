@@ -33,14 +33,15 @@ class BarCounts(Callback):
             self.val.append(self.bar.val_progress_bar.n)
 
 
-def _fit(bar: TQDMProgressBar, tmp_path) -> BarCounts:
+def _fit(bar: TQDMProgressBar, tmp_path, *callbacks: Callback) -> BarCounts:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8 * BATCHES, 3, 8, 8, generator=g),
                          torch.arange(8 * BATCHES) % 3)
     counts = BarCounts(bar)
     module = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead,
                               num_classes=3)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, callbacks=[bar, counts], logger=False,
+    trainer = Trainer(accelerator="cpu", max_epochs=1, callbacks=[bar, counts, *callbacks],
+                      logger=False,
                       enable_checkpointing=False, enable_model_summary=False,
                       num_sanity_val_steps=0, log_every_n_steps=2,
                       default_root_dir=str(tmp_path))
@@ -62,6 +63,34 @@ def test_zero_interval_draws_every_batch_like_lightnings_bar(tmp_path):
     lightning = _fit(TQDMProgressBar(), tmp_path / "b")
     assert throttled.train == lightning.train == list(range(1, BATCHES + 1))
     assert throttled.val == lightning.val == list(range(1, BATCHES + 1))
+
+
+class BatchClock(Callback):
+    """A clock that reads ``seconds`` per batch (the batch index times it): a steady step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.now = seconds, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.now = batch_idx * self.seconds
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.now = batch_idx * self.seconds
+
+
+def test_refresh_rate_and_interval_together_still_draw(tmp_path):
+    """Found by an audit: with ``refresh_rate: 2`` and batches half the interval long, the
+    interval's slot fell on every odd batch, which ``refresh_rate`` does not draw, so the bar
+    stood still until the last batch. Batches the interval lets through are now counted among
+    those ``refresh_rate`` draws: here every drawable batch is an interval apart, as
+    Lightning's bar draws them."""
+    clock = BatchClock(0.0625)  # binary fractions: exact intervals
+    bar = ThrottledProgressBar(min_interval_s=0.125, refresh_rate=2)
+    bar._clock = lambda: clock.now
+    throttled = _fit(bar, tmp_path / "a", clock)
+    lightning = _fit(TQDMProgressBar(refresh_rate=2), tmp_path / "b")
+    assert throttled.train == lightning.train == [0, 2, 2, 4, 4, 6, 6, 8, 8, 10]
+    assert throttled.val == lightning.val
 
 
 def test_negative_interval_is_refused():
