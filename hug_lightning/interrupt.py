@@ -255,6 +255,9 @@ class InterruptCheckpoint(Callback):
             rank_zero_info("Aborted by a second Ctrl-C: nothing saved; --ckpt_path last resumes "
                            "from the last periodic save.")
             return
+        step_log = getattr(trainer.lightning_module, "step_log", None)
+        if step_log is not None:  # step values still on their way from the device: they are
+            step_log.flush(trainer)  # logged, as at the end of a fit (the run resumes after)
         self.stop.finish()
         if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
             return

@@ -24,7 +24,9 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
   the device per logged step, only then.
 
 On the CPU the copy is immediate and the values are written at once. What is not written yet
-when a run dies of an exception (at most a step or two of logs) is lost.
+when a run dies of an exception (at most a step or two of logs) is lost; a stop by SIGTERM or
+Ctrl-C that saves ``last.ckpt`` (:class:`~hug_lightning.interrupt.InterruptCheckpoint`) writes
+it first.
 """
 
 from __future__ import annotations

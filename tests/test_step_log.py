@@ -173,6 +173,38 @@ def test_a_callback_monitoring_a_step_value_gets_it_in_the_same_batch(tmp_path):
     assert float(ckpt.best_model_score) == pytest.approx(min(losses), rel=1e-6)
 
 
+class SigtermAt(Callback):
+    """What a SIGTERM does to ``interrupt`` at the start of training batch ``batch``."""
+
+    def __init__(self, interrupt, batch: int) -> None:
+        self.interrupt, self.batch = interrupt, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            import signal
+            self.interrupt._on_signal(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("module_cls", [ClassifierModule, LoggedByLightning])
+def test_an_interrupt_writes_the_values_still_on_their_way(module_cls, tmp_path):
+    """Found by an audit: SIGTERM after batch 5 (logged at batches 2 and 5): the stop saves
+    last.ckpt to resume from, and the values of the device still behind were dropped, a gap
+    in the run's logs that the resumed run does not fill. They are written at the stop, as
+    self.log writes them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from hug_lightning.interrupt import InterruptCheckpoint
+
+    logger, interrupt = RecordingLogger(), InterruptCheckpoint()
+    with pytest.raises(SIGTERMException):
+        _fit(module_cls, CrossEntropyHead, logger, tmp_path, prepare=_behind, max_epochs=1,
+             enable_checkpointing=True, callbacks=[
+                 interrupt, SigtermAt(interrupt, 5), ModelCheckpoint(dirpath=tmp_path / "ck")])
+    assert (tmp_path / "ck" / "last.ckpt").is_file()
+    assert sorted(s for s, k, _ in logger.records if k == "train/loss") == [2, 5]
+
+
 # --------------------------------------------------------------------------- no host reads
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
 #: reads that only happen on the CPU (each skips its check for accelerator tensors), or of a
