@@ -153,6 +153,12 @@ class ClassifierLoop(LightningModule):
         self.update_metrics(out, stage)
         return out
 
+    def on_validation_start(self) -> None:
+        # a validation inside fit: the training values still on their way are written first,
+        # so that its callbacks (the progress bar, checkpoint names, epoch-end hooks) read the
+        # last logged ones, as with self.log (one wait for the device per validation)
+        self.step_log.flush(self.trainer)
+
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")
 

@@ -17,8 +17,9 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
 * :meth:`StepLog.poll`, called every step, writes the entries whose event has completed (usually
   the next step) to every logger at the step they belong to, and to
   ``trainer.progress_bar_metrics``, ``trainer.callback_metrics`` and ``trainer.logged_metrics``;
-* :meth:`StepLog.flush` waits for the rest (end of each training epoch and of training), so
-  epoch-end monitors (``EarlyStopping(monitor="train/loss")``) see the last logged value;
+* :meth:`StepLog.flush` waits for the rest (when a validation of the fit starts, at the end
+  of each training epoch and of training), so validation and epoch-end monitors
+  (``EarlyStopping(monitor="train/loss")``) see the last logged value;
   ``record(..., wait=True)`` writes at once, for a callback that reads a value in the same
   batch (``ModelCheckpoint(monitor="train/loss", every_n_train_steps=...)``): one wait for
   the device per logged step, only then.

@@ -173,6 +173,37 @@ def test_a_callback_monitoring_a_step_value_gets_it_in_the_same_batch(tmp_path):
     assert float(ckpt.best_model_score) == pytest.approx(min(losses), rel=1e-6)
 
 
+class ReadAtValidationEnd(Callback):
+    """``train/loss`` as callbacks see it at the end of each validation and training epoch."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.seen.append(("val", trainer.progress_bar_metrics.get("train/loss"),
+                          float(trainer.callback_metrics.get("train/loss", -1))))
+
+    def on_train_epoch_end(self, trainer, pl_module):  # before the module's own hook
+        self.seen.append(("epoch", trainer.progress_bar_metrics.get("train/loss")))
+
+
+def test_a_validation_sees_the_last_logged_values(tmp_path):
+    """Found by an audit: with the device behind, the validations of a fit (mid-epoch, every
+    half epoch here, and at the epoch's end) and the callbacks' epoch-end hooks, the progress
+    bar's among them, saw the values of an earlier logged step (none in the first epoch);
+    self.log gives them the last one. They are written when validation starts."""
+    ours, ref = ReadAtValidationEnd(), ReadAtValidationEnd()
+    _fit(ClassifierModule, CrossEntropyHead, RecordingLogger(), tmp_path / "a", prepare=_behind,
+         callbacks=[ours], val_check_interval=0.5)
+    _fit(LoggedByLightning, CrossEntropyHead, RecordingLogger(), tmp_path / "b",
+         callbacks=[ref], val_check_interval=0.5)
+    assert [s[0] for s in ref.seen] == ["val", "val", "epoch"] * 2
+    assert None not in [s[1] for s in ref.seen]
+    assert [s[0] for s in ours.seen] == [s[0] for s in ref.seen]
+    assert [v for s in ours.seen for v in s[1:]] == pytest.approx(
+        [v for s in ref.seen for v in s[1:]], rel=1e-6)
+
+
 class SigtermAt(Callback):
     """What a SIGTERM does to ``interrupt`` at the start of training batch ``batch``."""
 
