@@ -143,7 +143,8 @@ class ClassifierLoop(LightningModule):
         values.update({f"train/{name}": value for name, value in (out.get("terms") or {}).items()})
         if self.trainer.optimizers:
             values["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        monitored = {getattr(callback, "monitor", None) for callback in self.trainer.callbacks}
+        monitored = {m for m in (getattr(c, "monitor", None) for c in self.trainer.callbacks)
+                     if isinstance(m, str)}
         self.step_log.record(self.trainer, values, prog_bar=("train/loss",), sync_dist=True,
                              wait=not monitored.isdisjoint(values))
 

@@ -88,7 +88,11 @@ class StepLog:
                 callback that reads one of these keys in this batch).
         """
         tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
-        floats = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+        if tensors:  # those on the first tensor's device; others (a CPU learning-rate tensor
+            # next to a CUDA loss) are read as numbers, which costs nothing on the host
+            device = next(iter(tensors.values())).device
+            tensors = {k: v for k, v in tensors.items() if v.device == device}
+        floats = {k: float(v) for k, v in values.items() if k not in tensors}
         host, event = None, None
         if tensors:
             vector = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])

@@ -323,6 +323,24 @@ def test_floats_and_tensors_are_written_at_their_step(tmp_path):
     assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(0.1)
 
 
+def test_tensors_off_the_losss_device_are_read_as_numbers():
+    """A learning rate kept as a CPU tensor next to a loss on another device (meta here, a
+    GPU in practice) is not stacked with it (that would fail, or copy it to the device)."""
+    from types import SimpleNamespace
+
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(loggers=[logger], world_size=1, current_epoch=0, global_step=3,
+                              callback_metrics={}, logged_metrics={}, progress_bar_metrics={})
+    log = StepLog()
+    stacked = []
+    log._to_host = lambda vector: (stacked.append(vector) or torch.tensor([0.5]), None)
+    log.record(trainer, {"train/loss": torch.tensor(0.5, device="meta"),
+                         "train/lr": torch.tensor(0.1)})
+    assert len(stacked) == 1 and stacked[0].shape == (1,) and stacked[0].device.type == "meta"
+    assert sorted(logger.records) == [(3, "epoch", 0.0), (3, "train/loss", 0.5),
+                                      (3, "train/lr", pytest.approx(0.1))]
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from types import SimpleNamespace
 

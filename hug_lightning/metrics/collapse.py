@@ -56,7 +56,8 @@ class NCFeatureStats(SumStateMetric):
         ncc: Keep the NCC counters (``nc4_ncc_mismatch``, ``ncc_accuracy``, ``linear_accuracy``).
         metrics: Subset of :data:`functional.METRIC_NAMES` to report (default: all but the
             one-vs-rest distances, ``functional.DEFAULT_NAMES``; ``"default"`` names that
-            set); states that no selected metric needs (``S``, spherical twins, NCC counters) are skipped.
+            set); states that no selected metric needs (``S``, spherical twins, NCC
+            counters) are skipped.
         global_mean: ``"class"`` (average of class means, default) or ``"sample"``.
         centered: Unit-vector NC2/GNC2 metrics (cosine std, max-angle deviation, ETF distance,
             max cosine, energies) on centred (default) or uncentred class means; equinorm is
