@@ -154,4 +154,5 @@ def _metric_dict(trainer: Trainer, name: str) -> dict:
     stored = getattr(getattr(trainer, "_logger_connector", None), f"_{name}", None)
     return stored if isinstance(stored, dict) else getattr(trainer, name)
 
+
 __all__ = ["MAX_PENDING", "StepLog", "logged_step"]
