@@ -204,6 +204,19 @@ def test_a_validation_sees_the_last_logged_values(tmp_path):
         [v for s in ref.seen for v in s[1:]], rel=1e-6)
 
 
+def test_without_validation_the_epoch_end_hooks_see_the_last_logged_values(tmp_path):
+    """The callbacks' epoch-end hooks (the progress bar's final line among them) run before
+    the module's; with no validation and the device behind they saw an earlier step's values.
+    The last batch of an epoch writes them."""
+    ours, ref = ReadAtValidationEnd(), ReadAtValidationEnd()
+    _fit(ClassifierModule, CrossEntropyHead, RecordingLogger(), tmp_path / "a", prepare=_behind,
+         callbacks=[ours], limit_val_batches=0)
+    _fit(LoggedByLightning, CrossEntropyHead, RecordingLogger(), tmp_path / "b",
+         callbacks=[ref], limit_val_batches=0)
+    assert [s[0] for s in ref.seen] == ["epoch"] * 2 and None not in [s[1] for s in ref.seen]
+    assert [s[1] for s in ours.seen] == pytest.approx([s[1] for s in ref.seen], rel=1e-6)
+
+
 class SigtermAt(Callback):
     """What a SIGTERM does to ``interrupt`` at the start of training batch ``batch``."""
 
