@@ -132,8 +132,8 @@ class ClassifierLoop(LightningModule):
         # the epoch's last batch: write the values still on their way, for the callbacks'
         # epoch-end hooks (the progress bar's final line), which run before this module's
         trainer = self.trainer
-        max_steps = trainer.max_steps if trainer.max_steps is not None else -1
-        if batch_idx + 1 >= trainer.num_training_batches or 0 < max_steps <= trainer.global_step:
+        if batch_idx + 1 >= trainer.num_training_batches or \
+                0 < trainer.max_steps <= trainer.global_step:
             self.step_log.flush(trainer)
 
     def log_step_values(self, out: dict[str, Any]) -> None:

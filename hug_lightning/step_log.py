@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
 
+from hug_lightning.metrics.direct_log import batches_that_stepped
 from hug_lightning.metrics.sum_metric import all_reduce_sync
 
 #: entries still in flight before the oldest is waited for (the queue is rarely one step deep)
@@ -47,9 +48,8 @@ MAX_PENDING = 16
 def logged_step(trainer: Trainer) -> int:
     """The step Lightning's logger connector gives the values logged in this training step:
     ``_batches_that_stepped`` when the batch starts (it is advanced after the write)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    steps = getattr(loop, "_batches_that_stepped", None)
-    return int(getattr(trainer, "global_step", 0)) if steps is None else int(steps)
+    steps = batches_that_stepped(trainer)
+    return int(getattr(trainer, "global_step", 0)) if steps is None else steps
 
 
 class _Entry:

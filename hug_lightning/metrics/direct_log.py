@@ -16,11 +16,18 @@ def epoch_log_step(trainer: Trainer) -> int:
     values logged directly line up with them in TensorBoard: its logger step counter, which
     the training loop has already advanced when ``on_train_epoch_end`` runs (Lightning steps
     it back by one for its own epoch logging there)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    steps = getattr(loop, "_batches_that_stepped", None)
+    steps = batches_that_stepped(trainer)
     if steps is None:  # not Lightning's loop (a stand-in trainer): its global step
         return int(getattr(trainer, "global_step", 0))
     return max(steps - 1, 0) if trainer.training else steps
+
+
+def batches_that_stepped(trainer: Trainer) -> int | None:
+    """Lightning's logger step counter (the training loop's ``_batches_that_stepped``), or
+    ``None`` for a trainer without Lightning's loop."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    steps = getattr(loop, "_batches_that_stepped", None)
+    return None if steps is None else int(steps)
 
 
 def log_direct(trainer: Trainer, values: dict[str, Tensor]) -> None:
@@ -42,4 +49,4 @@ def log_direct(trainer: Trainer, values: dict[str, Tensor]) -> None:
             logger.log_metrics(scalars, step=epoch_log_step(trainer))
 
 
-__all__ = ["epoch_log_step", "log_direct"]
+__all__ = ["batches_that_stepped", "epoch_log_step", "log_direct"]

@@ -56,7 +56,7 @@ def project_rows_to_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0.0)
 
 
-def _bounds(units: Tensor, gram: Tensor, lam: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
+def _bounds(units: Tensor, lam: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
     """Upper (|u_k - p_k|) and lower (certificate) bounds of every rho_k for weights ``lam``."""
     gap_vec = units - lam @ units  # u_k - p_k
     upper = gap_vec.norm(dim=1)
@@ -96,7 +96,7 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
 
     lam = project(torch.zeros(k, k, dtype=x.dtype, device=x.device))  # uniform over the rest
     y, t, it = lam, 1.0, 0
-    upper, lower = _bounds(units, gram, lam, off)
+    upper, lower = _bounds(units, lam, off)
     while it < max_iter and float((upper - lower).max()) > tol:
         for _ in range(20):  # iterations between certificate checks
             grad = 2.0 * (y @ gram - gram)
@@ -108,5 +108,5 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
             y = new + ((t - 1.0) / t_next) * (new - lam)
             lam, t = new, t_next
         it += 20
-        upper, lower = _bounds(units, gram, lam, off)
+        upper, lower = _bounds(units, lam, off)
     return OneVsRest(upper, lower, it)
