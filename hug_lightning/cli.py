@@ -238,7 +238,24 @@ def console_main() -> int:
         print(f"hug-lightning: error: {err}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        release_process_group()
     return 0
+
+
+def release_process_group() -> None:
+    """Destroy the ``torch.distributed`` process group of a finished command, on every rank.
+
+    Lightning destroys it at exit for NCCL only. A gloo group (DDP on CPUs) left to the
+    interpreter's teardown can abort the process after its work is done (SIGABRT, ``terminate
+    called without an active exception``: gloo's threads still hold work objects; about 1 run
+    in 17 of a 2-process ``predict`` here). Destroying is local to each process (no collective):
+    it cannot hang when another rank has failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
@@ -271,5 +288,5 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
 
 __all__ = ["CHECKPOINT_DEFAULTS", "TRAINER_DEFAULTS", "ConfigError", "HUGLightningCLI",
            "RunNotFoundError", "check_writable", "console_main", "data_num_classes",
-           "free_config_name", "main", "packaged_config", "resolve_config_args",
-           "resumed_config_name"]
+           "free_config_name", "main", "packaged_config", "release_process_group",
+           "resolve_config_args", "resumed_config_name"]

@@ -109,6 +109,27 @@ def test_console_exit_status_of_a_rejected_value_and_of_success(monkeypatch, cap
     assert cli.console_main() == 0
 
 
+@pytest.mark.parametrize("outcome", ["finished", "rejected"])
+def test_console_destroys_the_process_group_it_leaves(tmp_path, monkeypatch, outcome):
+    """Lightning leaves a gloo group to the interpreter's teardown, which can abort a finished
+    DDP run (SIGABRT); the command destroys it, whether it finished or failed."""
+    import torch.distributed as dist
+
+    def run(args=None, run=True):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        if outcome == "rejected":
+            raise cli.ConfigError("invalid configuration")
+
+    monkeypatch.setattr(cli, "main", run)
+    try:
+        assert cli.console_main() == (0 if outcome == "finished" else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_missing_data_or_run_is_one_message_not_a_traceback(tmp_path, monkeypatch, capsys):
     """Real commands: data absent (download off), and `--ckpt_path last` before any run."""
     monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
