@@ -48,9 +48,10 @@ if [ "${SWEEP:-0}" = 1 ]; then
       --json "$OUT/sweep.json" 2>&1 | grep -E "^done|^\||^###" | tee "$OUT/sweep.md"
 fi
 
-stage "train_bench, torch.compile (a), (b) and (b0), with dynamo's counters"
-TORCH_LOGS=recompiles,graph_breaks timeout 120 python3 bench/train_bench.py --device cuda \
-    --compile --measure a b b0 --repeats 1 --json "$OUT/compile.json" 2> "$OUT/compile.log" \
+stage "train_bench, torch.compile (a), (b), (b0), hug (loss compiled too in (b), hug), counters"
+TORCH_LOGS=recompiles,graph_breaks timeout 150 python3 bench/train_bench.py --device cuda \
+    --compile --compile-loss --measure a b b0 hug --repeats 1 --json "$OUT/compile.json" \
+    2> "$OUT/compile.log" \
     | grep "|"; grep -c -i "recompil\|graph break" "$OUT/compile.log"
 stage "end"
 grep -v "pytree\|LeafSpec\|Tip:\|available:\|LOCAL_RANK\|stopped\|bfloat16\|float32_matmul" \

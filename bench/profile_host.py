@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> str:
     cuda = args.device == "cuda" and not args.toy
     ns = argparse.Namespace(device="cuda" if cuda else "cpu", toy=args.toy, small_width=0,
                             steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                            workers=0, compile=False, bf16=cuda, channels_last=cuda)
+                            workers=0, compile=False, compile_loss=False, bf16=cuda,
+                            channels_last=cuda)
     if args.toy:
         ns.batch_size, ns.steps, ns.warmup = 32, 3, 3
         args.num_images, args.epochs = 256, 2

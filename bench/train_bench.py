@@ -218,7 +218,8 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
     else:
         model = ClassifierModule(backbone=make_backbone(args), head=head_factory,
                                  num_classes=num_classes, optimizer=optimizer_factory,
-                                 channels_last=args.channels_last, compile=args.compile)
+                                 channels_last=args.channels_last, compile=args.compile,
+                                 compile_loss=args.compile_loss)
     data = TensorCIFAR(images, labels, num_classes=num_classes, batch_size=args.batch_size,
                        drop_last=True, num_workers=0 if device_resident else args.workers,
                        pin_memory=args.device == "cuda", device_resident=device_resident)
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--num-images", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=8, help="classic DataLoader workers")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--compile-loss", action="store_true",
+                        help="(b), (c), hug, nc*: also compile the head's step (compile_loss)")
     parser.add_argument("--small-width", type=int, default=0,
                         help="SmallConvNet of this width instead of ResNet-18 (CPU runs; "
                              "128 gives d=512 features)")
@@ -320,11 +323,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def record(key: str, value: float) -> None:
         runs.setdefault(key, []).append(value)
-        if args.compile:  # what dynamo did in the first run of each (recompiles, breaks)
+        if args.compile or args.compile_loss:  # dynamo's work in each's first run
             compile_stats.setdefault(key, dynamo_summary())
             reset_dynamo()
 
-    if args.compile:
+    if args.compile or args.compile_loss:
         reset_dynamo()
     for _ in range(args.repeats):  # interleaved: a drift of clocks or caches hits both sides
         if "a" in want:
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"\n### train_bench on {device_name} (batch {args.batch_size}, "
           f"{'toy SmallConvNet' if args.toy else model_name}, "
           f"{'bf16-mixed, channels_last' if args.bf16 else 'fp32'}"
-          f"{', torch.compile' if args.compile else ', eager'}; best of {args.repeats})\n")
+          f"{', torch.compile' if args.compile else ', eager'}"
+          f"{', loss compiled' if args.compile_loss else ''}; best of {args.repeats})\n")
     print("| measurement | value | all repeats |\n|---|---|---|")
     for key, value in res.items():
         unit = "s" if key.startswith("epoch") else "images/s"
@@ -407,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": res, "repeats": runs, "ratios": ratios, "device": device_name,
-                       "compile": args.compile, "dynamo": compile_stats}, f, indent=1)
+                       "compile": args.compile, "compile_loss": args.compile_loss,
+                       "dynamo": compile_stats}, f, indent=1)
     return {**res, **ratios}
 
 

@@ -36,6 +36,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from hug_lightning.backbones import CifarResNet
+from hug_lightning.compiling import HeadStep, check_compile_options
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
@@ -92,6 +93,11 @@ class ClassifierModule(ClassifierLoop):
             convolution weights (faster convolutions on GPUs under mixed precision).
         compile: Compile the backbone with ``torch.compile`` (in place: checkpoints load with
             or without it; the first steps are slower while it compiles).
+        compile_loss: Compile the head's training step (loss, terms and logits) with
+            ``torch.compile``: fuses the HUG losses' small kernels (see
+            :mod:`hug_lightning.compiling`).
+        compile_options: Keyword arguments of ``torch.compile`` for both, e.g.
+            ``{mode: max-autotune}`` or ``{dynamic: false}`` (one static graph per batch size).
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class ClassifierModule(ClassifierLoop):
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         channels_last: bool = False,
         compile: bool = False,
+        compile_loss: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():  # modules/factories are dropped just below
@@ -141,8 +149,10 @@ class ClassifierModule(ClassifierLoop):
         if channels_last:  # weights too: a channels-last input with NCHW weights makes every
             # convolution convert its weight (forward) and its gradient (backward) each step
             self.backbone.to(memory_format=torch.channels_last)
+        options = check_compile_options(compile_options, compile, compile_loss)
         if compile:  # in place: state_dict keys (and checkpoints) stay the same as without
-            self.backbone.compile()
+            self.backbone.compile(**options)
+        self.head_step = HeadStep(options if compile_loss else None)
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
         self._norm_snapshot = RunningStatsSnapshot(self)
         self.step_log = StepLog()
@@ -223,7 +233,7 @@ class ClassifierModule(ClassifierLoop):
         self._labels_checked.add(stage)
         features = self.forward_features(x)
         check_features(features, self.feature_dim, stage)
-        out = self.head.forward_train(features, y)
+        out = self.head_step(self.head, features, y)  # head.forward_train, maybe compiled
         check_logits(out.logits, features.shape[0], self.num_classes, stage,
                      type(self.head).__name__)
         return {

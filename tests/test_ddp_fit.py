@@ -103,8 +103,8 @@ def test_ddp_predict_of_the_ufm_indexes_every_sample_once(tmp_path):
 def test_ddp_hug_training_equals_one_process(tmp_path):
     """UFM with 5 samples per class: the 2 ranks' shards hold 3 and 2 of each class, so with
     per-rank class balancing the DDP gradient differs from one process (about 15 % on the
-    features, measured); with the class counts all-reduced the weights are the same, and so
-    are the logged step values (the loss and its terms: averaged over the 2 processes)."""
+    features, measured); with the class counts all-reduced the weights are the same (also with
+    the loss compiled), and so are the logged step values (the loss and its terms: averaged over the 2 processes)."""
     import torch
 
     from hug_lightning.experiments.results import read_scalars
@@ -127,8 +127,12 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
     one = weights("one")
     synced = weights("synced", *ddp)
     local = weights("local", *ddp, "--model.init_args.head.init_args.sync_class_counts", "false")
+    # the loss compiled: the counts' all_reduce is traced into the graph, same numbers
+    compiled = weights("compiled", *ddp, "--model.init_args.compile_loss", "true",
+                       "--model.init_args.compile_options", "{backend: aot_eager}")
     for key in ("backbone.weight", "head.proxies"):
         torch.testing.assert_close(synced[key], one[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled[key], one[key], rtol=1e-5, atol=1e-6)
     logged = {name: read_scalars(tmp_path / name / "version_0") for name in ("one", "synced")}
     for key in ("train/loss", "train/inter", "train/intra"):
         steps, values = zip(*logged["one"][key])

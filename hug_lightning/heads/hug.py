@@ -158,7 +158,10 @@ class HUGHead(Head):
 
     def _validate(self, features: Tensor, labels: Tensor) -> None:
         check_inputs(features, self.proxies, labels)
-        if self.check_labels or labels.device.type == "cpu":
+        # CPU labels: free to check, except inside torch.compile (a graph break; the module
+        # checks them before the head); `check_labels` asks for it anyway
+        if self.check_labels or (labels.device.type == "cpu"
+                                 and not torch.compiler.is_compiling()):
             lo, hi = int(labels.min()), int(labels.max())
             for value in (lo, hi):
                 if not 0 <= value < self.num_classes:
