@@ -144,3 +144,24 @@ def test_keys_of_large_seeds_do_not_repeat_small_ones():
         for b in keys:
             if a != b:  # 1000 31-bit keys: equal ones only by chance (~1000 / 2**31)
                 assert (keys[a] == keys[b]).float().mean() < 0.01, (a, b)
+
+
+def test_device_resident_refuses_overridden_transform_hooks(cifar10_folder_root):
+    """The device path never calls the transform hooks: a subclass's own transforms must not
+    be dropped without a word (here they blank the images, so a dropped one is visible)."""
+    class Blank(CIFAR10DataModule):
+        def train_transform(self):
+            return lambda img, *key: torch.zeros(3, 32, 32)
+
+    args = dict(root=str(cifar10_folder_root), download=False, val_split=0.2, batch_size=8,
+                num_workers=0)
+    x, _ = next(iter(_setup(Blank(**args)).train_dataloader()))
+    assert x.abs().sum() == 0  # the CPU path uses the override
+    with pytest.raises(ValueError, match="train_transform"):
+        Blank(**args, device_resident=True)
+    CIFAR10DataModule(**args, device_resident=True)  # the library's own hooks: fine
+
+
+def _setup(dm):
+    dm.setup("fit")
+    return dm

@@ -51,7 +51,9 @@ class _CIFARDataModule(ClassificationDataModule):
         on_corrupt: ``raise`` on an unreadable image file (the message names it) or ``skip`` it.
         device_resident: Keep the uint8 images on the accelerator and build each batch there
             (gather, crop, flip, normalize: no DataLoader workers). The same batches as the
-            CPU path for the same seed; on a CPU-only machine it runs on the CPU.
+            CPU path for the same seed; on a CPU-only machine it runs on the CPU. The
+            transform hooks are not called on this path: a subclass that overrides
+            ``train_transform`` or ``eval_transform`` is an error with it.
     """
 
     name = "CIFAR"
@@ -78,6 +80,18 @@ class _CIFARDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
         self.device_resident = bool(device_resident)
+        if self.device_resident:
+            # the device path builds its batches itself (gather, crop, flip, normalize with
+            # `mean`/`std`) and never calls the transform hooks: a subclass's own transforms
+            # would be ignored without a word
+            overridden = [name for name in ("train_transform", "eval_transform")
+                          if getattr(type(self), name) is not getattr(_CIFARDataModule, name)]
+            if overridden:
+                raise ValueError(
+                    f"device_resident=true builds batches on the device with its own crop, "
+                    f"flip and normalization and does not call "
+                    f"{type(self).__name__}.{' or .'.join(overridden)}(), which this class "
+                    "overrides; set device_resident false to use them.")
         self.root = Path(root if root is not None else self.default_root).expanduser()
         self.download = bool(download)
         self.val_split = val_split
