@@ -147,7 +147,9 @@ def recorded_best_checkpoint(last: Path) -> Path | None:
     return None
 
 
-def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
-    """Newest ``<save_dir>/<name>/*/checkpoints/last.ckpt`` (by modification time), or None."""
-    candidates = list(Path(save_dir, name).glob("*/checkpoints/last.ckpt"))
+def find_last_checkpoint(save_dir: str | Path, name: str,
+                         filename: str = "last.ckpt") -> Path | None:
+    """Newest ``<save_dir>/<name>/*/checkpoints/<filename>`` (by modification time), or None;
+    ``filename`` may be a pattern (``*.ckpt``: the newest checkpoint of any name)."""
+    candidates = list(Path(save_dir, name).glob(f"*/checkpoints/{filename}"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

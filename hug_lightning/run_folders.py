@@ -41,16 +41,17 @@ def check_writable(folder: Path) -> None:
         ) from err
 
 
-def find_last(logger: Any, flag: str) -> Path:
-    """The newest readable ``last.ckpt`` of the logger's experiment (``--ckpt_path <flag>``)."""
+def find_last(logger: Any, flag: str, filename: str = "last.ckpt") -> Path:
+    """The newest readable ``last.ckpt`` (or ``filename``, a pattern) of the logger's
+    experiment (``--ckpt_path <flag>``)."""
     if logger is None:
         raise ConfigError(f"--ckpt_path {flag} needs a TensorBoard/CSV logger with save_dir "
                           "and name to find the run; pass the checkpoint file instead.")
     save_dir, name = str(logger.get("save_dir") or "."), str(logger.get("name") or "")
-    found = find_last_checkpoint(save_dir, name)
+    found = find_last_checkpoint(save_dir, name, filename)
     if found is None:
         raise RunNotFoundError(
-            f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/last.ckpt found. "
+            f"--ckpt_path {flag}: no {Path(save_dir) / name}/*/checkpoints/{filename} found. "
             "Give the checkpoint file instead (or train first).")
     try:  # a write cut by SIGKILL or a full disk lacks the zip directory at the end
         with zipfile.ZipFile(found):
@@ -74,9 +75,11 @@ def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
 
     Lightning alone resolves these only inside the process that trained: in a new process
     ``last`` silently evaluates the untrained model and ``best`` fails with a misleading
-    message. ``best`` is the best checkpoint recorded in that run's ``last.ckpt``.
+    message. ``best`` is the best checkpoint recorded in that run's newest checkpoint (its
+    ``last.ckpt``, or with ``--last.enabled false`` the newest file ``ModelCheckpoint`` wrote:
+    each records the best one so far).
     """
-    found = find_last(logger, which)
+    found = find_last(logger, which, "*.ckpt" if which == "best" else "last.ckpt")
     if which == "best":
         best = recorded_best_checkpoint(found)
         if best is None:

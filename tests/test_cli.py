@@ -146,6 +146,19 @@ def test_evaluate_last_and_best_of_a_resumed_run(cifar10_folder_root, tmp_path):
               "--trainer.logger.init_args.name", "never_trained"])
 
 
+def test_evaluate_best_of_a_run_without_last_checkpoints(cifar10_folder_root, tmp_path):
+    """`--last.enabled false`: `best` is found through the newest file ModelCheckpoint wrote
+    (each records the best so far), not refused for want of a last.ckpt."""
+    args = tiny_args(cifar10_folder_root, tmp_path, "--data.init_args.val_split", "0",
+                     "--trainer.limit_val_batches", "1.0", "--checkpoint.save_top_k", "2")
+    cli = main(["fit", *args, "--trainer.max_epochs", "3", "--last.enabled", "false"])
+    files = sorted(p.name for p in (Path(cli.trainer.log_dir) / "checkpoints").iterdir())
+    assert len(files) == 2 and "last.ckpt" not in files, files
+    best_path = cli.trainer.checkpoint_callback.best_model_path
+    cli = main(["test", *args, "--ckpt_path", "best"])
+    assert cli.trainer.ckpt_path == best_path
+
+
 def test_unknown_config_key_is_a_clear_error(cifar10_folder_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", *tiny_args(cifar10_folder_root, tmp_path), "--model.init_args.lernrate",
