@@ -121,6 +121,18 @@ def test_stratified_split_follows_the_seed():  # kills LT9 (seed ignored)
         assert torch.bincount(labels[val], minlength=3).tolist() == [20, 20, 20]
 
 
+def test_stratified_split_reads_a_whole_float_as_a_count():
+    """`val_split: 60.0` is a count for every data module (val_count reads it so), not an
+    out-of-range fraction; and a count means the same as that fraction."""
+    labels = torch.arange(3).repeat_interleave(100)
+    for count in (60.0, 60):
+        for got, want in zip(stratified_split(labels, count, seed=3),
+                             stratified_split(labels, 0.2, seed=3)):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="fraction in \\[0, 1\\)"):
+        stratified_split(labels, 1.5, seed=0)
+
+
 # ------------------------------------------------------------------------ ImageNet subsets
 def test_fraction_keeps_at_least_one_image_per_class(inet_root):  # kills IN6
     dm = _inet(inet_root, fraction=0.05)  # round(0.05 * 6) = 0 -> at least 1

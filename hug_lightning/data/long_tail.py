@@ -12,8 +12,9 @@ balanced.
 Validation: ``val_split=0`` (default, as in LDAM) validates on the balanced test set. A
 positive ``val_split`` holds out a class-stratified part of the long-tailed training set (each
 class gives ``round(val_split * n_c)``, rounding half to even, and keeps at least one training
-image), so that validation set is long-tailed too, and the tail classes with fewer than
-``1 / val_split`` images give none; the log line states the training ratio left after it.
+image), so that validation set is long-tailed too, and a tail class gives none when
+``val_split * n_c`` rounds to 0 (below 0.5); the log line states the training ratio left after
+it.
 
 The class counts are logged, kept in ``class_counts`` and written as ``class_counts.json``
 into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_counts``.

@@ -67,6 +67,8 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         seed: Seed of the per-class choice.
     """
     n = len(labels)
+    if isinstance(val_split, float) and val_split > 1 and val_split.is_integer():
+        val_split = int(val_split)  # a count written as a float (5000.0), as val_count reads it
     if isinstance(val_split, bool) or not 0 <= val_split < (n if isinstance(val_split, int) else 1):
         raise ValueError(f"val_split must be a count in [0, {n}) or a fraction in [0, 1), got "
                          f"{val_split!r}.")
