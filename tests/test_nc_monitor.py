@@ -64,6 +64,46 @@ def test_validation_at_an_epoch_end_uses_that_epochs_training_means(tmp_path, ev
     assert cli.trainer.checkpoint_callback.best_model_path  # the monitor found its key
 
 
+def test_eval_pass_ncc_uses_that_passs_own_class_means(tmp_path):
+    """Papyan's NC4 / NCC accuracy (nc-metrics.md 3.3): the eval pass's features against their
+    own class means, here recomputed from the final model with a per-class loop. Scoring them
+    against the previous pass's means logged nothing at the first pass and lagged values after.
+    """
+    cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2",
+                                 "--data.init_args.steps_per_epoch", "2",
+                                 "--model.init_args.optimizer.init_args.lr", "0.3")])
+    logged = scalars(Path(cli.trainer.log_dir))
+    names = ("nc4_ncc_mismatch", "ncc_accuracy", "linear_accuracy")
+    assert all(len(logged[f"nc/train_eval/{n}"]) == 2 for n in names)  # epochs 0 and 1
+    model = cli.model.eval()
+    with torch.no_grad():
+        batches = [(model.forward_features(x), y) for x, y in
+                   cli.datamodule.train_eval_dataloader()]
+        feats = torch.cat([f for f, _ in batches]).double()
+        labels = torch.cat([y for _, y in batches])
+        linear = model.head.logits(feats.float()).argmax(1)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(10)])
+    ncc = torch.stack([((means - f) ** 2).sum(1).argmin() for f in feats])
+    want = {"nc4_ncc_mismatch": (ncc != linear).double().mean(),
+            "ncc_accuracy": (ncc == labels).double().mean(),
+            "linear_accuracy": (linear == labels).double().mean()}
+    assert 0 < want["ncc_accuracy"] < 1  # features still moving: a lag would show
+    for name in names:
+        assert logged[f"nc/train_eval/{name}"][-1] == pytest.approx(float(want[name]), abs=1e-6)
+
+
+def test_eval_pass_above_its_memory_cap_scores_ncc_lagged_and_says_so(tmp_path, monkeypatch):
+    from hug_lightning.metrics import eval_pass
+
+    monkeypatch.setattr(eval_pass, "EXACT_NCC_MAX_BYTES", 100)
+    with pytest.warns(UserWarning, match="NC eval pass: .* previous pass's class means"):
+        cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2",
+                                     "--data.init_args.steps_per_epoch", "2")])
+    logged = scalars(Path(cli.trainer.log_dir))
+    assert len(logged["nc/train_eval/nc1_pinv"]) == 2
+    assert len(logged["nc/train_eval/ncc_accuracy"]) == 1  # no reference at the first pass
+
+
 def test_monitor_switches_and_subset(tmp_path):
     cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "2", "--nc.enabled", "false")])
     assert not [k for k in cli.trainer.callback_metrics if k.startswith("nc/")]

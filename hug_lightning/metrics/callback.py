@@ -7,7 +7,8 @@ Three collectors (:class:`NCFeatureStats`, never merged in a ``MetricCollection`
   statistics, weights changing during the epoch. NC4/NCC use the previous epoch's means.
 * ``train_eval`` (``eval_pass=True``): the canonical protocol of Papyan et al.; an extra
   eval-mode, non-augmented forward pass over the training set at the end of the epoch (measured:
-  epochs 1.4x longer on an H200, 1.3x on a CPU). When on, its means are the validation reference.
+  epochs 1.4x longer on an H200, 1.3x on a CPU). NC4/NCC use the pass's own means (exact; see
+  :mod:`~hug_lightning.metrics.eval_pass`). When on, its means are the validation reference.
 * ``val``: validation features against the latest training means (NC4 / NCC accuracy): those
   of the epoch that just ended, or, for a validation in the middle of an epoch, of the last
   completed one (never the validation's own means).

@@ -173,6 +173,23 @@ class NCFeatureStats(SumStateMetric):
             ref_valid=self.ref_valid if ref else None,
         )
 
+    def update_ncc(self, features: Tensor, labels: Tensor, predictions: Tensor) -> None:
+        """Add a batch to the NCC counters only, against the current reference (no collective,
+        no host sync): a second sweep over kept features once their own synced means are the
+        reference (the eval pass's exact NC4). ``predictions``: the logits' argmax ``(B,)``."""
+        if not (self.ncc and self._has_reference):
+            raise RuntimeError("update_ncc needs ncc=True and a reference (set_reference).")
+        FS.update_ncc_states({name: getattr(self, name) for name in FS.NCC_KEYS},
+                             features.to(self.pivot.device), labels.to(self.pivot.device),
+                             predictions, self.ref_means, self.ref_valid)
+
+    def synced_means(self) -> Tensor:
+        """Global class means ``(K, d)`` of the states so far (one all-reduce per state under
+        DDP, local states kept; call on every rank); nan rows: absent classes."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=True):
+            return NF.class_means(self.nc_states()).clone()
+
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Accumulate only (same as :meth:`update`); returns ``None``."""
         self.update(*args, **kwargs)

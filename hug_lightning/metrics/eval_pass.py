@@ -5,12 +5,22 @@ The canonical neural-collapse protocol of Papyan et al., run by
 a training epoch: the training images with the evaluation transform (the data module's
 ``train_eval_dataloader()``), the model in eval mode, features and logits fed to the
 ``train_eval`` collector in a few large updates.
+
+NC4 and the NCC accuracies of this pass are exact: scored against the pass's own class means
+(Papyan's value, nc-metrics.md section 3.3), by a second sweep over the features kept on the
+device during the pass (``N x d`` numbers per process: 100 MB for CIFAR-10 at d = 512 in
+float32). Above :data:`EXACT_NCC_MAX_BYTES` per process the pass scores them against the
+previous pass's means instead (lagged, as the ``train`` collector does) and says so once.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.metrics.collapse import NCFeatureStats
@@ -30,10 +40,36 @@ def check_eval_pass_data(trainer: Trainer) -> None:
             "build_datasets). Or set --nc.eval_pass false.")
 
 
+#: Most bytes of features one process keeps for the exact NCC sweep (see the module docstring).
+EXACT_NCC_MAX_BYTES = 4 * 2**30
+
+
+def keeps_features(trainer: Trainer, collector: NCFeatureStats, loader: Any) -> bool:
+    """Whether the pass scores NCC exactly: the collector keeps NCC counters and this process's
+    share of the loader's data set, as float32 features, fits :data:`EXACT_NCC_MAX_BYTES`. The
+    same answer on every rank (it depends on the set's length only): the sweep's all-reduce
+    runs on all of them or on none."""
+    if not collector.ncc:
+        return False
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError):  # no length (an iterable data set): size unknown
+        n = None
+    size = None if n is None else math.ceil(n / max(trainer.world_size, 1)) * collector.dim * 4
+    if size is not None and size <= EXACT_NCC_MAX_BYTES:
+        return True
+    rank_zero_warn(
+        f"NC eval pass: {'an unknown size' if size is None else f'{size / 2**30:.2f} GiB'} of "
+        f"features per process (limit EXACT_NCC_MAX_BYTES, {EXACT_NCC_MAX_BYTES / 2**30:g} GiB): "
+        "its NC4 / NCC values use the previous pass's class means (lagged).")
+    return False
+
+
 @torch.no_grad()
 def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFeatureStats,
                   buffer_batches: int) -> None:
-    """Feed ``collector`` the eval-mode features and logits of every training-eval batch.
+    """Feed ``collector`` the eval-mode features and logits of every training-eval batch; then,
+    when :func:`keeps_features`, count NCC against this pass's own means.
 
     Args:
         trainer: The running trainer (its data module and precision context).
@@ -46,23 +82,37 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
     if loader_fn is None:
         raise TypeError("--nc.eval_pass true needs a data module with "
                         "train_eval_dataloader(); or set --nc.eval_pass false.")
+    loader = loader_fn()
+    exact = keeps_features(trainer, collector, loader)
     was_training = pl_module.training
     pl_module.eval()
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
+    kept: list[tuple[Tensor, Tensor, Tensor]] = []  # features, labels, predictions
+
+    def flush() -> None:  # fewer, larger collector updates
+        features, labels, logits = (torch.cat(t) for t in zip(*pending))
+        collector.update(features, labels, logits=None if exact else logits)
+        if exact:
+            kept.append((features, labels, logits.argmax(dim=-1)))
+        pending.clear()
+
     try:
-        for batch in loader_fn():
+        for batch in loader:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             with trainer.precision_plugin.forward_context():
                 features = pl_module.forward_features(batch[0])
                 logits = pl_module.head.logits(features)
             pending.append((features, batch[1], logits))
-            if len(pending) >= buffer_batches:  # fewer, larger collector updates
-                collector.update(*(torch.cat(t) for t in zip(*pending)))
-                pending = []
+            if len(pending) >= buffer_batches:
+                flush()
         if pending:
-            collector.update(*(torch.cat(t) for t in zip(*pending)))
+            flush()
     finally:
         pl_module.train(was_training)
+    if exact:  # the second sweep: NCC against the means of the features just seen
+        collector.set_reference(collector.synced_means(), pivot=False, ncc=True)
+        for features, labels, predictions in kept:
+            collector.update_ncc(features, labels, predictions)
 
 
-__all__ = ["check_eval_pass_data", "run_eval_pass"]
+__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "keeps_features", "run_eval_pass"]

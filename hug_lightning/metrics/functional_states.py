@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-__all__ = ["feature_states", "init_states", "ncc_predict", "rebase_states", "update_states"]
+__all__ = ["feature_states", "init_states", "ncc_predict", "rebase_states", "update_ncc_states",
+           "update_states"]
 
 States = MutableMapping[str, Tensor]
 NCC_KEYS = ("ncc_n", "ncc_agree", "ncc_correct", "lin_correct")
@@ -132,12 +133,39 @@ def update_states(
     if "s_sph" in states:
         _accumulate(states, "_sph", F.normalize(x, dim=1), y, w, pivot_sph)
     if "ncc_n" in states and logits is not None and ref_means is not None:
-        pred_ncc = ncc_predict(x, ref_means, ref_valid)
         pred_lin = logits.detach().reshape(x.shape[0], -1).argmax(dim=1)
-        states["ncc_n"].index_add_(0, y, w)
-        states["ncc_agree"].index_add_(0, y, w * (pred_ncc == pred_lin).to(dtype))
-        states["ncc_correct"].index_add_(0, y, w * (pred_ncc == y).to(dtype))
-        states["lin_correct"].index_add_(0, y, w * (pred_lin == y).to(dtype))
+        _count_ncc(states, x, y, w, pred_lin, ref_means, ref_valid)
+
+
+def update_ncc_states(
+    states: States,
+    features: Tensor,
+    labels: Tensor,
+    predictions: Tensor,
+    ref_means: Tensor,
+    ref_valid: Tensor | None = None,
+    weight: Tensor | None = None,
+) -> None:
+    """Add a batch to the NCC counters of ``states`` only, **in place**: the nearest class
+    centre of each feature among ``ref_means`` against the ``(...)`` model ``predictions`` (the
+    logits' argmax) and the labels. :func:`update_states` does the same from logits; this one
+    serves a second sweep over kept features once their own class means are known."""
+    dtype = states["ncc_n"].dtype
+    x = features.detach().reshape(-1, ref_means.shape[1]).to(dtype)
+    w = (torch.ones_like(x[:, 0]) if weight is None
+         else weight.detach().reshape(-1).to(device=x.device, dtype=dtype))
+    _count_ncc(states, x, labels.detach().reshape(-1).long(), w,
+               predictions.detach().reshape(-1).to(x.device), ref_means, ref_valid)
+
+
+def _count_ncc(states: States, x: Tensor, y: Tensor, w: Tensor, pred_lin: Tensor,
+               ref_means: Tensor, ref_valid: Tensor | None) -> None:
+    dtype = x.dtype
+    pred_ncc = ncc_predict(x, ref_means, ref_valid)
+    states["ncc_n"].index_add_(0, y, w)
+    states["ncc_agree"].index_add_(0, y, w * (pred_ncc == pred_lin).to(dtype))
+    states["ncc_correct"].index_add_(0, y, w * (pred_ncc == y).to(dtype))
+    states["lin_correct"].index_add_(0, y, w * (pred_lin == y).to(dtype))
 
 
 def rebase_states(states: States, old: Tensor, new: Tensor, sfx: str = "") -> dict[str, Tensor]:
