@@ -104,7 +104,8 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
     """UFM with 5 samples per class: the 2 ranks' shards hold 3 and 2 of each class, so with
     per-rank class balancing the DDP gradient differs from one process (about 15 % on the
     features, measured); with the class counts all-reduced the weights are the same (also with
-    the loss compiled), and so are the logged step values (the loss and its terms: averaged over the 2 processes)."""
+    the loss compiled), and so are the logged step values (the loss and its terms: averaged
+    over the 2 processes)."""
     import torch
 
     from hug_lightning.experiments.results import read_scalars

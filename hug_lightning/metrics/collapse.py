@@ -174,9 +174,8 @@ class NCFeatureStats(SumStateMetric):
         )
 
     def update_ncc(self, features: Tensor, labels: Tensor, predictions: Tensor) -> None:
-        """Add a batch to the NCC counters only, against the current reference (no collective,
-        no host sync): a second sweep over kept features once their own synced means are the
-        reference (the eval pass's exact NC4). ``predictions``: the logits' argmax ``(B,)``."""
+        """Add a batch to the NCC counters only, against the current reference (no sync): the
+        eval pass's second sweep (exact NC4). ``predictions``: the logits' argmax ``(B,)``."""
         if not (self.ncc and self._has_reference):
             raise RuntimeError("update_ncc needs ncc=True and a reference (set_reference).")
         FS.update_ncc_states({name: getattr(self, name) for name in FS.NCC_KEYS},
