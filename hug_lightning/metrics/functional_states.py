@@ -144,17 +144,14 @@ def update_ncc_states(
     predictions: Tensor,
     ref_means: Tensor,
     ref_valid: Tensor | None = None,
-    weight: Tensor | None = None,
 ) -> None:
     """Add a batch to the NCC counters of ``states`` only, **in place**: the nearest class
     centre of each feature among ``ref_means`` against the ``(...)`` model ``predictions`` (the
-    logits' argmax) and the labels. :func:`update_states` does the same from logits; this one
-    serves a second sweep over kept features once their own class means are known."""
-    dtype = states["ncc_n"].dtype
-    x = features.detach().reshape(-1, ref_means.shape[1]).to(dtype)
-    w = (torch.ones_like(x[:, 0]) if weight is None
-         else weight.detach().reshape(-1).to(device=x.device, dtype=dtype))
-    _count_ncc(states, x, labels.detach().reshape(-1).long(), w,
+    logits' argmax) and the labels, each sample counted once. :func:`update_states` does the
+    same from logits; this one serves a second sweep over kept features once their own class
+    means are known."""
+    x = features.detach().reshape(-1, ref_means.shape[1]).to(states["ncc_n"].dtype)
+    _count_ncc(states, x, labels.detach().reshape(-1).long(), torch.ones_like(x[:, 0]),
                predictions.detach().reshape(-1).to(x.device), ref_means, ref_valid)
 
 
