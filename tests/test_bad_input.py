@@ -175,6 +175,32 @@ def test_bad_hyperparameters():
         ClassifierModule(backbone=torch.nn.Linear(3, 4))
 
 
+@pytest.mark.parametrize("val_split", [True, -1, -0.5, 1.0, 1.5, "0.1"])
+def test_val_split_no_data_set_can_take_is_rejected_by_the_constructor(tmp_path, val_split):
+    """Before anything is loaded (the CLI's one-line 'invalid configuration' error)."""
+    from hug_lightning.data import ImageNetSubsetDataModule, CIFAR10LTDataModule
+
+    for cls in (CIFAR10DataModule, CIFAR10LTDataModule, ImageNetSubsetDataModule):
+        with pytest.raises((TypeError, ValueError), match="val_split"):
+            cls(root=str(tmp_path), val_split=val_split)
+
+
+def test_val_split_larger_than_the_data_is_one_line_from_the_console(tmp_path, no_checksum,
+                                                                      monkeypatch, capsys):
+    """A count the generated training set (20 images) cannot give: exit status 2 and the flag
+    to change, not a traceback from inside setup()."""
+    from hug_lightning import cli
+
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    root = write_cifar10_torchvision(tmp_path / "data", train_per_class=2, test_per_class=1)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", *tiny_args(
+        root, tmp_path / "logs", "--data.init_args.val_split", "500")])
+    assert cli.console_main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: val_split=500 asks for 500 of the 20 training "
+                          "samples (--data.init_args.val_split)"), err
+
+
 def test_rejected_value_is_one_line_from_the_console(tmp_path):
     """A value a constructor rejects: exit status 2 and the reason, not a traceback followed by
     a dump of the whole configuration."""

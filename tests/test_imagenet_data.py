@@ -196,7 +196,7 @@ def test_val_split_is_per_class_and_keeps_every_class_in_training(inet_root):
     dm = _dm(inet_root, images_per_class=2, val_split=10)  # an int: about that many
     dm.setup("fit")
     assert len(dm.val_set) == 10 and len(dm.train_set) == 10
-    with pytest.raises(ValueError, match="asks for 20 of 20"):
+    with pytest.raises(ValueError, match="asks for 20 of the 20 training samples"):
         _dm(inet_root, images_per_class=2, val_split=20).setup("fit")
 
 

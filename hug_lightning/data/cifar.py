@@ -27,7 +27,7 @@ from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler, global_seed
 from hug_lightning.data.folders import (IMAGE_EXTENSIONS, decode_to_tensor, find_classes,
                                        scan_class_folders)
-from hug_lightning.data.splits import check_label_range, split_indices
+from hug_lightning.data.splits import check_label_range, check_val_split, split_indices
 
 
 class _CIFARDataModule(ClassificationDataModule):
@@ -94,7 +94,7 @@ class _CIFARDataModule(ClassificationDataModule):
                     "overrides; set device_resident false to use them.")
         self.root = Path(root if root is not None else self.default_root).expanduser()
         self.download = bool(download)
-        self.val_split = val_split
+        self.val_split = check_val_split(val_split)
         self.augment = bool(augment)
         self.on_corrupt = on_corrupt
 

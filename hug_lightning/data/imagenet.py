@@ -26,7 +26,8 @@ from torchvision.transforms import v2
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.folders import IMAGE_EXTENSIONS, find_classes, scan_class_folders
 from hug_lightning.data.image_files import ImageFileDataset
-from hug_lightning.data.splits import seeded_choice, stratified_split, val_count
+from hug_lightning.data.splits import (check_val_split, seeded_choice, stratified_split,
+                                       val_count)
 
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -154,7 +155,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         if min(image_size, resize_size) < 1 or on_corrupt not in ("raise", "skip"):
             raise ValueError(f"Need positive image_size, resize_size and on_corrupt raise|skip, "
                              f"got {image_size}, {resize_size}, {on_corrupt!r}.")
-        self.root, self.subset, self.val_split = Path(root).expanduser(), subset, val_split
+        self.root, self.subset = Path(root).expanduser(), subset
+        self.val_split = check_val_split(val_split)
         self.images_per_class, self.fraction = images_per_class, fraction
         self.image_size, self.resize_size = int(image_size), int(resize_size)
         self.augment, self.on_corrupt = bool(augment), on_corrupt

@@ -6,24 +6,39 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hug_lightning.cli_errors import ConfigError
 
-def val_count(n: int, val_split: int | float) -> int:
-    """The number of validation samples ``val_split`` asks for out of ``n`` (see
-    :func:`split_indices`), or a ``ValueError`` that says what to give instead."""
-    if isinstance(val_split, bool):
-        raise TypeError("val_split must be an int count or a float fraction, not a bool.")
+
+def check_val_split(val_split: int | float) -> int | float:
+    """``val_split`` itself, or the error a DataModule's constructor raises for a value no data
+    set can take (a bool, a negative count, ``1.0``, a fraction outside ``[0, 1)``); whether a
+    count fits the data is known at setup (:func:`val_count`)."""
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
+        raise TypeError(f"val_split must be an int count or a float fraction, got {val_split!r}.")
     if isinstance(val_split, float) and val_split == 1.0:
         raise ValueError("val_split=1.0 would hold out the whole training set; use a fraction "
                          "in [0, 1) or an int count.")
-    if isinstance(val_split, float) and not float(val_split).is_integer():
-        if not 0.0 <= val_split < 1.0:
-            raise ValueError(f"val_split as a fraction must be in [0, 1), got {val_split}.")
+    if isinstance(val_split, float) and not val_split.is_integer() and not 0 < val_split < 1:
+        raise ValueError(
+            f"val_split must be an int count or a fraction in [0, 1), got {val_split}.")
+    if val_split < 0:
+        raise ValueError(f"val_split must not be negative, got {val_split}.")
+    return val_split
+
+
+def val_count(n: int, val_split: int | float) -> int:
+    """The number of validation samples ``val_split`` asks for out of ``n`` (see
+    :func:`split_indices`), or an error that says what to give instead: a :class:`ConfigError`
+    (the command line's one-line message) when a count does not fit the ``n`` samples."""
+    check_val_split(val_split)
+    if isinstance(val_split, float) and not val_split.is_integer():
         n_val = int(round(n * val_split))
     else:
         n_val = int(val_split)
-    if not 0 <= n_val < n:
-        raise ValueError(f"val_split={val_split} asks for {n_val} of {n} samples; "
-                         f"use a count in [0, {n}) or a fraction in [0, 1).")
+    if not n_val < n:
+        raise ConfigError(f"val_split={val_split} asks for {n_val} of the {n} training samples "
+                          f"(--data.init_args.val_split); use a count in [0, {n}) or a "
+                          "fraction in [0, 1).")
     return n_val
 
 
@@ -67,11 +82,10 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         seed: Seed of the per-class choice.
     """
     n = len(labels)
-    if isinstance(val_split, float) and val_split > 1 and val_split.is_integer():
-        val_split = int(val_split)  # a count written as a float (5000.0), as val_count reads it
-    if isinstance(val_split, bool) or not 0 <= val_split < (n if isinstance(val_split, int) else 1):
-        raise ValueError(f"val_split must be a count in [0, {n}) or a fraction in [0, 1), got "
-                         f"{val_split!r}.")
+    if isinstance(val_split, float) and val_split.is_integer():
+        val_split = int(val_count(n, val_split))  # a count written as a float (5000.0), or 0.0
+    else:
+        val_count(n, val_split)
     frac = val_split / n if isinstance(val_split, int) else float(val_split)
     if frac == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
