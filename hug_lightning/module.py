@@ -229,7 +229,10 @@ class ClassifierModule(ClassifierLoop):
         """Shared step: labels check, features, head loss and logits."""
         x, y = batch[0], batch[1]
         first = stage not in self._labels_checked
-        check_labels(y, self.num_classes, stage, always=first)
+        # a head asking for every batch (HUGHead's check_labels) cannot check inside a compiled
+        # step (a graph break): checked here instead
+        every = self.head_step.compiled and getattr(self.head, "check_labels", False) is True
+        check_labels(y, self.num_classes, stage, always=first or every)
         self._labels_checked.add(stage)
         features = self.forward_features(x)
         check_features(features, self.feature_dim, stage)

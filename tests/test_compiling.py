@@ -22,6 +22,7 @@ from hug_lightning.module import ClassifierModule
 HEADS = {
     "ce": partial(CrossEntropyHead, label_smoothing=0.1),
     "mhe": HUGHead,
+    "mhe_check_labels": partial(HUGHead, check_labels=True),  # the check stays out of the graph
     "mhs_soft_sq": partial(HUGHead, variant="mhs", mhs_mode="soft", intra_power=2,
                            detach_proxy=False),
     "mgd_per_sample": partial(HUGHead, variant="mgd", intra_reduction="per_sample", beta=3.0),
@@ -63,6 +64,26 @@ def test_compiled_head_step_equals_eager_in_one_graph(name):
     assert got_grads.keys() == ref_grads.keys() and ref_grads
     for key in ref_grads:
         torch.testing.assert_close(got_grads[key], ref_grads[key], rtol=1e-5, atol=1e-6)
+
+
+def test_check_labels_of_a_compiled_hug_step_is_done_by_the_module_on_every_batch(monkeypatch):
+    """On a GPU the module checks labels on the first batch only; a compiled HUG step with
+    check_labels cannot check them itself, so the module does, on every batch."""
+    import hug_lightning.module as module_file
+
+    calls = []
+    monkeypatch.setattr(module_file, "check_labels",
+                        lambda y, k, stage, always=False: calls.append(always))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    options = {"backend": "aot_eager", "fullgraph": True}
+    for check, compiled, want in ((True, True, [True, True]), (True, False, [True, False]),
+                                  (False, True, [True, False])):
+        calls.clear()
+        module = _module(partial(HUGHead, check_labels=check), compile_loss=compiled,
+                         compile_options=options if compiled else None)
+        for _ in range(2):
+            module.step((x, y), "train")
+        assert calls == want, (check, compiled)
 
 
 def test_a_deep_copy_trains_its_own_head_and_pickling_drops_the_compiled_function():

@@ -86,7 +86,9 @@ class HUGHead(Head):
             global: one all-reduce of ``K`` numbers per step; see "Distributed training" above.
         check_labels: Check that labels lie in ``[0, K)`` on every call, also on GPU (this reads the
             labels' min and max back to the host: a sync per step). Labels on CPU are always
-            checked, since that costs no device sync.
+            checked, since that costs no device sync. With the module's ``compile_loss`` the
+            module checks them before the compiled step (inside it, the read would break the
+            graph).
     """
 
     def __init__(
@@ -158,10 +160,9 @@ class HUGHead(Head):
 
     def _validate(self, features: Tensor, labels: Tensor) -> None:
         check_inputs(features, self.proxies, labels)
-        # CPU labels: free to check, except inside torch.compile (a graph break; the module
-        # checks them before the head); `check_labels` asks for it anyway
-        if self.check_labels or (labels.device.type == "cpu"
-                                 and not torch.compiler.is_compiling()):
+        if torch.compiler.is_compiling():  # reading labels back is a graph break: the module
+            return  # checks them before a compiled step (every batch when check_labels is set)
+        if self.check_labels or labels.device.type == "cpu":  # CPU labels: free to check
             lo, hi = int(labels.min()), int(labels.max())
             for value in (lo, hi):
                 if not 0 <= value < self.num_classes:
