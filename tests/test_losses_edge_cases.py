@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hug_lightning.losses import hug_loss, mhs_loss
+from hug_lightning.losses import hug_loss, mhs_loss, riesz_energy
 
 F64 = torch.float64
 EPS = 1e-8  # the package default; floor on squared norms: rows with norm < 1e-4 are floored
@@ -128,3 +128,19 @@ def test_rows_below_the_norm_floor(opts) -> None:
     assert torch.autograd.gradcheck(f, (h.detach()[3].clone().requires_grad_(),
                                         W.detach()[2].clone().requires_grad_()),
                                     eps=1e-9, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sum reduction
+@pytest.mark.parametrize("s", [2, 1, 0])
+def test_riesz_sum_gradient_matches_a_pair_loop(s: int) -> None:
+    """``riesz_energy(reduction="sum")``: value AND gradient of the sum over the K(K-1)/2
+    unordered pairs (the backward has its own scale factor; only the value was checked)."""
+    g = torch.Generator().manual_seed(9)
+    W = (2.0 * torch.randn(6, 4, generator=g, dtype=F64)).requires_grad_()
+    value = riesz_energy(W, s=s, reduction="sum")
+    w = W / W.norm(dim=1, keepdim=True)
+    dist = torch.stack([(w[a] - w[b]).norm() for a, b in itertools.combinations(range(6), 2)])
+    ref = dist.pow(-s).sum() if s else torch.log(1 / dist).sum()
+    torch.testing.assert_close(value, ref, rtol=1e-9, atol=1e-12)
+    (g_value,), (g_ref,) = torch.autograd.grad(value, W), torch.autograd.grad(ref, W)
+    torch.testing.assert_close(g_value, g_ref, rtol=1e-7, atol=1e-10)
