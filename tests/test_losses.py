@@ -196,9 +196,21 @@ def test_thomson_energy(K: int, expected: float) -> None:
     assert value == pytest.approx(expected, abs=1e-8)
 
 
-@pytest.mark.parametrize("K, angle", [(4, 109.4712), (6, 90.0), (12, 63.4349)])
+def square_antiprism() -> torch.Tensor:
+    """Tammes optimum for K=8 in d=3: two unit-sphere squares at heights +-h, turned by 45
+    degrees, all 16 edges equal (2 r^2 = r^2 (2 - sqrt 2) + 4 h^2 with r^2 + h^2 = 1)."""
+    r = math.sqrt(1 / (1 + math.sqrt(2) / 4))
+    h = math.sqrt(1 - r * r)
+    rows = [[r * math.cos(a), r * math.sin(a), z] for k in range(4)
+            for a, z in ((k * math.pi / 2, h), (k * math.pi / 2 + math.pi / 4, -h))]
+    return torch.tensor(rows, dtype=F64)
+
+
+@pytest.mark.parametrize("K, angle", [(4, 109.4712), (5, 90.0), (6, 90.0), (8, 74.8585),
+                                      (12, 63.4349)])
 def test_tammes_min_angle(K: int, angle: float) -> None:
-    value = -mhs_loss(polyhedron(K)).item()
+    """hug-method.md section 4's Tammes angles (K=7, 77.8695, has no closed-form optimum)."""
+    value = -mhs_loss(square_antiprism() if K == 8 else polyhedron(K)).item()
     assert value == pytest.approx(2 - 2 * math.cos(math.radians(angle)), abs=1e-5)
 
 
