@@ -7,12 +7,20 @@ code under test.
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from hug_lightning.metrics import NCFeatureStats, compute_nc_metrics, feature_states, ncc_predict
+from hug_lightning.metrics import (
+    NCFeatureStats,
+    compute_nc_metrics,
+    feature_states,
+    nc1_pinv,
+    ncc_predict,
+)
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from test_nc_functional import pm_samples
 
@@ -35,6 +43,23 @@ def test_nc1_pinv_keeps_small_but_genuine_singular_values():
     sw, sb = sigma**2 / 2 * np.eye(2), m.numpy().T @ m.numpy() / 3
     ref = np.trace(sw @ np.linalg.pinv(sb, rcond=1e-15)) / 3
     assert out["nc1_pinv"].item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_nc1_pinv_cond_and_near_singular_warning():
+    """nc-metrics.md 3.4: report ``cond = s_1^2 / s_r^2`` and warn when ``s_r < 1e-12 s_1``.
+    The same centred means as above, (1, e), (-1, e), (0, -2e): ``M^T M = diag(2, 6 e^2)``,
+    so cond = 1 / (3 e^2); only the ETF's cond = 1 was checked, where squaring is invisible."""
+    def centred(e):
+        return torch.tensor([[1.0, e], [-1.0, e], [0.0, -2 * e]], dtype=F64)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # s_2/s_1 = sqrt(3) 1e-4: no warning
+        _, rank, cond = nc1_pinv(torch.eye(2, dtype=F64), centred(1e-4))
+    assert rank.item() == 2
+    assert cond.item() == pytest.approx(1 / (3 * 1e-4**2), rel=1e-9)
+    with pytest.warns(UserWarning, match="near-singular"):  # s_2/s_1 = sqrt(3) 1e-13
+        _, _, cond = nc1_pinv(torch.eye(2, dtype=F64), centred(1e-13))
+    assert math.isclose(cond.item(), 1 / (3 * 1e-13**2), rel_tol=1e-2)  # SVD: ~eps s_1 abs.
 
 
 def test_ncc_never_predicts_a_class_without_reference_mean():
