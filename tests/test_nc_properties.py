@@ -187,3 +187,24 @@ def test_metrics_that_need_a_disabled_statistic_are_a_config_error(tmp_path):
         main(["fit", "--config", "ufm_hug", "--nc.spherical", "false", "--nc.metrics",
               "[nc1_pinv_sph]", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert not list(tmp_path.rglob("version_*"))
+
+
+def test_collector_options_global_mean_and_centered_reach_the_metrics():
+    """``NCFeatureStats(global_mean=..., centered=...)`` (the collector, not only the pure
+    function). Means 2 e_c (orthonormal, uncentred): uncentred max cos 0; centred they form a
+    simplex ETF, max cos -1/(K-1). Classes of 2 and 6 samples at +-a with unit spread:
+    tr Sigma_W = 1; class-average mu_G = 0 gives tr Sigma_B = 1, the sample mean -a/2 gives
+    (1.5^2 + 0.5^2) / 2 = 1.25."""
+    k, d = 4, 5
+    x, y = pm_samples(2.0 * torch.eye(k, d, dtype=F64), 0.1, torch.eye(d, dtype=F64))
+    for centered, max_cos in ((True, -1 / (k - 1)), (False, 0.0)):
+        m = NCFeatureStats(k, d, centered=centered, metrics=["gnc2_max_cos_means"])
+        m.update(x, y)
+        assert m.compute()["gnc2_max_cos_means"].item() == pytest.approx(max_cos, abs=1e-12)
+    a, e2 = torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    x = torch.stack([a + e2, a - e2] + [-a + e2, -a - e2] * 3)
+    y = torch.tensor([0, 0] + [1] * 6)
+    for global_mean, ratio in (("class", 1.0), ("sample", 1 / 1.25)):
+        m = NCFeatureStats(2, 2, global_mean=global_mean, metrics=["nc1_trace_ratio"])
+        m.update(x, y)
+        assert m.compute()["nc1_trace_ratio"].item() == pytest.approx(ratio, rel=1e-12)
