@@ -208,3 +208,21 @@ def test_collector_options_global_mean_and_centered_reach_the_metrics():
         m = NCFeatureStats(2, 2, global_mean=global_mean, metrics=["nc1_trace_ratio"])
         m.update(x, y)
         assert m.compute()["nc1_trace_ratio"].item() == pytest.approx(ratio, rel=1e-12)
+
+
+def test_ncc_predict_is_the_euclidean_nearest_reference_mean():
+    """``argmin_c |x - r_c|^2`` by brute force, with reference means of unequal norms close to
+    the features (the unit tests' other NCC data let a wrong factor on <x - rbar, r'_c> pass:
+    means at equal norms or features exactly at a mean); through the collector as well."""
+    g = torch.Generator().manual_seed(4)
+    ref = 3.0 + torch.randn(6, 3, generator=g, dtype=F64) * torch.linspace(0.2, 2.0, 6)[:, None]
+    x = 3.0 + 1.5 * torch.randn(400, 3, generator=g, dtype=F64)
+    expected = torch.cdist(x, ref, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+    assert torch.equal(ncc_predict(x, ref), expected)
+    assert len(expected.unique()) == 6  # every class is predicted somewhere
+    y = torch.arange(400) % 6
+    m = NCFeatureStats(6, 3, metrics=["ncc_accuracy"])
+    m.set_reference(ref, pivot=False)
+    m.update(x, y, logits=torch.zeros(400, 6))
+    want = (expected == y).double().mean().item()
+    assert m.compute()["ncc_accuracy"].item() == pytest.approx(want, abs=1e-15)
