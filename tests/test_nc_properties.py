@@ -20,9 +20,10 @@ from hug_lightning.metrics import (
     feature_states,
     nc1_pinv,
     ncc_predict,
+    riesz_energy,
 )
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
-from test_nc_functional import pm_samples
+from test_nc_functional import etf, icosahedron, octahedron, pm_samples, square
 
 F64 = torch.float64
 
@@ -226,3 +227,25 @@ def test_ncc_predict_is_the_euclidean_nearest_reference_mean():
     m.update(x, y, logits=torch.zeros(400, 6))
     want = (expected == y).double().mean().item()
     assert m.compute()["ncc_accuracy"].item() == pytest.approx(want, abs=1e-15)
+
+
+@pytest.mark.parametrize(("config", "total"), [
+    (lambda: etf(4, 4), 3.674235), (square, 2 * math.sqrt(2) + 1),
+    (octahedron, 6 * math.sqrt(2) + 1.5), (icosahedron, 49.165253)])
+def test_riesz1_sums_of_the_doc_table(config, total):
+    """nc-metrics.md 5.2: the Riesz-1 (Thomson) column, summed over pairs, from the metrics'
+    ``riesz_energy(s=1)`` (the collector reports s = 2 only, so ``s`` went unchecked)."""
+    u = 1.7 * config()
+    pairs = u.shape[0] * (u.shape[0] - 1) // 2
+    assert (riesz_energy(u, s=1.0) * pairs).item() == pytest.approx(total, abs=1e-6)
+
+
+def test_regular_polygon_row_of_the_doc_table():
+    """nc-metrics.md 5.2, regular K-gon: max cos = cos(2 pi / K), min angle 360/K degrees."""
+    k = 7
+    t = 2 * math.pi * torch.arange(k, dtype=F64) / k
+    gon = torch.stack([t.cos(), t.sin()], dim=1)
+    out = compute_nc_metrics(feature_states(gon + 0.3, torch.arange(k), k),
+                             metrics=["gnc2_max_cos_means", "gnc2_min_angle_means"])
+    assert out["gnc2_max_cos_means"].item() == pytest.approx(math.cos(2 * math.pi / k), abs=1e-12)
+    assert out["gnc2_min_angle_means"].item() == pytest.approx(360 / k, rel=1e-10)
