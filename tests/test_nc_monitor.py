@@ -201,3 +201,33 @@ def test_figures_use_computed_means_before_the_first_eval_pass(monkeypatch):
     monkeypatch.setattr(cb, "log_figures", lambda logger, step, means, w, norms: seen.append(means))
     monitor._maybe_figures(module.trainer, module)
     assert len(seen) == 1 and torch.equal(seen[0], monitor.collectors["train"].means())
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_eval_pass_features_are_float32_under_bf16_mixed(tmp_path, no_checksum, fp32):
+    """nc-metrics.md 3.4: bf16 features floor the apparent within-class variability; the eval
+    pass runs with autocast off, so its NC1 is that of a float32 forward (recomputed here);
+    ``eval_pass_fp32 false`` keeps the trainer's bf16 (visibly different numbers)."""
+    from conftest import tiny_args
+    from datagen import write_cifar10_torchvision
+
+    root = write_cifar10_torchvision(tmp_path / "data", train_per_class=5, test_per_class=1)
+    cli = main(["fit", *tiny_args(root, tmp_path / "logs", "--trainer.precision", "bf16-mixed",
+                                  "--trainer.limit_train_batches", "2", "--nc.eval_pass", "true",
+                                  "--nc.eval_pass_fp32", str(fp32).lower())])
+    logged = scalars(Path(cli.trainer.log_dir))["nc/train_eval/nc1_trace_ratio"]
+    model = cli.model.eval()
+    with torch.no_grad():
+        batches = [(model.forward_features(x), y) for x, y in
+                   cli.datamodule.train_eval_dataloader()]
+    feats = torch.cat([f for f, _ in batches]).double()
+    labels = torch.cat([y for _, y in batches])
+    assert batches[0][0].dtype == torch.float32 and len(labels) == 40
+    means = torch.stack([feats[labels == c].mean(0) for c in range(10)])
+    within = (feats - means[labels]).square().sum(1).mean()
+    between = (means - means.mean(0)).square().sum(1).mean()
+    want = float(within / between)
+    if fp32:
+        assert logged == [pytest.approx(want, rel=1e-5)]
+    else:  # bf16 rounding of every feature coordinate
+        assert abs(logged[0] - want) > 1e-4 * want

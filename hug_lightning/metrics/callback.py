@@ -52,6 +52,8 @@ class NeuralCollapseMonitor(Callback):
         eval_pass: Also run an eval-mode forward over the training set every
             ``eval_pass_every`` epochs (the canonical NC protocol; epochs about 1.4x longer).
         eval_pass_every: Period of the eval pass in epochs.
+        eval_pass_fp32: Run the eval pass with autocast off under ``bf16-mixed`` / ``16-mixed``
+            (float32 features, as NC metrics need near collapse); false: the trainer's precision.
         metrics: Names to log (see ``hug_lightning.metrics.METRIC_NAMES``); ``None``: all but
             the one-vs-rest distances (``gnc2_ovr_dist_*``, cubic in K), for which the list
             ``[default, gnc2_ovr_dist_weights]`` adds them to that default set.
@@ -70,6 +72,7 @@ class NeuralCollapseMonitor(Callback):
         val: bool = True,
         eval_pass: bool = False,
         eval_pass_every: int = 1,
+        eval_pass_fp32: bool = True,
         metrics: Sequence[str] | None = None,
         spherical: bool = True,
         track_cov: bool = True,
@@ -83,7 +86,7 @@ class NeuralCollapseMonitor(Callback):
         self._buffer: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self.enabled = enabled
         self.stages = {"train": train, "train_eval": eval_pass, "val": val}
-        self.eval_pass_every = eval_pass_every
+        self.eval_pass_every, self.eval_pass_fp32 = eval_pass_every, bool(eval_pass_fp32)
         self.metrics = list(metrics) if metrics is not None else None
         if self.metrics is not None:  # unknown or impossible names: an error now, not at setup
             want = select_metrics(self.metrics)
@@ -230,7 +233,7 @@ class NeuralCollapseMonitor(Callback):
         if ("train_eval" in self.collectors
                 and (trainer.current_epoch + 1) % self.eval_pass_every == 0):
             run_eval_pass(trainer, pl_module, self.collectors["train_eval"],
-                          self.buffer_batches)
+                          self.buffer_batches, self.eval_pass_fp32)
             reference = self._finish("train_eval", pl_module)
         if reference is not None and "val" in self.collectors:
             self.collectors["val"].set_reference(reference)

@@ -6,6 +6,13 @@ a training epoch: the training images with the evaluation transform (the data mo
 ``train_eval_dataloader()``), the model in eval mode, features and logits fed to the
 ``train_eval`` collector in a few large updates.
 
+Features are float32 (``fp32``, the default): under an autocast precision (``bf16-mixed``,
+``16-mixed``) the pass runs with autocast off, as nc-metrics.md section 3.4 asks: bf16 features
+round each coordinate to about 2^-8 relative, which puts a floor near 1e-5 on the apparent
+``tr Sigma_W / E||x||^2`` and can round nearly collapsed features to equal values. The forward
+then costs float32 time (TF32 where the trainer allows it), and a compiled backbone compiles a
+second graph for it once. Other precisions (``32-true``, ``bf16-true``...) keep their own context.
+
 NC4 and the NCC accuracies of this pass are exact: scored against the pass's own class means
 (Papyan's value, nc-metrics.md section 3.3), by a second sweep over the features kept on the
 device during the pass (``N x d`` numbers per process: 100 MB for CIFAR-10 at d = 512 in
@@ -20,6 +27,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -65,9 +73,18 @@ def keeps_features(trainer: Trainer, collector: NCFeatureStats, loader: Any) -> 
     return False
 
 
+def forward_context(trainer: Trainer, fp32: bool) -> Any:
+    """The pass's precision context: autocast off under an autocast precision when ``fp32``,
+    else the trainer's own (see the module docstring)."""
+    plugin = trainer.precision_plugin
+    if fp32 and isinstance(plugin, MixedPrecision):
+        return torch.autocast(plugin.device, enabled=False)
+    return plugin.forward_context()
+
+
 @torch.no_grad()
 def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFeatureStats,
-                  buffer_batches: int) -> None:
+                  buffer_batches: int, fp32: bool = True) -> None:
     """Feed ``collector`` the eval-mode features and logits of every training-eval batch; then,
     when :func:`keeps_features`, count NCC against this pass's own means.
 
@@ -77,6 +94,7 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             training mode it had.
         collector: The ``train_eval`` collector.
         buffer_batches: Batches concatenated before one collector update.
+        fp32: Float32 features under an autocast precision (see the module docstring).
     """
     loader_fn = getattr(trainer.datamodule, "train_eval_dataloader", None)
     if loader_fn is None:
@@ -99,7 +117,7 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
     try:
         for batch in loader:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            with trainer.precision_plugin.forward_context():
+            with forward_context(trainer, fp32):
                 features = pl_module.forward_features(batch[0])
                 logits = pl_module.head.logits(features)
             pending.append((features, batch[1], logits))
@@ -115,4 +133,5 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             collector.update_ncc(features, labels, predictions)
 
 
-__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "keeps_features", "run_eval_pass"]
+__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "forward_context", "keeps_features",
+           "run_eval_pass"]
