@@ -48,11 +48,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hug_lightning import interrupt
 from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _user_frame,
-                                      data_num_classes)
+                                      data_num_classes, one_message)
 from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
                                         resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
-from hug_lightning.data.base import DataNotFoundError
+from hug_lightning.data.base import BadDataError, DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
@@ -217,7 +217,9 @@ def console_main() -> int:
     signals and nothing is saved; Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
     value and 1 for missing data or a missing run to resume/evaluate (one message saying what to
-    do, no traceback).
+    do, no traceback); also 1 for unreadable or inconsistent data files (a corrupt image, a
+    label out of range: the message names the file), found in this process or a DataLoader
+    worker.
     """
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py
@@ -232,11 +234,11 @@ def console_main() -> int:
         print(f"hug-lightning: error: {err}\n(fix the value in the YAML or the matching "
               "--key flag; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
-    except (DataNotFoundError, RunNotFoundError) as err:  # the message says what to do
+    except (DataNotFoundError, RunNotFoundError, BadDataError) as err:  # says what to do
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
-        print(f"hug-lightning: error: {err}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"hug-lightning: error: {one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the "
+              "traceback)", file=sys.stderr)
         return 1
     finally:
         release_process_group()

@@ -58,3 +58,18 @@ def _reasons(err: BaseException) -> str:
     lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
     lines = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
     return "; ".join(lines) if lines else text.split("\nGiven value")[0]
+
+
+def one_message(err: BaseException) -> str:
+    """The message of ``err``; for an exception re-raised from a DataLoader worker (whose text
+    is ``Caught <Error> in DataLoader worker process <n>.`` plus the worker's whole traceback)
+    the original message only, followed by where it was raised."""
+    text = str(err)
+    head, _, rest = text.partition("\n")
+    if not (head.startswith("Caught ") and rest.startswith("Original Traceback")):
+        return text
+    cls = type(err)
+    for marker in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__name__}: "):
+        if marker in rest:
+            return f"{rest.rsplit(marker, 1)[1].strip()} ({head[len('Caught '):].rstrip('.')})"
+    return text

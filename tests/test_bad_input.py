@@ -221,3 +221,71 @@ def test_rejected_value_is_one_line_from_the_console(tmp_path):
     with pytest.raises(ConfigError, match="unknown NC metric"):  # Python: an exception
         main(["fit", "--config", "ufm_hug", "--nc.metrics", "[nc9]",
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_worker_error_is_reduced_to_its_message():
+    """DataLoader workers re-raise with the worker's whole traceback as the message."""
+    from torch._utils import ExceptionWrapper
+
+    from hug_lightning.cli_errors import one_message
+    try:
+        raise CorruptImageError("Cannot read image file x.JPEG: truncated. Replace it.")
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 3")
+    with pytest.raises(CorruptImageError) as err:
+        wrapped.reraise()
+    assert "Traceback" in str(err.value)
+    assert one_message(err.value) == ("Cannot read image file x.JPEG: truncated. Replace it. "
+                                      "(CorruptImageError in DataLoader worker process 3)")
+    assert one_message(ValueError("plain\ntwo lines")) == "plain\ntwo lines"
+
+
+def _console(monkeypatch, capsys, args) -> tuple[int, str]:
+    from hug_lightning.cli import console_main
+
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", *args])
+    status = console_main()
+    return status, capsys.readouterr().err
+
+
+def test_bad_data_files_are_one_message_from_the_console(tmp_path, monkeypatch, capsys,
+                                                         no_checksum):
+    """A corrupt image (decoded at setup, or in a DataLoader worker) and a label out of range
+    in the files: exit status 1 and the message that names the file, no traceback."""
+    from datagen import write_imagenet_folder
+
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=2,
+                              test_per_class=1)
+    victim = sorted((root / "train" / "cat").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated
+    run = ["fit", *tiny_args(root, tmp_path / "logs", "--trainer.fast_dev_run", "true")]
+    status, err = _console(monkeypatch, capsys, run)
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    assert err.startswith(f"hug-lightning: error: Cannot read image file {victim}")
+
+    labels = write_cifar10_torchvision(tmp_path / "tv", train_per_class=2, test_per_class=1,
+                                       label_offset=1)
+    run = ["fit", *tiny_args(labels, tmp_path / "logs", "--trainer.fast_dev_run", "true")]
+    status, err = _console(monkeypatch, capsys, run)
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    assert err.startswith("hug-lightning: error: Label 10 (sample ")
+
+    wnids = ["n00000001", "n00000002"]
+    inet = write_imagenet_folder(tmp_path / "inet", wnids, train_per_class=2, val_per_class=1)
+    victim = sorted((inet / "train" / wnids[1]).iterdir())[0]
+    victim.write_bytes(b"not a JPEG")
+    (tmp_path / "classes.txt").write_text("\n".join(wnids) + "\n")
+    run = ["fit", "--config", "imagenet100_ce", "--config", "debug",
+           "--data.init_args.root", str(inet), "--data.init_args.subset",
+           str(tmp_path / "classes.txt"), "--data.init_args.num_workers", "1",
+           "--data.init_args.image_size", "16", "--data.init_args.resize_size", "16",
+           "--data.init_args.batch_size", "4",
+           "--model.init_args.backbone", '{"class_path": "hug_lightning.backbones.SmallConvNet", '
+                                         '"init_args": {"width": 4}}',
+           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+           "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]
+    status, err = _console(monkeypatch, capsys, run)
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    assert err.startswith(f"hug-lightning: error: Cannot read image file {victim}")
+    assert "(CorruptImageError in DataLoader worker process 0)" in err

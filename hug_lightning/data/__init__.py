@@ -1,9 +1,10 @@
 """LightningDataModules: CIFAR-10/100 (more in the sub-modules)."""
 
-from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
+from hug_lightning.data.base import BadDataError, ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 
 __all__ = [
+    "BadDataError",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassificationDataModule",

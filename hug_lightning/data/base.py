@@ -31,6 +31,11 @@ class DataNotFoundError(FileNotFoundError):
     """The data set is not where the configuration says it is (message says what to do)."""
 
 
+class BadDataError(ValueError):
+    """The data files are there but unreadable or inconsistent: a corrupt image, a label out
+    of range (the message names the file and says what to do)."""
+
+
 class ClassificationDataModule(LightningDataModule):
     """Shared loader logic of the image-classification DataModules.
 

@@ -17,12 +17,14 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import resize
 
+from hug_lightning.data.base import BadDataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(BadDataError):
     """An image file could not be decoded (the message names the file)."""
 
 

@@ -74,8 +74,10 @@ class ImageFileDataset(Dataset):
                 return read_rgb_tensor(self.path(j))
             except CorruptImageError:
                 continue
-        raise CorruptImageError(f"Every image of class {int(self.labels[i])} is unreadable, "
-                                f"e.g. {self.path(i)}.")
+        raise CorruptImageError(
+            f"Every image of class {int(self.labels[i])} ({self.path(i).parent}) is unreadable, "
+            f"e.g. {self.path(i)}: on_corrupt skip has none to use instead. Replace the files, "
+            "or leave the class out of the subset.")
 
     accepts_keys = True  # EpochShardSampler gives (index, key): the key seeds the augmentation
 

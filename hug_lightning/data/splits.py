@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from hug_lightning.cli_errors import ConfigError
+from hug_lightning.data.base import BadDataError
 
 
 def check_val_split(val_split: int | float) -> int | float:
@@ -111,11 +112,12 @@ def out_of_range_label(labels: Tensor, num_classes: int) -> int | None:
 
 
 def check_label_range(labels: Tensor, num_classes: int, source: str) -> None:
-    """Raise a ``ValueError`` naming ``source`` when a label is outside ``[0, num_classes)``."""
+    """Raise a :class:`~hug_lightning.data.base.BadDataError` (a ``ValueError``) naming
+    ``source`` when a label is outside ``[0, num_classes)``."""
     bad = out_of_range_label(labels, num_classes)
     if bad is not None:
         where = int((labels == bad).nonzero()[0])  # the first sample with the reported label
-        raise ValueError(
+        raise BadDataError(
             f"Label {bad} (sample {where}) in {source} is outside [0, {num_classes}); "
             f"this data set has {num_classes} classes. The data files are inconsistent: "
             "regenerate or re-download them."
