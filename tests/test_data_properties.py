@@ -301,3 +301,18 @@ def test_label_error_names_the_sample_holding_the_reported_label():
         check_label_range(torch.tensor([3, 10, 12]), 10, "f")
     with pytest.raises(ValueError, match=r"Label -2 \(sample 1\)"):
         check_label_range(torch.tensor([3, -2, 11, -1]), 10, "f")
+
+
+def test_positive_val_split_that_rounds_to_nothing_is_an_error():
+    """`val_split` 0.001 of 80 samples (or a fraction too small for every class of a stratified
+    split) held out nothing, and the data modules then validated on the test set silently."""
+    from hug_lightning.cli import ConfigError
+    with pytest.raises(ConfigError, match="holds out 0 of 80 samples.*above 0.00625"):
+        split_indices(80, 0.001, 0)
+    labels = torch.tensor([0] * 4 + [1] * 3 + [2] * 1)
+    with pytest.raises(ConfigError, match=r"largest has 4\), so validation would silently"):
+        stratified_split(labels, 0.1, seed=0)
+    with pytest.raises(ConfigError, match="more than one training image per class"):
+        stratified_split(torch.arange(5), 0.4, seed=0)
+    assert len(stratified_split(labels, 0.2, seed=0)[1]) == 2  # round(0.8), round(0.6), 0
+    assert len(split_indices(80, 0.01, 0)[1]) == 1 and len(split_indices(80, 0, 0)[1]) == 0

@@ -269,3 +269,17 @@ def test_cli_fit_then_test(inet_root, tmp_path, config):
     cli = main(["test", *args, "--ckpt_path", str(last), "--trainer.limit_test_batches", "1.0"])
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
     assert len(cli.datamodule.test_set) == 30
+
+
+@pytest.mark.parametrize("kwargs", [{"images_per_class": 1, "val_split": 0.5},
+                                    {"images_per_class": 3, "val_split": 0.1},
+                                    {"images_per_class": 6, "val_split": 1}])
+def test_val_split_that_holds_out_nothing_is_an_error(inet_root, kwargs):
+    """Each class gives round(fraction x n_c) and keeps one for training: when that is 0 for
+    every class, validation silently ran on the official val folder (the test set)."""
+    from hug_lightning.cli import ConfigError
+    with pytest.raises(ConfigError, match="holds out no image.*silently run on the test set"):
+        _dm(inet_root, **kwargs).setup("fit")
+    dm = _dm(inet_root, images_per_class=2, val_split=0.5)
+    dm.setup("fit")  # one of 2 per class: held out
+    assert len(dm.val_set) == 10 and dm.val_set is not dm.test_set

@@ -9,6 +9,11 @@ from torch import Tensor
 from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.base import BadDataError
 
+#: The end of the error for a positive ``val_split`` that holds out nothing: data modules then
+#: validate on the test set, which is what ``val_split`` 0 asks for, not a positive value.
+_NOTHING_HELD_OUT = ("validation would silently run on the test set instead. Use {hint}, or "
+                     "val_split 0 to validate on the test set on purpose.")
+
 
 def check_val_split(val_split: int | float) -> int | float:
     """``val_split`` itself, or the error a DataModule's constructor raises for a value no data
@@ -36,6 +41,9 @@ def val_count(n: int, val_split: int | float) -> int:
         n_val = int(round(n * val_split))
     else:
         n_val = int(val_split)
+    if n_val == 0 and val_split > 0:
+        raise ConfigError(f"val_split={val_split} holds out 0 of {n} samples (it rounds to 0): "
+                          + _NOTHING_HELD_OUT.format(hint=f"a fraction above {0.5 / n:.3g}"))
     if not n_val < n:
         raise ConfigError(f"val_split={val_split} asks for {n_val} of the {n} training samples "
                           f"(--data.init_args.val_split); use a count in [0, {n}) or a "
@@ -51,7 +59,8 @@ def split_indices(n: int, val_split: int | float, seed: int) -> tuple[Tensor, Te
         n: Number of samples.
         val_split: Validation size: an int count, or a float fraction in ``[0, 1)``. 0 gives
             an empty validation part; a whole-number float above 1 (``5000.0``) is a count,
-            and ``1.0`` is an error (it would hold out everything).
+            and ``1.0`` is an error (it would hold out everything), as is a positive fraction
+            that rounds to 0 samples.
         seed: Seed of the permutation (the same split on every rank and every run).
     """
     n_val = val_count(n, val_split)
@@ -79,7 +88,8 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         labels: Labels of the samples.
         val_split: Validation fraction (float in ``[0, 1)``) or about this many samples (int,
             turned into a fraction); each class gives ``round(fraction * n_c)`` samples to
-            validation but keeps at least one for training.
+            validation but keeps at least one for training. A positive value that holds out
+            no sample at all is a :class:`~hug_lightning.cli_errors.ConfigError`.
         seed: Seed of the per-class choice.
     """
     n = len(labels)
@@ -98,6 +108,14 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         chosen[seeded_choice(len(idx), k, seed, c, stream=1)] = True
         train.append(idx[~chosen])
         val.append(idx[chosen])
+    if not sum(len(v) for v in val):  # a positive val_split that rounds to 0 in every class
+        largest = int(torch.bincount(labels).max()) if n else 0
+        hint = (f"a val_split above {0.5 / largest:.3g}" if largest > 1 else
+                "more than one training image per class (each class keeps one for training)")
+        raise ConfigError(
+            f"val_split holds out no image: each class gives round({frac:.3g} x its size) to "
+            f"validation and keeps one for training, 0 for every class here (the largest has "
+            f"{largest}), so " + _NOTHING_HELD_OUT.format(hint=hint))
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
