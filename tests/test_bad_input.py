@@ -289,3 +289,30 @@ def test_bad_data_files_are_one_message_from_the_console(tmp_path, monkeypatch, 
     assert status == 1 and "Traceback" not in err, err[-3000:]
     assert err.startswith(f"hug-lightning: error: Cannot read image file {victim}")
     assert "(CorruptImageError in DataLoader worker process 0)" in err
+
+
+def test_eval_batch_size_is_checked():
+    """0 became the training batch size without a word; -5 failed in torch's sampler at the
+    first validation."""
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"eval_batch_size must be positive.*got {bad}"):
+            CIFAR10DataModule(eval_batch_size=bad)
+    assert CIFAR10DataModule(batch_size=16).eval_batch_size == 16
+
+
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_drop_last_leaving_no_training_batch_is_an_error(cifar10_folder_root, device_resident):
+    """With fewer training samples than batch_size, drop_last left 0 batches: the scheduler
+    then failed on 0 total steps, telling to set max_epochs (it was set)."""
+    from hug_lightning.cli import ConfigError
+    dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.5,
+                           batch_size=101, drop_last=True, num_workers=0, pin_memory=False,
+                           device_resident=device_resident)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match="leaves no training batch: the training set has 100 "
+                                          r"samples \(100 per process\)"):
+        dm.train_dataloader()
+    dm.batch_size = 100
+    assert len(dm.train_dataloader()) == 1
+    dm.batch_size, dm.drop_last = 101, False
+    assert len(dm.train_dataloader()) == 1

@@ -18,11 +18,13 @@ when the set's size does not divide by the number of processes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.loading import EpochShardSampler, ResumableDataLoader, global_seed
 from hug_lightning.data.samplers import ShardedEvalSampler
 
@@ -63,6 +65,9 @@ class ClassificationDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be positive (or null: batch_size), got "
+                             f"{eval_batch_size}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         self.batch_size = int(batch_size)
@@ -113,8 +118,21 @@ class ClassificationDataModule(LightningDataModule):
             return 0
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_set(self) -> Dataset:
+        """The training set; a :class:`ConfigError` when ``drop_last`` would leave this process
+        no batch (Lightning then trains nothing, or a scheduler fails on 0 total steps)."""
         dataset = self._require("train_set")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(len(dataset) / world)  # the sampler pads to equal shards
+        if self.drop_last and per_process < self.batch_size:
+            raise ConfigError(
+                f"drop_last true with batch_size {self.batch_size} leaves no training batch: "
+                f"the training set has {len(dataset)} samples ({per_process} per process). Set "
+                f"--data.init_args.batch_size to at most {per_process}, or drop_last false.")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._train_set()
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = EpochShardSampler(dataset, world, rank, shuffle=True, seed=global_seed())

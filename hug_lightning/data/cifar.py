@@ -246,7 +246,7 @@ class _CIFARDataModule(ClassificationDataModule):
 
     def train_dataloader(self) -> Any:
         if self.device_resident:
-            return self._device_loader(self._require("train_set"), train=True)
+            return self._device_loader(self._train_set(), train=True)
         return super().train_dataloader()
 
     def _eval_loader(self, dataset: Any) -> Any:
