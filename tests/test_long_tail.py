@@ -135,3 +135,29 @@ def test_cli_fit_then_test(config, which, request, no_checksum, tmp_path):
     test_run = Path(cli.trainer.log_dir)
     assert json.loads((test_run / "class_counts.json").read_text())["test"] == [4 if k == 10
                                                                                 else 2] * k
+
+
+def test_too_large_ratio_and_a_class_without_images(tmp_path, monkeypatch, capsys):
+    """A ratio above the smallest class was a ValueError traceback at setup (now the CLI's
+    one-line ConfigError); a class left with no image said "use imbalance_ratio <= 0"."""
+    from datagen import CIFAR10_CLASSES, write_image_folder
+    from hug_lightning.cli import ConfigError, console_main
+    from hug_lightning.data import BadDataError
+
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=3,
+                              test_per_class=1)
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", *tiny_args(
+        root, tmp_path / "logs", "--data.init_args.imbalance_ratio", "4", "--data.init_args"
+        ".val_split", "0", "--trainer.fast_dev_run", "true", config="cifar10_lt100_ce")])
+    assert console_main() == 2
+    err = capsys.readouterr().err
+    assert "imbalance_ratio=4 leaves no training image" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match=r"use imbalance_ratio <= 3"):
+        CIFAR10LTDataModule(root=str(root), download=False, imbalance_ratio=4).setup("fit")
+    for f in (root / "train" / "dog").iterdir():
+        f.write_bytes(b"unreadable")
+    dm = CIFAR10LTDataModule(root=str(root), download=False, imbalance_ratio=2,
+                             on_corrupt="skip")
+    with pytest.raises(BadDataError, match=r"has no readable image of classes \[5\]"):
+        dm.setup("fit")

@@ -31,7 +31,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.arrays import TensorImageDataset
+from hug_lightning.data.base import BadDataError
 from hug_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, _CIFARDataModule
 from hug_lightning.data.splits import seeded_choice, stratified_split
 
@@ -118,11 +120,16 @@ class _LongTailCIFAR(_CIFARDataModule):
         if stage not in ("test", "predict"):
             images, labels = self.load_split(train=True)
             n_max = min(self._bincount(labels))
+            if n_max == 0:  # no ratio helps: say which classes have no image (e.g. all skipped)
+                absent = [c for c, n in enumerate(self._bincount(labels)) if n == 0]
+                raise BadDataError(
+                    f"The training set of {self.root} has no readable image of classes "
+                    f"{absent[:20]}; {self.name} needs every class: copy or replace them there.")
             target = long_tail_counts(n_max, self.num_classes, self.imbalance_ratio,
                                       self.imbalance_type)
             empty = [c for c, n in enumerate(target) if n == 0]
             if empty:
-                raise ValueError(
+                raise ConfigError(
                     f"imbalance_ratio={self.imbalance_ratio:g} leaves no training image for "
                     f"classes {empty[:20]} ({n_max} images in the smallest class of "
                     f"{self.root}); use imbalance_ratio <= {n_max}.")
