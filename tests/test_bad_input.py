@@ -316,3 +316,28 @@ def test_drop_last_leaving_no_training_batch_is_an_error(cifar10_folder_root, de
     assert len(dm.train_dataloader()) == 1
     dm.batch_size, dm.drop_last = 101, False
     assert len(dm.train_dataloader()) == 1
+
+
+def test_partially_extracted_folder_says_so(tmp_path):
+    """An archive cut short leaves a class folder with fewer images (the run went on without a
+    word; long-tailed CIFAR then took that class as n_max) or the last class folders absent."""
+    from hug_lightning.data import CIFAR10LTDataModule
+
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=4,
+                              test_per_class=1)
+    for f in sorted((root / "train" / "truck").iterdir())[1:]:
+        f.unlink()
+    for module, extra in ((CIFAR10DataModule, {}),
+                          (CIFAR10LTDataModule, {"imbalance_ratio": 1})):
+        with pytest.warns(UserWarning, match=r"train hold unequal numbers of images \(truck: 1; "
+                                             r"the others 4\), where CIFAR-10 has as many"
+                                             r".*partial extraction"):
+            module(root=str(root), download=False, val_split=0, **extra).setup("fit")
+    shutil.rmtree(root / "train" / "truck")
+    with pytest.raises(DataNotFoundError, match="holds 9 class folders.*partial extraction"):
+        CIFAR10DataModule(root=str(root), download=False).prepare_data()
+
+
+def test_balanced_folders_do_not_warn(cifar10_folder_root, recwarn):
+    CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0).setup("fit")
+    assert not [w for w in recwarn if "unequal" in str(w.message)]

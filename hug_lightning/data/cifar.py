@@ -26,7 +26,7 @@ from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler, global_seed
 from hug_lightning.data.folders import (IMAGE_EXTENSIONS, decode_to_tensor, find_classes,
-                                       scan_class_folders)
+                                       scan_class_folders, warn_unequal_classes)
 from hug_lightning.data.splits import check_label_range, check_val_split, split_indices
 
 
@@ -156,8 +156,9 @@ class _CIFARDataModule(ClassificationDataModule):
                 f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
                 f"{', ...' if len(classes) > 12 else ''}); {self.name} needs exactly "
                 f"{self.num_classes}, one per class (labels are the sorted folder names). "
-                "Remove the extra folders or point --data.init_args.root at the right copy."
-            )
+                + ("Remove the extra folders" if len(classes) > self.num_classes else
+                   "A partial extraction or copy? Complete it")
+                + ", or point --data.init_args.root elsewhere.")
         return classes
 
     def _folder_classes(self) -> list[str]:
@@ -206,6 +207,7 @@ class _CIFARDataModule(ClassificationDataModule):
                     f"({', '.join(empty)}); every class needs images "
                     f"({', '.join(IMAGE_EXTENSIONS)}). Copy them there, or point "
                     "--data.init_args.root at a complete copy.")
+            warn_unequal_classes(samples, classes, split_dir, self.name.split("-LT")[0])
             images, labels = decode_to_tensor(samples, 32, on_corrupt=self.on_corrupt)
             # class folders come class by class: one fixed shuffle (seed 0, the same for every
             # run and rank) mixes them as torchvision's files are, so `limit_test_batches` and

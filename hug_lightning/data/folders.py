@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import resize
@@ -56,6 +58,29 @@ def scan_class_folders(
         )
         samples.extend((folder / f, label) for f in files)
     return names, samples
+
+
+def warn_unequal_classes(samples: Sequence[tuple[Path, int]], classes: Sequence[str],
+                         split_dir: Path, name: str) -> None:
+    """Warn when the class folders of a balanced data set (CIFAR) hold unequal numbers of images.
+
+    Args:
+        samples: ``(path, label)`` pairs of :func:`scan_class_folders`.
+        classes: Class names in label order.
+        split_dir: The folder scanned (named in the warning).
+        name: The data set's name.
+    """
+    counts = Counter(label for _, label in samples)
+    per_class = [counts.get(c, 0) for c in range(len(classes))]
+    usual = max(sorted(set(per_class), reverse=True), key=per_class.count)
+    odd = [f"{classes[c]}: {n}" for c, n in enumerate(per_class) if n != usual]
+    if odd:
+        rank_zero_warn(
+            f"The class folders of {split_dir} hold unequal numbers of images "
+            f"({', '.join(odd[:10])}{', ...' if len(odd) > 10 else ''}; the others {usual}), "
+            f"where {name} has as many in every class: a partial extraction or copy? Complete "
+            "it (re-extract the archive); this run goes on with the images there (a "
+            "long-tailed profile starts from the smallest class).")
 
 
 def load_rgb(path: Path) -> Image.Image:
