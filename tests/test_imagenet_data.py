@@ -283,3 +283,12 @@ def test_val_split_that_holds_out_nothing_is_an_error(inet_root, kwargs):
     dm = _dm(inet_root, images_per_class=2, val_split=0.5)
     dm.setup("fit")  # one of 2 per class: held out
     assert len(dm.val_set) == 10 and dm.val_set is not dm.test_set
+
+
+def test_class_list_with_a_byte_order_mark(tmp_path, inet_root):
+    """A list saved by a Windows editor starts with a BOM, which became part of the first WNID:
+    the error then called an existing folder missing."""
+    listing = tmp_path / "classes.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(IMAGENETTE[:3]).encode() + b"\r\n")
+    assert read_class_list(listing) == IMAGENETTE[:3]
+    _dm(inet_root, subset=str(listing)).check_layout()

@@ -47,7 +47,8 @@ def read_class_list(path: str | Path) -> list[str]:
     duplicates. Words after the name are a description and ignored, as in ImageNet's
     ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca``); a second WNID on a line
     is an error (it would otherwise be dropped)."""
-    text = (Path(path) if isinstance(path, str) else path).read_text()
+    # utf-8-sig: a byte-order mark (Windows editors write one) would be part of the first name
+    text = (Path(path) if isinstance(path, str) else path).read_text(encoding="utf-8-sig")
     names = []
     for number, line in enumerate(text.splitlines(), 1):
         tokens = line.split("#", 1)[0].split()
