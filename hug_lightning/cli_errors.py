@@ -43,9 +43,11 @@ def _user_frame(err: BaseException) -> str:
         seen.add(id(err))
         tb = err.__traceback__
         while tb is not None:
-            name = str(Path(tb.tb_frame.f_code.co_filename).resolve())
-            if not name.startswith("<") and not any(part in name for part in skip):
-                found = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            filename = tb.tb_frame.f_code.co_filename  # "<string>": generated code (a
+            # dataclass __init__), not a file; resolve() would make it one under the cwd
+            name = str(Path(filename).resolve())
+            if not filename.startswith("<") and not any(part in name for part in skip):
+                found = f"{filename}:{tb.tb_lineno}"
             tb = tb.tb_next
         err = err.__cause__ or err.__context__
     return found

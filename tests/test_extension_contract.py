@@ -125,6 +125,16 @@ def test_error_in_the_users_own_constructor_names_its_line(tmp_path):
     assert "out_features" in str(err.value)
 
 
+def test_error_in_generated_library_code_names_no_user_line(tmp_path):
+    """HUG's options are checked in a dataclass, whose generated ``__init__`` has the file name
+    ``<string>``: the error said "(raised in <string>:15)", as if it were the user's code."""
+    with pytest.raises(ConfigError) as err:
+        _ufm(tmp_path, "--model.init_args.head.init_args.alpha", "-1", run=False,
+             config="ufm_hug")
+    assert "alpha and beta must be finite and >= 0" in str(err.value)
+    assert "raised in" not in str(err.value)
+
+
 def test_installed_script_finds_classes_in_the_working_folder(tmp_path, monkeypatch):
     """`python -m` puts the working folder on sys.path; the console script must as well."""
     (tmp_path / "my_heads_xyz.py").write_text("VALUE = 7\n")
