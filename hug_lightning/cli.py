@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import interrupt
-from hug_lightning.batch_limits import restore_integer_ones
+from hug_lightning.batch_limits import IntegerOnesParser, restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _user_frame,
                                       data_num_classes, one_message)
 from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
@@ -167,12 +167,14 @@ class HUGLightningCLI(LightningCLI):
         parser.set_defaults({"robust.enabled": False})  # opt-in: PGD costs steps x fwd+bwd
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
-        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
         raw = sys.argv[1:] if args is None else args
         written = list(raw) if isinstance(raw, (list, tuple)) else []
-        # the saved config.yaml says 1, as written; instantiation parses it as 1.0 again, so
-        # instantiate_trainer passes the same keys as 1
+        for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+            each.written_args = written  # what their dumps (--print_config) write back as 1
+        super().parse_arguments(parser, args)
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        # the saved config.yaml says 1, as written (IntegerOnesParser); instantiation parses it
+        # as 1.0 again, so instantiate_trainer passes the same keys as 1
         self._integer_ones = (restore_integer_ones(written, cfg["trainer"])
                               if cfg.get("trainer") is not None else [])
         logger = logger_init_args(cfg)
@@ -280,6 +282,7 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
+        parser_class=IntegerOnesParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
         # the model builds its optimizer (parameter groups, head lr scale, schedule length):
         # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently
         auto_configure_optimizers=False,

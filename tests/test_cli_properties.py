@@ -401,6 +401,22 @@ def test_batch_limit_written_as_1_is_one_batch(tmp_path):
     assert fit.trainer.global_step == 1  # one batch, not 5
     saved = yaml.safe_load(Path(fit.trainer.log_dir, "config.yaml").read_text())
     assert saved["trainer"]["limit_train_batches"] == 1
+    # as the int 1: the file said 1.0 (`1.0 == 1`), which, used again, ran on every batch
+    assert type(saved["trainer"]["limit_train_batches"]) is int
+    again = cli.main(["fit", "--config", str(Path(fit.trainer.log_dir, "config.yaml")),
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "again")])
+    assert again.trainer.global_step == 1
+
+
+def test_print_config_keeps_a_batch_limit_of_1(tmp_path, capsys):
+    """--print_config wrote `limit_train_batches: 1.0`: the printed config, run again, trained
+    on all batches instead of one."""
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", "ufm_ce", "--trainer.limit_train_batches", "1",
+                  "--trainer.limit_val_batches", "1.0", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert type(printed["limit_train_batches"]) is int and printed["limit_train_batches"] == 1
+    assert type(printed["limit_val_batches"]) is float  # 1.0 (all batches) stays 1.0
 
 
 # ------------------------------------------------------------ grid runner: resumed fits
