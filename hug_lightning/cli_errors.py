@@ -57,6 +57,9 @@ def _reasons(err: BaseException) -> str:
     """The rejection reasons inside jsonargparse's instantiation error, without the dump of
     the whole configuration it appends."""
     text = str(err)
+    if text.startswith("Call to compute_fn of link") and err.__cause__ is not None:
+        return str(err.__cause__)  # the link's own reason, without the repr of its input (a
+        # data module's lists its loaders over several lines)
     lines = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
     lines = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
     return "; ".join(lines) if lines else text.split("\nGiven value")[0]

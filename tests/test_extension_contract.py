@@ -83,8 +83,12 @@ class NoEvalSetData(UFMDataModule):
 def test_data_module_without_num_classes_is_an_error(tmp_path):
     """The link used to be skipped silently: the model kept its default of 10 classes."""
     with pytest.raises(ConfigError, match="NoNumClasses must set an integer num_classes .* in "
-                                          "its __init__, found None"):
+                                          "its __init__, found None") as err:
         _ufm(tmp_path, "--data", f"{__name__}.NoNumClasses", run=False)
+    # the reason alone: not jsonargparse's "Call to compute_fn of link ... with args (<the data
+    # module's repr: one line per loader>) failed:" in front of it
+    assert str(err.value).startswith("invalid configuration: the data module NoNumClasses")
+    assert "\n" not in str(err.value) and "dataloader" not in str(err.value)
 
 
 def test_optimizer_is_the_models_argument_only(tmp_path, capsys):
