@@ -570,3 +570,20 @@ def test_truncated_last_checkpoint_is_named_in_one_message(tmp_path, size, monke
     monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "ufm_ce", *logs,
                                      "--ckpt_path", "last"])
     assert cli.console_main() == 1 and str(last) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, header", [
+    (["--model", "hug_lightning.module.ClassifierModule", "--model.head.help",
+      "hug_lightning.heads.HUGHead"], "Proxy head trained with HUG"),
+    (["--data.help", "hug_lightning.data.CIFAR10LTDataModule"],
+     "Long-tailed CIFAR-10 (LDAM protocol):"),
+])
+def test_class_help_reads_without_the_docstring_around_it(capsys, flags, header):
+    """`--*.help` shows each class's summary line and its Args: they said `see "Distributed
+    training" above` (a docstring section the help does not show) and `Arguments: see
+    :class:`_LongTailCIFAR`` (a private class) in the summary."""
+    with pytest.raises(SystemExit):
+        cli.main(["fit", *flags])
+    out = capsys.readouterr().out
+    assert header in out
+    assert " above" not in out and "_LongTailCIFAR" not in out

@@ -178,14 +178,20 @@ class _LongTailCIFAR(_CIFARDataModule):
 
 
 class CIFAR10LTDataModule(_LongTailCIFAR, CIFAR10DataModule):
-    """Long-tailed CIFAR-10 (LDAM protocol). Arguments: see :class:`_LongTailCIFAR`."""
+    """Long-tailed CIFAR-10 (LDAM protocol).
+
+    Arguments: see :class:`_LongTailCIFAR`.
+    """
 
     name = "CIFAR-10-LT"
     default_root = "data/cifar10"
 
 
 class CIFAR100LTDataModule(_LongTailCIFAR, CIFAR100DataModule):
-    """Long-tailed CIFAR-100 (LDAM protocol). Arguments: see :class:`_LongTailCIFAR`."""
+    """Long-tailed CIFAR-100 (LDAM protocol).
+
+    Arguments: see :class:`_LongTailCIFAR`.
+    """
 
     name = "CIFAR-100-LT"
     default_root = "data/cifar100"

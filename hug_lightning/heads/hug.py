@@ -83,7 +83,8 @@ class HUGHead(Head):
         proxy_init: ``"normal"``: i.i.d. Gaussian rows normalized to unit norm; ``"orthogonal"``:
             ``nn.init.orthogonal_`` then rows normalized (orthonormal rows when ``K <= d``).
         sync_class_counts: Under DDP, make the intra term's class balancing (or batch mean)
-            global: one all-reduce of ``K`` numbers per step; see "Distributed training" above.
+            global: one all-reduce of ``K`` numbers per step (see "Distributed training" in
+            the ``HUGHead`` class docstring).
         check_labels: Check that labels lie in ``[0, K)`` on every call, also on GPU (this reads the
             labels' min and max back to the host: a sync per step). Labels on CPU are always
             checked, since that costs no device sync. With the module's ``compile_loss`` the
