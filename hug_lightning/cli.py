@@ -47,8 +47,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import interrupt
 from hug_lightning.batch_limits import IntegerOnesParser, restore_integer_ones
-from hug_lightning.cli_errors import (ConfigError, RunNotFoundError, _reasons, _user_frame,
-                                      data_num_classes, one_message)
+from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundError, _reasons,
+                                      _user_frame, data_num_classes, one_message)
 from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
                                         resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
@@ -218,8 +218,8 @@ def console_main() -> int:
     interrupted and saved ``last.ckpt`` (with ``--interrupt.enabled false`` Lightning handles
     signals and nothing is saved; Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
-    value and 1 for missing data or a missing run to resume/evaluate (one message saying what to
-    do, no traceback); also 1 for unreadable or inconsistent data files (a corrupt image, a
+    value and 1 for missing data, a missing run to resume/evaluate or an unwritable log folder
+    (one message saying what to do, no traceback); also 1 for unreadable or inconsistent data files (a corrupt image, a
     label out of range: the message names the file), found in this process or a DataLoader
     worker.
     """
@@ -236,7 +236,7 @@ def console_main() -> int:
         print(f"hug-lightning: error: {err}\n(fix the value in the YAML or the matching "
               "--key flag; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
-    except (DataNotFoundError, RunNotFoundError, BadDataError) as err:  # says what to do
+    except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError) as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
         print(f"hug-lightning: error: {one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the "

@@ -1,7 +1,7 @@
 """The command line's own errors and the checks that raise them (no Lightning import).
 
-:class:`ConfigError` (exit status 2) and :class:`RunNotFoundError` (1) are what
-:func:`hug_lightning.cli.console_main` turns into one message without a traceback.
+:class:`ConfigError` (exit status 2), :class:`RunNotFoundError` and :class:`LogFolderError` (1)
+are what :func:`hug_lightning.cli.console_main` turns into one message without a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ class ConfigError(ValueError):
 
 class RunNotFoundError(FileNotFoundError):
     """``--ckpt_path last|best`` found no run (or no recorded best checkpoint) to use."""
+
+
+class LogFolderError(PermissionError):
+    """The log folder cannot be created or written (checked before any work)."""
 
 
 def data_num_classes(data: Any) -> int:

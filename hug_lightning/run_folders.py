@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hug_lightning.checkpointing import find_last_checkpoint, recorded_best_checkpoint
-from hug_lightning.cli_errors import ConfigError, RunNotFoundError
+from hug_lightning.cli_errors import ConfigError, LogFolderError, RunNotFoundError
 
 
 def logger_init_args(cfg: Any) -> Any:
@@ -35,7 +35,7 @@ def check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(
+        raise LogFolderError(
             f"Cannot write the log folder {folder.resolve()} ({err.strerror or err}). Choose "
             "another with --trainer.logger.init_args.save_dir <folder>."
         ) from err

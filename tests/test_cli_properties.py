@@ -160,6 +160,19 @@ def test_unwritable_log_folder_is_an_error_before_any_work(tmp_path):
                   "--trainer.logger.init_args.save_dir", str(blocker / "logs")])
 
 
+def test_unwritable_log_folder_is_one_message_from_the_console(tmp_path, monkeypatch, capsys):
+    """It was a traceback ending in the PermissionError (exit status 1), unlike missing data."""
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "ufm_hug",
+                                     "--trainer.logger.init_args.save_dir", str(blocker / "l")])
+    assert cli.console_main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: Cannot write the log folder ")
+    assert "--trainer.logger.init_args.save_dir" in err and "Traceback" not in err
+
+
 # --- checkpoint look-ups --------------------------------------------------------------------
 
 def test_recorded_best_ignores_the_last_checkpoint_callbacks_state(tmp_path):
