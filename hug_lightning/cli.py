@@ -218,10 +218,9 @@ def console_main() -> int:
     interrupted and saved ``last.ckpt`` (with ``--interrupt.enabled false`` Lightning handles
     signals and nothing is saved; Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
-    value and 1 for missing data, a missing run to resume/evaluate or an unwritable log folder
-    (one message saying what to do, no traceback); also 1 for unreadable or inconsistent data files (a corrupt image, a
-    label out of range: the message names the file), found in this process or a DataLoader
-    worker.
+    value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder or
+    unreadable or inconsistent data files (a corrupt image, a label out of range, found in this
+    process or a DataLoader worker): one message saying what to do, no traceback.
     """
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py

@@ -12,8 +12,8 @@ fast GPUs). Both take the same ``compile_options``: the keyword arguments of
 
 By default a second batch size (the epoch's last, partial batch) makes dynamo recompile the
 graph for dynamic shapes, which then also serves the full batches (validation, under no_grad,
-gets graphs of its own). ``compile_options: {dynamic: false}`` gives each size its own static graph instead
-(more compile time, one graph per size: training, last batch, validation...);
+gets graphs of its own). ``compile_options: {dynamic: false}`` gives each size its own static
+graph instead (more compile time, one graph per size: training, last batch, validation...);
 ``data.drop_last: true`` avoids the training one.
 """
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def packaged_config(name: str) -> Path | None:
-    """Path of a YAML shipped in ``hug_lightning.configs`` (``cifar10_ce``, ``configs/debug.yaml``)."""
+    """Path of a YAML shipped in ``hug_lightning.configs`` (``cifar10_ce``,
+    ``configs/debug.yaml``)."""
     stem = Path(name).name
     if not stem.endswith((".yaml", ".yml")):
         stem += ".yaml"

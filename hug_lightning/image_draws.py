@@ -4,7 +4,8 @@ The randomized parts of the robustness evaluation (PGD's random start in
 :mod:`hug_lightning.robustness`, the noise corruptions in :mod:`hug_lightning.corruptions`)
 take one ``torch.Generator`` for the batch, or a sequence of generators, one per image: each
 image's draws then come from its own generator only. :func:`image_generators` keys such
-generators by image content (:func:`image_digests`, once per batch); :func:`_draw` draws with either form. Pure torch, no Lightning.
+generators by image content (:func:`image_digests`, once per batch); :func:`_draw` draws with
+either form. Pure torch, no Lightning.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def _apply_current_lr(scheduler: lr_scheduler.LRScheduler) -> None:
 
 
 class WarmupCosineLR(lr_scheduler.LambdaLR):
-    """Linear warm-up from ``start_factor * lr`` to ``lr``, then cosine decay to ``min_factor * lr``.
+    """Linear warm-up from ``start_factor * lr`` to ``lr``, then cosine decay to
+    ``min_factor * lr``.
 
     Args:
         optimizer: The optimizer (injected by the module).
@@ -201,7 +202,8 @@ class WarmupCosineLR(lr_scheduler.LambdaLR):
             return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_factor + (1.0 - self.min_factor) * cosine
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore progress but keep this run's length (a resumed run may be longer)."""

@@ -54,7 +54,8 @@ class ThrottledProgressBar(TQDMProgressBar):
             return True
         return False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch,  # noqa: ANN001
+                           batch_idx) -> None:
         if self._due("train", batch_idx, self.train_progress_bar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

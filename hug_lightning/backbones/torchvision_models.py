@@ -68,7 +68,8 @@ class TorchvisionBackbone(nn.Module):
         except (OSError, RuntimeError) as err:  # download failures surface as URLError/OSError
             raise RuntimeError(
                 f"TorchvisionBackbone: could not load weights {weights!r} for {name!r} ({err}). "
-                "Offline, place the weight file in $TORCH_HOME/hub/checkpoints or set weights: null."
+                "Offline, place the weight file in $TORCH_HOME/hub/checkpoints or set weights: "
+                "null."
             ) from err
         self.name = name
         self.num_features: int = _strip_classifier(self.model)

@@ -63,7 +63,8 @@ class TensorImageDataset(Dataset):
         """Labels of the samples in this (sub)set, in order."""
         return self.labels if self.indices is None else self.labels[self.indices]
 
-    def subset(self, indices: Sequence[int] | Tensor, transform: Callable | None = None) -> "TensorImageDataset":
+    def subset(self, indices: Sequence[int] | Tensor,
+               transform: Callable | None = None) -> "TensorImageDataset":
         """A view on some samples (indices relative to this set), optionally re-transformed."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self.indices is not None:

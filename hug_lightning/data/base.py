@@ -10,10 +10,10 @@ is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
 
 Training batches come from an :class:`EpochShardSampler`: ``DistributedSampler``'s order
 (for ``seed_everything`` seed ``s``: its seed ``1000003 s``, plus the epoch; sharded across
-processes), resumable mid-epoch, with
-per-sample augmentation keys. Validation, test and predict loaders use :class:`ShardedEvalSampler`, which
-splits the set without padding, so every sample is counted exactly once in the metrics even
-when the set's size does not divide by the number of processes.
+processes), resumable mid-epoch, with per-sample augmentation keys. Validation, test and
+predict loaders use :class:`ShardedEvalSampler`, which splits the set without padding, so
+every sample is counted exactly once in the metrics even when the set's size does not divide
+by the number of processes.
 """
 
 from __future__ import annotations

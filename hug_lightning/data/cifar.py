@@ -266,7 +266,8 @@ class _CIFARDataModule(ClassificationDataModule):
         train_idx, val_idx = split_indices(len(full), self.val_split, self.seed)
         self.train_set = full.subset(train_idx, self.train_transform())
         self.train_eval_set = full.subset(train_idx, self.eval_transform())
-        self.val_set = full.subset(val_idx, self.eval_transform()) if len(val_idx) else self.test_set
+        self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
+                        else self.test_set)
 
 
 class CIFAR10DataModule(_CIFARDataModule):

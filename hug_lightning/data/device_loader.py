@@ -77,7 +77,7 @@ class DeviceBatchLoader:
         self.labels = labels.to(self.device, non_blocking=True).long()
         self.batch_size = int(batch_size)
         self.mean, self.std = tuple(mean), tuple(std)
-        self._stats = channel_stats(self.mean, self.std, self.device)  # made once: no per-batch copy
+        self._stats = channel_stats(self.mean, self.std, self.device)  # once: no copy per batch
         self.sampler = sampler
         self.augment, self.pad = bool(augment), int(pad)
         self.drop_last = bool(drop_last)

@@ -32,7 +32,8 @@ class CorruptImageError(BadDataError):
 
 def find_classes(split_dir: Path) -> list[str]:
     """Sorted names of the sub-folders of ``split_dir`` (the class names)."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(split_dir)
+                  if e.is_dir() and not e.name.startswith("."))
 
 
 def scan_class_folders(

@@ -239,7 +239,8 @@ class NeuralCollapseMonitor(Callback):
             self.collectors["val"].set_reference(reference)
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch,  # noqa: ANN001
+                           batch_idx) -> None:
         if self.enabled:
             self._update("train", outputs)
 
