@@ -184,8 +184,10 @@ def _free_features():
 
 
 def test_eval_pass_without_its_data_fails_before_training(tmp_path):
-    """It failed at the end of epoch 0, after that epoch's work (and no checkpoint)."""
-    with pytest.raises(TypeError, match="--nc.eval_pass true needs the training images .* "
+    """It failed at the end of epoch 0, after that epoch's work (and no checkpoint); it is the
+    command's one-line error (a ConfigError), not a traceback."""
+    from hug_lightning.cli_errors import ConfigError
+    with pytest.raises(ConfigError, match="--nc.eval_pass true needs the training images .* "
                                         "NoEvalSetData must provide train_eval_dataloader"):
         _ufm(tmp_path, "--data.class_path", f"{__name__}.NoEvalSetData",
              "--data.init_args.num_classes", "10", "--data.init_args.samples_per_class", "4")

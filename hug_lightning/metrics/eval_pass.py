@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from hug_lightning.cli_errors import ConfigError
 from hug_lightning.metrics.collapse import NCFeatureStats
 
 
@@ -40,8 +41,8 @@ def check_eval_pass_data(trainer: Trainer) -> None:
     data = trainer.datamodule
     loader_fn = getattr(data, "train_eval_dataloader", None)
     missing = loader_fn is None or getattr(data, "train_eval_set", True) is None
-    if missing:
-        raise TypeError(
+    if missing:  # a ConfigError: the command's one-line message (exit status 2)
+        raise ConfigError(
             f"--nc.eval_pass true needs the training images with the evaluation transform: "
             f"{type(data).__name__} must provide train_eval_dataloader() (a "
             "hug_lightning ClassificationDataModule: set self.train_eval_set in "
