@@ -116,6 +116,9 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         augment: Random-resized crop and horizontal flip for training (else the eval transform).
         on_corrupt: ``raise`` on an unreadable file (the message names it), or ``skip``: warn
             and return the next readable image of its class (lengths and DDP shards unchanged).
+            In validation, test and predict sets that image is scored in the file's place
+            (``predictions.csv``'s row of the file holds its prediction): evaluate with
+            ``raise``, or replace the files, where that matters.
         batch_size: Training batch size **per process** (global = batch_size x world size).
         eval_batch_size: Batch size for validation, test and predict (default: batch_size).
         num_workers: DataLoader worker processes (JPEG decoding runs there).
