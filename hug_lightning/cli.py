@@ -58,7 +58,7 @@ from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
-from hug_lightning.run_folders import (check_writable, logger_init_args,
+from hug_lightning.run_folders import (check_writable, evaluation_warnings, logger_init_args,
                                        never_into_a_run_folder, resolve_evaluated, resolve_last,
                                        run_folder)
 
@@ -152,6 +152,10 @@ class HUGLightningCLI(LightningCLI):
                 + "; ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed[:8])
                 + ("; ..." if len(changed) > 8 else "")
                 + ". Start a new run (no --ckpt_path) to train with other model options.")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with evaluation_warnings(subcommand):
+            super()._run_subcommand(subcommand)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.init_args.num_classes",

@@ -8,11 +8,13 @@ writing into the training run's. Missing or unreadable checkpoints are one clear
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hug_lightning.checkpointing import find_last_checkpoint, recorded_best_checkpoint
 from hug_lightning.cli_errors import ConfigError, LogFolderError, RunNotFoundError
@@ -70,6 +72,7 @@ def resolve_last(cfg: Any, logger: Any) -> None:
     cfg["ckpt_path"] = str(found)
     logger["version"] = found.parent.parent.name  # keep logging into the same run folder
 
+
 def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
     """``validate|test|predict --ckpt_path last|best``: the newest run of this experiment.
 
@@ -108,3 +111,15 @@ def never_into_a_run_folder(logger: Any, subcommand: str) -> None:
         logger["version"] = None
         print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
               file=sys.stderr)
+
+
+@contextlib.contextmanager
+def evaluation_warnings(subcommand: str) -> Iterator[None]:
+    """Run ``subcommand`` without Lightning's warning that a checkpoint's ``ModelCheckpoint``
+    state is not reloaded because its folder changed, when the command is not ``fit``: an
+    evaluation logs into a new version folder (:func:`never_into_a_run_folder`) and saves no
+    checkpoint, so the note only alarms."""
+    with warnings.catch_warnings():
+        if subcommand != "fit":
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        yield
