@@ -62,6 +62,18 @@ class PredictionWriter(BasePredictionWriter):
         paths = getattr(getattr(loaders, "dataset", None), "paths", None)
         return [str(p) for p in paths] if paths is not None else None
 
+    @staticmethod
+    def _loader_indices(trainer: Trainer, n: int) -> list[int] | None:
+        """The first ``n`` data set positions of a (single) prediction loader that lists them
+        (``sample_indices()``, e.g. :class:`~hug_lightning.data.device_loader.DeviceBatchLoader`),
+        else ``None``."""
+        loaders = getattr(trainer, "predict_dataloaders", None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if len(loaders) == 1 else None
+        listed = getattr(loaders, "sample_indices", None)
+        found = listed() if callable(listed) else None
+        return found[:n].tolist() if found is not None and len(found) >= n else None
+
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule,
                            predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # same call on every rank
@@ -73,6 +85,8 @@ class PredictionWriter(BasePredictionWriter):
         table = {k: torch.cat([o[k].detach().cpu() for o in outputs]) for k in keys}
         indices = [i for batch in self._flatten(batch_indices) for i in (batch or [])]
         n = len(table["pred"])
+        if len(indices) != n:  # a loader Lightning cannot track (the device-resident one)
+            indices = self._loader_indices(trainer, n) or indices
         if len(indices) == n:
             table["index"] = torch.as_tensor(indices, dtype=torch.long)
         elif trainer.world_size == 1:  # an iterable loader: Lightning cannot track indices,
@@ -81,7 +95,8 @@ class PredictionWriter(BasePredictionWriter):
             table["index"] = torch.full((n,), -1, dtype=torch.long)
             rank_zero_warn("predict: the prediction loader does not let Lightning track sample "
                            "indices (an iterable data set), so under DDP `index` is -1 and the "
-                           "shards cannot be merged by it; use a map-style data set.")
+                           "shards cannot be merged by it; use a map-style data set "
+                           "(CIFAR: device_resident false).")
         paths = self._dataset_paths(trainer)
         if paths is not None and len(indices) == n:
             table["path"] = [paths[i] for i in indices]

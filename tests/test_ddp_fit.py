@@ -41,7 +41,8 @@ def test_ddp_two_process_fit_logs_once(cifar10_folder_root, tmp_path, launcher):
 @pytest.mark.slow
 def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
     """2-process `predict`: each rank writes its shard; `index` puts them back together, every
-    test sample exactly once (unpadded), with the single-process predictions."""
+    test sample exactly once (unpadded), with the single-process predictions; also from the
+    device-resident loader, which Lightning cannot track (its `index` was -1)."""
     import torch
 
     ckpt_args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.max_epochs", "1",
@@ -54,19 +55,23 @@ def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
 
     proc = run("fit", *ckpt_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for devices, strategy in (("1", "auto"), ("2", "ddp")):
+    for devices, strategy, resident in (("1", "auto", "false"), ("2", "ddp", "false"),
+                                        ("2", "ddp", "true")):
         proc = run("predict", *ckpt_args, "--ckpt_path", "last", "--trainer.devices", devices,
-                   "--trainer.strategy", strategy, "--trainer.accelerator", "cpu")
+                   "--trainer.strategy", strategy, "--trainer.accelerator", "cpu",
+                   "--data.init_args.device_resident", resident)
         assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "cifar10_ce").glob("version_*"), key=lambda p: int(p.name[8:]))
     single = torch.load(runs[1] / "predictions.pt", weights_only=True)
-    shards = [torch.load(runs[2] / f"predictions-rank{r}.pt", weights_only=True) for r in (0, 1)]
-    index = torch.cat([s["index"] for s in shards])
-    assert sorted(index.tolist()) == list(range(len(single["pred"])))  # each sample once
-    order, single_order = index.argsort(), single["index"].argsort()
-    for key in ("pred", "label"):
-        merged = torch.cat([s[key] for s in shards])[order]
-        assert torch.equal(merged, single[key][single_order]), key
+    for run_dir in runs[2:]:
+        shards = [torch.load(run_dir / f"predictions-rank{r}.pt", weights_only=True)
+                  for r in (0, 1)]
+        index = torch.cat([s["index"] for s in shards])
+        assert sorted(index.tolist()) == list(range(len(single["pred"])))  # each sample once
+        order, single_order = index.argsort(), single["index"].argsort()
+        for key in ("pred", "label"):
+            merged = torch.cat([s[key] for s in shards])[order]
+            torch.testing.assert_close(merged, single[key][single_order], msg=key)
 
 
 @pytest.mark.slow

@@ -93,6 +93,12 @@ class DeviceBatchLoader:
         idx = self.sampler.shard_indices()
         return idx, sample_keys(self.sampler.seed, self.sampler.epoch, idx)
 
+    def sample_indices(self) -> Tensor | None:
+        """Positions in the data set of the samples an evaluation loader yields, in order (this
+        rank's shard: what the prediction writer records as ``index``); ``None`` for training
+        (a new order every epoch)."""
+        return self._order()[0] if self.sampler is None else None
+
     def _num_samples(self) -> int:
         if self.sampler is None:
             return len(range(self.rank, self.images.shape[0], self.world_size))
