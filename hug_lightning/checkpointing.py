@@ -1,5 +1,6 @@
 """Checkpoints you can resume from: ``last.ckpt`` every epoch (and on demand every N steps),
-and on interruption (SIGTERM or Ctrl-C during ``fit``).
+on interruption (SIGTERM or Ctrl-C during ``fit``) and when a data error (a corrupt image)
+ends ``fit`` mid-epoch.
 
 * :class:`LastCheckpoint` keeps ``<run>/checkpoints/last.ckpt`` current. (Since Lightning 2.6 a
   ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when a top-k
@@ -9,6 +10,10 @@ and on interruption (SIGTERM or Ctrl-C during ``fit``).
   (on every process under DDP), :class:`~hug_lightning.interrupt.InterruptCheckpoint` writes
   ``last.ckpt`` and the run stops; a second Ctrl-C aborts at once (see
   :mod:`hug_lightning.interrupt`).
+* A data error (:class:`~hug_lightning.data.base.BadDataError`, e.g. a corrupt image met by
+  a DataLoader worker) between two training batches of a single-process fit: ``last.ckpt`` at
+  the last batch trained, and the error's message says so (see
+  :mod:`hug_lightning.data_error_save`: not under DDP, where the save could hang).
 * ``hug-lightning fit --config <same config> --ckpt_path last`` resumes the newest
   ``last.ckpt`` of that experiment in its own log folder (see :func:`find_last_checkpoint`).
 
@@ -30,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
+from hug_lightning.data_error_save import save_after_data_error
 from hug_lightning.interrupt import InterruptCheckpoint
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "LastCheckpoint",
@@ -78,7 +84,9 @@ def use_atomic_checkpoint_io(trainer: Trainer) -> None:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps.
+    """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps, and
+    when a data error ends a single-process ``fit`` between two training batches (see
+    :mod:`hug_lightning.data_error_save`).
 
     Args:
         every_n_train_steps: Also save every this many optimizer steps (0: epoch ends only).
@@ -96,6 +104,7 @@ class LastCheckpoint(ModelCheckpoint):
                          enable_version_counter=False,
                          # after the epoch's last hooks, also in epochs without validation
                          save_on_train_epoch_end=True)
+        self.trained_this_fit = False  # a training batch completed in this fit
 
     @property
     def state_key(self) -> str:
@@ -104,6 +113,17 @@ class LastCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         use_atomic_checkpoint_io(trainer)  # every checkpoint of the run, best ones included
+        self.trained_this_fit = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.trained_this_fit = True
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        save_after_data_error(self, trainer, exception)
 
     def _save_now(self, trainer: Trainer) -> None:
         """``last.ckpt`` at this point (Lightning's own ModelCheckpoint takes either step or

@@ -26,8 +26,8 @@ the host's Python (Lightning's loop included) can no longer overlap with the GPU
 
 On the CPU the copy is immediate and the values are written at once. What is not written yet
 when a run dies of an exception (at most a step or two of logs) is lost; a stop by SIGTERM or
-Ctrl-C that saves ``last.ckpt`` (:class:`~hug_lightning.interrupt.InterruptCheckpoint`) writes
-it first.
+Ctrl-C that saves ``last.ckpt`` (:class:`~hug_lightning.interrupt.InterruptCheckpoint`), or a
+data error that does (:mod:`hug_lightning.data_error_save`), writes it first.
 """
 
 from __future__ import annotations
