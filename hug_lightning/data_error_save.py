@@ -38,9 +38,10 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from hug_lightning.data.base import BadDataError
 
-RESUME = ("replace the file (deleting it changes the data set, hence the order of the epoch's "
-          "other images), then run the same fit command with --ckpt_path last: it goes on "
-          "exactly where this run stopped (or add --data.init_args.on_corrupt skip).")
+RESUME = ("to go on exactly where this run stopped, replace the file (deleting it would change "
+          "the data set, hence the order of the epoch's other images) and run the same fit "
+          "command with --ckpt_path last; or add --data.init_args.on_corrupt skip to it to go "
+          "on without that image.")
 
 
 def unresumable(trainer: Trainer) -> str | None:
@@ -99,8 +100,7 @@ def save_after_data_error(callback: Any, trainer: Trainer, exception: BaseExcept
             if step_log is not None:  # values still on their way from the device: logged
                 step_log.flush(trainer)
             callback._save_now(trainer)
-            note = (f"Saved {path} after the {done} training batch(es) of epoch {epoch} done "
-                    f"(step {step}): ")
+            note = f"Saved {path} after {done} training batch(es) of epoch {epoch} (step {step}): "
         except Exception as err:  # the data error stays the error raised
             reason = f"writing it failed ({type(err).__name__}: {err})"
     text = (note + RESUME if note else f"Nothing saved to {path}: {reason}; --ckpt_path last "
