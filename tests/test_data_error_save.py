@@ -19,6 +19,7 @@ from hug_lightning.cli import main
 from hug_lightning.data.folders import CorruptImageError
 from hug_lightning.data.loading import EpochShardSampler
 from hug_lightning.data_error_save import save_after_data_error, unresumable
+from hug_lightning.experiments.results import read_scalars
 
 NOT_AN_IMAGE = b"\xff\xd8\xff\xe0 not a JPEG" * 4
 
@@ -51,11 +52,16 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(root, tmp_path_factory) -> dict:
-    """The final last.ckpt of the fit that never meets a corrupt image."""
+def reference(root, tmp_path_factory) -> Path:
+    """The log folder of the fit that never meets a corrupt image."""
     log = tmp_path_factory.mktemp("ref")
     main(["fit", *_args(root, log)])
-    return _load(log)
+    return log
+
+
+def _logged(log: Path) -> dict:
+    scalars = read_scalars(next(log.glob("imagenet100_ce/version_*")))
+    return {tag: v for tag, v in scalars.items() if tag.startswith(("val/", "train/loss"))}
 
 
 def _args(root: Path, log: Path, *extra: str) -> list[str]:
@@ -110,7 +116,7 @@ def test_corrupt_image_mid_epoch_saves_an_exact_last_ckpt(root, reference, tmp_p
     With a loader that reads ahead (Lightning's fetcher does for loaders of unknown length) the
     error of batch k comes while batch k - 1 is fetched: k - 1 batches were trained, and the
     checkpoint says so (the resume starts at batch k - 1, which was never trained)."""
-    steps = reference["global_step"]
+    steps = _load(reference)["global_step"]
     victim = _image_of_batch(root, tmp_path / "probe", epoch, batch)
     intact = victim.read_bytes()
     cut = _args(root, tmp_path / "cut", "--data.init_args.num_workers", str(workers))
@@ -137,26 +143,31 @@ def test_corrupt_image_mid_epoch_saves_an_exact_last_ckpt(root, reference, tmp_p
         victim.write_bytes(intact)
     assert _load(tmp_path / "skip")["global_step"] == steps
     main(["fit", *cut, "--ckpt_path", "last"])
-    a, b = reference, _load(tmp_path / "cut")
+    a, b = _load(reference), _load(tmp_path / "cut")
     assert a["global_step"] == b["global_step"] == steps
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+    assert _logged(tmp_path / "cut") == _logged(reference)  # the same values at the same steps
 
 
-def test_no_save_where_a_resume_would_not_be_exact(root, tmp_path):
-    """Inside a gradient-accumulation window (its gradients are not in checkpoints): nothing
-    is written and the message says why."""
+@pytest.mark.parametrize("setting, why", [
+    (("--trainer.accumulate_grad_batches", "2"), "accumulation window"),
+    (("--trainer.val_check_interval", "0.5"), "mid-epoch validation"),  # after batches 3, 6
+])
+def test_no_save_where_a_resume_would_not_be_exact(root, tmp_path, setting, why):
+    """Batch 3 fails: after batch 3 of a window of 2 (its gradients are not in checkpoints), or
+    right after a mid-epoch validation (Lightning's restart would shift the later logged
+    steps). Nothing is written and the message says why."""
     victim = _image_of_batch(root, tmp_path / "probe", 0, 3)
     intact = victim.read_bytes()
     try:
         victim.write_bytes(NOT_AN_IMAGE)
         with pytest.raises(CorruptImageError, match=re.escape(str(victim))) as err:
-            main(["fit", *_args(root, tmp_path / "acc", "--trainer.accumulate_grad_batches",
-                                "2")])
+            main(["fit", *_args(root, tmp_path / "cut", *setting)])
     finally:
         victim.write_bytes(intact)
-    assert "Nothing saved to" in str(err.value) and "accumulation window" in str(err.value)
-    assert not list((tmp_path / "acc").rglob("*.ckpt"))
+    assert "Nothing saved to" in str(err.value) and why in str(err.value)
+    assert not list((tmp_path / "cut").rglob("last.ckpt"))
 
 
 def test_other_errors_and_ddp_runs_save_nothing(tmp_path):
