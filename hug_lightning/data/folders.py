@@ -91,7 +91,7 @@ def load_rgb(path: Path) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
-            f"Cannot read image file {path}: {err}. Replace or delete the file, or pass "
+            f"Cannot read image file {path}: {err}. Replace the file, or pass "
             "--data.init_args.on_corrupt skip to skip unreadable images (they are listed)."
         ) from err
 
