@@ -33,7 +33,7 @@ stage "train_bench, eager: throughput ((b0): bare LightningModule; (bcli): the c
 timeout 140 python3 bench/train_bench.py --device cuda --measure a b b0 bcli c hug --repeats 2 \
     --steps 300 --json "$OUT/throughput.json" 2>> "$OUT/bench.err" | grep "|"
 stage "train_bench, eager: NC collectors, epoch times"
-timeout 100 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
+timeout 120 python3 bench/train_bench.py --device cuda --measure nc10 nc100 eval --repeats 2 \
     --json "$OUT/nc.json" 2>> "$OUT/bench.err" | grep "|"
 stage "host profile, K=100, collectors on"
 timeout 40 python3 bench/profile_host.py --device cuda --classes 100 --epochs 3 --top 22 \
