@@ -4,6 +4,8 @@
 validation, test and predict, checkpoint extras, and logging. What a study changes is not here
 but in the hooks it calls, defined by ``ClassifierModule``:
 
+* :meth:`~ClassifierLoop.unpack_batch` (a batch's images and labels: read by ``step``,
+  ``predict_step``, the NC eval pass and ``RobustnessEvaluation``; tuples by default);
 * :meth:`~ClassifierLoop.step` (the shared step: ``loss``, ``features``, ``logits``,
   ``labels``, optionally ``terms``); every ``*_step`` detaches the features and returns the
   dict, so callbacks read it from ``outputs``;
@@ -21,6 +23,7 @@ It reads the attributes ``ClassifierModule.__init__`` sets: ``loss_guard``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import LightningModule
@@ -37,9 +40,31 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
 HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
 
 
+def unpack_batch_of(module: Any, batch: Any, needs: str | None = None) -> tuple[Any, Any]:
+    """``module.unpack_batch(batch)``, or ``(batch[0], batch[1])`` for a module without that
+    hook (a plain ``LightningModule``): how the callbacks, given any module, read a batch.
+
+    Args:
+        module: The module the batch is for.
+        batch: One batch, as its loader yields it (on the module's device).
+        needs: What needs the labels, named in the error when there are none; ``None``: none
+            is fine (``predict``).
+
+    Returns:
+        ``(images, labels)``; ``labels`` may be ``None`` only when ``needs`` is ``None``.
+    """
+    hook = getattr(module, "unpack_batch", None)
+    images, labels = hook(batch) if callable(hook) else (batch[0], batch[1])
+    if labels is None and needs is not None:
+        raise ValueError(f"{needs} needs labels, and {type(module).__name__}.unpack_batch gave "
+                         "none for this batch (override unpack_batch to read them).")
+    return images, labels
+
+
 class ClassifierLoop(LightningModule):
-    """Training, validation, test and predict steps around the hooks :meth:`step`,
-    :meth:`update_metrics` and :meth:`class_vector_geometry` (see the module docstring)."""
+    """Training, validation, test and predict steps around the hooks :meth:`unpack_batch`,
+    :meth:`step`, :meth:`update_metrics` and :meth:`class_vector_geometry` (see the module
+    docstring)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook call (about 50 times a
@@ -61,6 +86,37 @@ class ClassifierLoop(LightningModule):
         self.train_accuracy.counts = counts
 
     # ----------------------------------------------------------------- hooks (ClassifierModule)
+    def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """Split one batch into images and labels: the batch contract, in one place.
+
+        ``step`` (training, validation, test), ``predict_step``, the NC eval pass and
+        ``RobustnessEvaluation`` read batches only through this hook. Override it for a data
+        module whose batches are not ``(images, labels)`` tuples, e.g. dicts::
+
+            def unpack_batch(self, batch):
+                return batch["image"], batch.get("label")
+
+        Args:
+            batch: One batch as the loader yields it, already on the module's device.
+
+        Returns:
+            ``(images, labels)``: the default reads a tuple or list ``(images, labels, ...)``,
+            a one-element one or a bare tensor as images without labels (``None``: predict
+            only; the other stages need labels).
+
+        Raises:
+            TypeError: The batch is a mapping (a dict): which keys hold what is the data's
+                convention, so a subclass says it by overriding this hook.
+        """
+        if isinstance(batch, (list, tuple)):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        if isinstance(batch, Mapping):
+            raise TypeError(
+                f"{type(self).__name__} reads (images, labels) batches; this data module gives "
+                f"dicts (keys {sorted(map(str, batch))}): override unpack_batch in a subclass, "
+                "e.g. `return batch['image'], batch.get('label')`.")
+        return batch, None
+
     def step(self, batch: Any, stage: str) -> dict[str, Any]:
         """The shared train/val/test step (see the module docstring)."""
         raise NotImplementedError
@@ -187,11 +243,11 @@ class ClassifierLoop(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int,
                      dataloader_idx: int = 0) -> dict[str, Tensor]:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x, y = self.unpack_batch(batch)
         logits = self(x)
         result = {"pred": logits.argmax(-1), "logits": logits}
-        if isinstance(batch, (list, tuple)) and len(batch) > 1:
-            result["label"] = batch[1]
+        if y is not None:
+            result["label"] = y
         return result
 
     # ----------------------------------------------------------------- TensorBoard's HPARAMS

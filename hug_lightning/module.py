@@ -16,8 +16,9 @@ hook of this class to override in a subclass:
 carry their graph, so an override can add a feature term to the loss (``out = super().step(
 batch, stage); out["loss"] = out["loss"] + ...``). Every ``*_step`` detaches them and passes the
 dict on, so callbacks such as the neural-collapse monitor read what they need from ``outputs``
-without touching the module. The NC eval pass and ``predict``
-call :meth:`forward_features` and the head's ``logits`` directly (not :meth:`step`).
+without touching the module. The NC eval pass and ``predict`` call :meth:`forward_features`
+and the head's ``logits`` directly (not :meth:`step`); every stage reads batches through
+:meth:`unpack_batch` (``(images, labels)`` tuples by default: override it for dicts).
 
 The ``configure_*`` hooks run inside ``__init__``: a subclass sets the attributes they read
 before calling ``super().__init__()``.
@@ -40,7 +41,7 @@ from hug_lightning.compiling import HeadStep, check_compile_options
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
-from hug_lightning.loop import ClassifierLoop
+from hug_lightning.loop import ClassifierLoop, unpack_batch_of
 from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.collapse import all_reduce_sync
 from hug_lightning.metrics.functional_geometry import class_separation
@@ -226,8 +227,9 @@ class ClassifierModule(ClassifierLoop):
         return self.head.logits(self.forward_features(x))
 
     def step(self, batch: Any, stage: str) -> dict[str, Any]:
-        """Shared step: labels check, features, head loss and logits."""
-        x, y = batch[0], batch[1]
+        """Shared step: images and labels (:meth:`unpack_batch`), labels check, features, head
+        loss and logits."""
+        x, y = unpack_batch_of(self, batch, f"the {stage} step")
         first = stage not in self._labels_checked
         # a head asking for every batch (HUGHead's check_labels) cannot check inside a compiled
         # step (a graph break): checked here instead
