@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.calibration_monitor import CalibrationMonitor
+from hug_lightning.loop import unpack_batch_of
 from hug_lightning.robustness import (CORRUPTIONS, NOISE_CORRUPTIONS, CorrectCounts, Generators,
                                       corrupt, fgsm, from_pixels, image_digests,
                                       image_generators, pgd, to_pixels)
@@ -37,7 +38,8 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "shot_noise", "defocus_blur", "contrast
 class RobustnessEvaluation(Callback):
     """Adversarial (FGSM, PGD) and corruption accuracy on the test set, in pixel space.
 
-    On every test batch the images are un-normalized with the data module's ``mean`` / ``std``
+    On every test batch (read by the module's ``unpack_batch``, or as ``(images, labels)`` for
+    a module without it) the images are un-normalized with the data module's ``mean`` / ``std``
     (``[0, 1]`` assumed when it has none; a warning says so), attacked or corrupted, clamped to
     ``[0, 1]`` and normalized again. Attacks maximize ``CE(scores / attack_temperature, y)``
     through the model's own prediction scores (cosines for HUG; see ``hug_lightning.robustness``)
@@ -170,7 +172,7 @@ class RobustnessEvaluation(Callback):
                           dataloader_idx: int = 0) -> None:
         if not self.enabled or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
-        x, y = batch[0], batch[1]
+        x, y = unpack_batch_of(pl_module, batch, "RobustnessEvaluation")
         with torch.no_grad():
             has_logits = isinstance(outputs, dict) and "logits" in outputs
             scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.cli_errors import ConfigError
+from hug_lightning.loop import unpack_batch_of
 from hug_lightning.metrics.collapse import NCFeatureStats
 
 
@@ -91,8 +92,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
 
     Args:
         trainer: The running trainer (its data module and precision context).
-        pl_module: The module: ``forward_features`` and ``head.logits``; put back in the
-            training mode it had.
+        pl_module: The module: ``unpack_batch``, ``forward_features`` and ``head.logits``; put
+            back in the training mode it had.
         collector: The ``train_eval`` collector.
         buffer_batches: Batches concatenated before one collector update.
         fp32: Float32 features under an autocast precision (see the module docstring).
@@ -118,10 +119,11 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
     try:
         for batch in loader:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            images, labels = unpack_batch_of(pl_module, batch, "The NC eval pass")
             with forward_context(trainer, fp32):
-                features = pl_module.forward_features(batch[0])
+                features = pl_module.forward_features(images)
                 logits = pl_module.head.logits(features)
-            pending.append((features, batch[1], logits))
+            pending.append((features, labels, logits))
             if len(pending) >= buffer_batches:
                 flush()
         if pending:
