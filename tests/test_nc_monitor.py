@@ -34,6 +34,17 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def eval_features(cli) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained model's float32 eval-mode features (as float64) and labels over the
+    training-eval set: the reference the eval pass is checked against."""
+    model = cli.model.eval()
+    with torch.no_grad():
+        batches = [(model.forward_features(x), y) for x, y in
+                   cli.datamodule.train_eval_dataloader()]
+    assert batches[0][0].dtype == torch.float32
+    return torch.cat([f for f, _ in batches]).double(), torch.cat([y for _, y in batches])
+
+
 def test_ufm_fit_logs_collapse(tmp_path):
     cli = main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "60")])
     logged = scalars(Path(cli.trainer.log_dir))
@@ -76,11 +87,8 @@ def test_eval_pass_ncc_uses_that_passs_own_class_means(tmp_path):
     names = ("nc4_ncc_mismatch", "ncc_accuracy", "linear_accuracy")
     assert all(len(logged[f"nc/train_eval/{n}"]) == 2 for n in names)  # epochs 0 and 1
     model = cli.model.eval()
+    feats, labels = eval_features(cli)
     with torch.no_grad():
-        batches = [(model.forward_features(x), y) for x, y in
-                   cli.datamodule.train_eval_dataloader()]
-        feats = torch.cat([f for f, _ in batches]).double()
-        labels = torch.cat([y for _, y in batches])
         linear = model.head.logits(feats.float()).argmax(1)
     means = torch.stack([feats[labels == c].mean(0) for c in range(10)])
     ncc = torch.stack([((means - f) ** 2).sum(1).argmin() for f in feats])
@@ -216,13 +224,8 @@ def test_eval_pass_features_are_float32_under_bf16_mixed(tmp_path, no_checksum, 
                                   "--trainer.limit_train_batches", "2", "--nc.eval_pass", "true",
                                   "--nc.eval_pass_fp32", str(fp32).lower())])
     logged = scalars(Path(cli.trainer.log_dir))["nc/train_eval/nc1_trace_ratio"]
-    model = cli.model.eval()
-    with torch.no_grad():
-        batches = [(model.forward_features(x), y) for x, y in
-                   cli.datamodule.train_eval_dataloader()]
-    feats = torch.cat([f for f, _ in batches]).double()
-    labels = torch.cat([y for _, y in batches])
-    assert batches[0][0].dtype == torch.float32 and len(labels) == 40
+    feats, labels = eval_features(cli)
+    assert len(labels) == 40
     means = torch.stack([feats[labels == c].mean(0) for c in range(10)])
     within = (feats - means[labels]).square().sum(1).mean()
     between = (means - means.mean(0)).square().sum(1).mean()
