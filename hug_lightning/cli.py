@@ -236,8 +236,8 @@ def console_main() -> int:
     except ConfigError as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
-        print(f"hug-lightning: error: {err}\n(fix the value in the YAML or the matching "
-              "--key flag; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(f"hug-lightning: error: {err}\n(fix what it names: a YAML value or --key flag, "
+              "or a class; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
     except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError) as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
