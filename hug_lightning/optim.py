@@ -139,6 +139,27 @@ class OneCycleLR(lr_scheduler.OneCycleLR):
             cycle_momentum=False,
         )
 
+    def get_lr(self) -> list[float]:
+        """torch's rule, except that a phase of zero length ends at its end value: torch divides
+        by that length (0 when ``pct_start * total_steps`` is 1, e.g. a 4-step run at the
+        default ``pct_start`` 0.25, or at the last step when ``pct_start`` is 1)."""
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise ValueError(f"Tried to step {step} times. The specified number of total steps "
+                             f"is {self.total_steps}")
+        lrs = []
+        for group in self.optimizer.param_groups:
+            start = 0.0
+            for i, phase in enumerate(self._schedule_phases):
+                end = phase["end_step"]
+                if step <= end or i == len(self._schedule_phases) - 1:
+                    pct = (step - start) / (end - start) if end > start else 1.0
+                    lrs.append(self._anneal_func(group[phase["start_lr"]],
+                                                 group[phase["end_lr"]], pct))
+                    break
+                start = end
+        return lrs
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore progress but keep this run's length (a resumed run may be longer)."""
         total, phases = self.total_steps, self._schedule_phases

@@ -170,3 +170,17 @@ def test_reduce_on_plateau_follows_a_logged_metric(tmp_path):
     config = cli.trainer.lr_scheduler_configs[0]
     assert config.monitor == "train/acc" and config.interval == "epoch"
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.1  # it reduced at least once
+
+
+@pytest.mark.parametrize("total, pct", [(4, 0.25), (10, 0.1), (5, 1.0)])
+def test_one_cycle_with_a_one_step_or_whole_run_warm_up(total, pct):
+    """pct_start * total_steps == 1 (a 4-step debug run at the default 0.25) or pct_start 1:
+    torch divides by a phase of zero length (at construction, or at the run's last step)."""
+    peak, div, final = 0.2, 25.0, 1e4
+    sched = OneCycleLR(_opt((peak,)), total_steps=total, pct_start=pct)
+    cos = lambda a, b, x: b + (a - b) / 2 * (math.cos(math.pi * x) + 1)  # noqa: E731
+    if pct == 1.0:  # warm-up over the whole run, peak at the last step
+        expected = [cos(peak / div, peak, t / (total - 1)) for t in range(total)]
+    else:  # the one-step warm-up ends at step 0: the peak, then the anneal
+        expected = [cos(peak, peak / (div * final), t / (total - 1)) for t in range(total)]
+    assert [lr for (lr,) in _run(sched, total)] == pytest.approx(expected, rel=1e-12)
