@@ -12,14 +12,22 @@ from typing import Any, Iterable
 from torch import nn
 from torch.optim import Optimizer
 
-#: layer types whose parameters the ``norm`` exemption covers
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+#: layer types whose parameters the ``norm`` exemption covers (``_NormBase``: batch and instance
+#: norms, SyncBatchNorm included)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+              *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 #: the parameter kinds ``no_weight_decay`` may name
 KINDS = ("norm", "bias", "head", "embedding")
 
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def is_bias(name: str) -> bool:
+    """Whether a parameter's own name (no module prefix) names a bias vector: ``bias``, or
+    ``<something>_bias`` as ``nn.MultiheadAttention``'s ``in_proj_bias`` (torchvision's ViTs)."""
+    return name == "bias" or name.endswith("_bias")
 
 
 def check_kinds(no_weight_decay: Iterable[str]) -> tuple[str, ...]:
@@ -45,8 +53,9 @@ def parameter_groups(
         model: The module whose parameters to group (each parameter appears once, even when
             shared between submodules).
         no_weight_decay: Parameter kinds exempt from weight decay: ``norm`` (parameters of
-            normalization layers), ``bias``, ``head`` (everything under the ``head``
-            submodule), ``embedding`` (everything under the ``embedding`` submodule).
+            normalization layers, :data:`NORM_TYPES`), ``bias`` (see :func:`is_bias`),
+            ``head`` (everything under the ``head`` submodule), ``embedding`` (everything
+            under the ``embedding`` submodule).
         head_lr_scale: Learning-rate multiplier of the head's groups, stored as ``lr_scale``
             (see :func:`apply_lr_scale`); omitted when 1.
         head: Name of the head submodule.
@@ -67,7 +76,7 @@ def parameter_groups(
             in_head = _under(mod_name, head)
             kinds = {
                 "norm": isinstance(module, NORM_TYPES),
-                "bias": p_name == "bias",
+                "bias": is_bias(p_name),
                 "head": in_head,
                 "embedding": _under(mod_name, embedding),
             }

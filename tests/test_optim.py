@@ -172,6 +172,27 @@ def test_reduce_on_plateau_follows_a_logged_metric(tmp_path):
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.1  # it reduced at least once
 
 
+class _Attention(nn.Module):
+    """Layers of torchvision's ViT (MultiheadAttention: ``in_proj_bias``) and norms that are not
+    batch, group or layer norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.rms = nn.RMSNorm(4)
+
+
+@pytest.mark.parametrize("exempt", ["bias", "norm"])
+def test_bias_and_norm_exemptions_cover_attention_and_instance_norms(exempt):
+    net = _Attention()
+    expected = {"bias": {net.attn.in_proj_bias, net.attn.out_proj.bias, net.inorm.bias},
+                "norm": {net.inorm.weight, net.inorm.bias, net.rms.weight}}[exempt]
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(net, [exempt])}
+    assert groups["body_no_decay"] == {id(p) for p in expected}
+    assert groups["body"] == {id(p) for p in net.parameters()} - groups["body_no_decay"]
+
+
 @pytest.mark.parametrize("total, pct", [(4, 0.25), (10, 0.1), (5, 1.0)])
 def test_one_cycle_with_a_one_step_or_whole_run_warm_up(total, pct):
     """pct_start * total_steps == 1 (a 4-step debug run at the default 0.25) or pct_start 1:
