@@ -58,12 +58,28 @@ def resolve_total_steps(total_steps: int | None, who: str) -> int:
 
 
 def run_length(trainer: Any, interval: str) -> int:
-    """The run's length in scheduler steps: ``trainer.max_epochs`` (``epoch``) or the optimizer
-    steps Lightning estimates (``step``; -1 when unbounded)."""
+    """The run's length in scheduler steps (-1 when unbounded: :func:`resolve_total_steps`
+    explains): the optimizer steps Lightning estimates (``step``), or the epochs that train
+    (``epoch``: :func:`run_epochs`)."""
     if interval == "epoch":
-        return int(trainer.max_epochs or 1)
+        return run_epochs(trainer)
     steps = trainer.estimated_stepping_batches  # inf without max_epochs/max_steps
-    return int(steps) if math.isfinite(steps) else -1  # -1: resolve_total_steps explains
+    return int(steps) if math.isfinite(steps) else -1
+
+
+def run_epochs(trainer: Any) -> int:
+    """The epochs a run trains, the last one possibly cut short: ``trainer.max_epochs``, or
+    fewer when ``trainer.max_steps`` ends the run first (then ``ceil(max_steps / optimizer
+    steps per epoch)``); -1 when unbounded."""
+    epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps not in (None, -1) and getattr(trainer, "train_dataloader", 0) is None:
+        trainer.fit_loop.setup_data()  # as estimated_stepping_batches does, but for max_epochs -1
+    batches = getattr(trainer, "num_training_batches", math.inf)
+    if max_steps not in (None, -1) and 0 < batches < math.inf:
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        epochs = min(epochs, math.ceil(max_steps / per_epoch))
+    return max(1, int(epochs)) if math.isfinite(epochs) else -1  # as Lightning: max_epochs 0
 
 
 def build_optimizers(groups: list[dict[str, Any]], optimizer: Callable[..., Optimizer],
