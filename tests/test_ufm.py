@@ -48,3 +48,26 @@ def test_free_features_size_from_data_and_checkpoint():
         feats.bind_data(UFMDataModule(num_classes=3, samples_per_class=3))
     with pytest.raises(RuntimeError, match="not sized"):
         FreeFeatures(dim=4)(torch.tensor([0]))
+
+
+def test_free_features_start_uniform_in_the_papers_range():
+    """U(-1/sqrt(d), 1/sqrt(d)) (hug-method.md, section 5): the bound is reached, not passed."""
+    weight = FreeFeatures(dim=64, num_samples=500, seed=0).weight.detach()
+    bound = 1 / math.sqrt(64)
+    assert bound * 0.999 < float(weight.abs().max()) <= bound
+    assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.01)  # uniform's std
+
+
+@pytest.mark.slow
+def test_ufm_cross_entropy_reaches_the_simplex(tmp_path):
+    """ufm_ce.yaml's stated result (no test ran it): classifier rows at the simplex ETF,
+    features collapsed to their class means (about 20 s on a CPU)."""
+    cli = main(["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    unit = torch.nn.functional.normalize(cli.model.head.class_vectors.detach().double(), dim=1)
+    cos = (unit @ unit.T)[~torch.eye(len(unit), dtype=torch.bool)]
+    assert float(cos.max()) == pytest.approx(-1 / 9, abs=1e-3)
+    assert float(cos.min()) == pytest.approx(-1 / 9, abs=1e-3)  # equiangular, not just the min
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/acc"]) == 1.0
+    assert float(metrics["nc/train_eval/nc1_pinv"]) < 1e-3
