@@ -234,3 +234,19 @@ def test_eval_pass_features_are_float32_under_bf16_mixed(tmp_path, no_checksum, 
         assert logged == [pytest.approx(want, rel=1e-5)]
     else:  # bf16 rounding of every feature coordinate
         assert abs(logged[0] - want) > 1e-4 * want
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_eval_pass_runs_under_true_precisions(tmp_path, no_checksum, precision):
+    """Found by an audit: the eval pass fed the loader's float32 images to a bf16 / float64
+    model (Lightning's loops convert inputs with the precision plugin; the pass did not), so
+    ``--trainer.precision bf16-true`` or ``64-true`` with ``--nc.eval_pass true`` crashed at
+    the end of the first epoch."""
+    from conftest import tiny_args
+    from datagen import write_cifar10_torchvision
+
+    root = write_cifar10_torchvision(tmp_path / "data", train_per_class=5, test_per_class=1)
+    cli = main(["fit", *tiny_args(root, tmp_path / "logs", "--trainer.precision", precision,
+                                  "--trainer.limit_train_batches", "2", "--nc.eval_pass", "true")])
+    logged = scalars(Path(cli.trainer.log_dir))["nc/train_eval/nc1_trace_ratio"]
+    assert len(logged) == 1 and logged[0] == logged[0]  # one epoch, not NaN

@@ -118,6 +118,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
 
     try:
         for batch in loader:
+            # as Lightning's loops do: the precision's input dtype (bf16-true, 64-true)
+            batch = trainer.precision_plugin.convert_input(batch)
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             images, labels = unpack_batch_of(pl_module, batch, "The NC eval pass")
             with forward_context(trainer, fp32):
