@@ -127,8 +127,11 @@ class LastCheckpoint(ModelCheckpoint):
 
     def _save_now(self, trainer: Trainer) -> None:
         """``last.ckpt`` at this point (Lightning's own ModelCheckpoint takes either step or
-        epoch triggers, not both; every rank calls this, as ``save_checkpoint`` requires)."""
-        if not self.save_top_k or self.dirpath is None or trainer.sanity_checking:
+        epoch triggers, not both; every rank calls this, as ``save_checkpoint`` requires).
+        Nothing under ``fast_dev_run``, which disables checkpointing (its folder is then the
+        working directory)."""
+        if not self.save_top_k or self.dirpath is None or trainer.sanity_checking \
+                or trainer.fast_dev_run:
             return
         path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)

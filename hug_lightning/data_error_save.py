@@ -81,7 +81,8 @@ def save_after_data_error(callback: Any, trainer: Trainer, exception: BaseExcept
         exception: The exception; only a :class:`BadDataError` is acted on.
     """
     if not isinstance(exception, BadDataError) or not callback.trained_this_fit \
-            or not callback.save_top_k or callback.dirpath is None:
+            or not callback.save_top_k or callback.dirpath is None \
+            or getattr(trainer, "fast_dev_run", False):
         return  # another error, or nothing trained by this fit: the message stays as it is
     path = Path(callback.dirpath) / f"{callback.filename}{callback.FILE_EXTENSION}"
     reason = unresumable(trainer)

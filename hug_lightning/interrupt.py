@@ -259,7 +259,8 @@ class InterruptCheckpoint(Callback):
         if step_log is not None:  # step values still on their way from the device: they are
             step_log.flush(trainer)  # logged, as at the end of a fit (the run resumes after)
         self.stop.finish()
-        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
+        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None \
+                or trainer.fast_dev_run:  # checkpointing is off in a fast_dev_run
             return
         dirpath = trainer.checkpoint_callback.dirpath
         if dirpath is None:

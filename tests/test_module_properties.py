@@ -250,6 +250,18 @@ def test_last_checkpoint_step_and_epoch_saves(tmp_path, max_steps, expected):
     assert state["global_step"] == expected[-1]
 
 
+def test_fast_dev_run_writes_no_last_checkpoint(tmp_path):
+    """Found by an audit: ``fast_dev_run`` turns checkpointing off, but the step-mode and
+    end-of-training saves of ``LastCheckpoint`` (``--last.every_n_train_steps N``) went past
+    Lightning's check; with the dummy logger of a fast_dev_run their folder is
+    ``./checkpoints``, so a quick check left a ``last.ckpt`` in the working directory."""
+    last = LastCheckpoint(every_n_train_steps=1)
+    last.dirpath = str(tmp_path / "ckpt")
+    trainer = _trainer(tmp_path, None, [last], enable_checkpointing=True, fast_dev_run=3)
+    trainer.fit(_frozen_module(), _loader(batch_size=2))
+    assert trainer.global_step == 3 and not (tmp_path / "ckpt").exists()
+
+
 def test_find_last_checkpoint_picks_the_newest_run(tmp_path):
     paths = []
     for i, version in enumerate(["version_0", "version_1", "version_2"]):
