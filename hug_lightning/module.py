@@ -250,10 +250,13 @@ class ClassifierModule(ClassifierLoop):
         }
 
     # ----------------------------------------------------------------- Lightning, the loop's hooks
-    def setup(self, stage: str) -> None:
+    def configure_model(self) -> None:
+        # sized here (not in setup): weight averaging calls this before copying the model
         bind = getattr(self.backbone, "bind_data", None)  # e.g. the UFM's free features
-        if callable(bind) and self.trainer.datamodule is not None:
+        if callable(bind) and self._trainer is not None and self.trainer.datamodule is not None:
             bind(self.trainer.datamodule)
+
+    def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
             if self.loss_guard.policy == "skip" and stage == "fit":
                 raise ValueError(

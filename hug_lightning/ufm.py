@@ -63,7 +63,9 @@ class FreeFeatures(nn.Module):
                              f"{num_samples}. Use the data module it was trained with.")
         bound = self.init_scale / math.sqrt(self.num_features)
         gen = torch.Generator().manual_seed(self.seed if self.seed is not None else global_seed())
-        data = torch.rand(num_samples, self.num_features, generator=gen) * (2 * bound) - bound
+        data = torch.rand(num_samples, self.num_features, generator=gen, dtype=torch.float32,
+                          device="cpu")  # also inside Lightning's device/dtype contexts
+        data = data * (2 * bound) - bound
         self.weight = nn.Parameter(data.to(self.weight.device))
 
     def bind_data(self, datamodule: Any) -> None:

@@ -71,3 +71,17 @@ def test_ufm_cross_entropy_reaches_the_simplex(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert float(metrics["train/acc"]) == 1.0
     assert float(metrics["nc/train_eval/nc1_pinv"]) < 1e-3
+
+
+def test_weight_averaging_copies_sized_features(tmp_path):
+    """Found by an audit: the free features were sized in the module's ``setup``, which
+    Lightning calls after the callbacks' ``setup``, where ``EMAWeightAveraging`` copies the
+    model (calling ``configure_model`` first, the hook meant for it): the copy had 0 rows and
+    the first average update failed (size 0 vs N)."""
+    cli = main(["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--model.init_args.backbone.init_args.dim", "8",
+                "--data.init_args.samples_per_class", "4", "--trainer.max_epochs", "2",
+                "--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging"])
+    averaged = cli.trainer.callbacks[0]._average_model.module
+    assert averaged.backbone.weight.shape == cli.model.backbone.weight.shape == (40, 8)
