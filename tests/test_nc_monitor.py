@@ -250,3 +250,21 @@ def test_eval_pass_runs_under_true_precisions(tmp_path, no_checksum, precision):
                                   "--trainer.limit_train_batches", "2", "--nc.eval_pass", "true")])
     logged = scalars(Path(cli.trainer.log_dir))["nc/train_eval/nc1_trace_ratio"]
     assert len(logged) == 1 and logged[0] == logged[0]  # one epoch, not NaN
+
+
+def test_weight_averaging_leaves_the_training_values_alone(tmp_path):
+    """Found by an audit: with ``EMAWeightAveraging`` in ``trainer.callbacks`` (whose hooks
+    run before the monitor's), the averaged weights swapped in at the start of a validation
+    epoch were those the monitor's epoch-end training values used: class-vector metrics of
+    ``nc/train/*`` and the whole eval pass were the averaged model's in epochs with a
+    validation and the trained model's in the others. A validation must change none of them."""
+    ema = ("--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging",
+           "--trainer.callbacks.decay", "0.5", "--trainer.max_epochs", "2", "--nc.train", "true")
+    logged = []
+    for run, val in (("val", ("--trainer.check_val_every_n_epoch", "1")),
+                     ("no_val", ("--trainer.limit_val_batches", "0"))):
+        cli = main(["fit", *ufm_args(tmp_path / run, *ema, *val)])
+        logged.append({tag: values for tag, values in scalars(Path(cli.trainer.log_dir)).items()
+                       if tag.startswith(("nc/train/", "nc/train_eval/"))})
+    assert "nc/train/gnc2_min_angle_weights" in logged[1] and len(logged[1]) > 40
+    assert logged[0] == logged[1]

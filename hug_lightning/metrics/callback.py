@@ -244,14 +244,19 @@ class NeuralCollapseMonitor(Callback):
         if self.enabled:
             self._update("train", outputs)
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # validation at the end of a training epoch (inside fit, trainer.training is False
+        # here): score it against this epoch's training means, not the previous epoch's.
+        # Before every on_validation_epoch_start, where weight averaging (EMAWeightAveraging)
+        # swaps its weights in: the training values are the trained weights' in every epoch
+        if (self.enabled and not trainer.sanity_checking
+                and trainer.state.fn == TrainerFn.FITTING
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            self._finish_train(trainer, pl_module)
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        # validation at the end of a training epoch (inside fit, trainer.training is False
-        # here): score it against this epoch's training means, not the previous epoch's
-        if (trainer.state.fn == TrainerFn.FITTING
-                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
-            self._finish_train(trainer, pl_module)
         if "val" in self.collectors:
             self.collectors["val"].reset()
         self._val_norms = []
