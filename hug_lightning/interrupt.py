@@ -262,10 +262,20 @@ class InterruptCheckpoint(Callback):
         if trainer.state.fn != "fit" or trainer.checkpoint_callback is None \
                 or trainer.fast_dev_run:  # checkpointing is off in a fast_dev_run
             return
-        dirpath = trainer.checkpoint_callback.dirpath
+        dirpath = _last_folder(trainer)
         if dirpath is None:
             return
         path = Path(dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)  # every process: the save is collective
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
+
+
+def _last_folder(trainer: Trainer) -> str | None:
+    """The folder of ``last.ckpt``: the ``LastCheckpoint``'s (its epoch saves are there and
+    ``--ckpt_path last`` looks there), else that of the trainer's first checkpoint callback
+    (``trainer.checkpoint_callback``, which can be another one: ``--checkpoint.dirpath``)."""
+    from hug_lightning.checkpointing import LastCheckpoint  # which imports this module
+
+    last = [c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)]
+    return (last or [trainer.checkpoint_callback])[0].dirpath

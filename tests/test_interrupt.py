@@ -268,3 +268,16 @@ def test_step_saves_do_not_replace_the_final_epoch_end_save(small_root, tmp_path
                     == repr(b["callbacks"][key]).replace(str(tmp_path / "steps"), "<run>")), key
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_the_interrupt_save_is_the_one_resumed(small_root, tmp_path):
+    """Found by an audit: the interrupt save went to ``trainer.checkpoint_callback``'s folder,
+    the best-checkpoint callback's (or a ``ModelCheckpoint`` added to trainer.callbacks):
+    with ``--checkpoint.dirpath`` elsewhere, ``last.ckpt`` was written there and
+    ``--ckpt_path last`` resumed from the previous epoch-end save, silently losing the
+    interrupted epoch's batches. It belongs with the ``LastCheckpoint``'s saves."""
+    with pytest.raises(SIGTERMException):
+        main(["fit", *_args(small_root, tmp_path / "cut", "--checkpoint.dirpath",
+                            str(tmp_path / "best"), *_SIGNAL, "--trainer.callbacks.batch", "3")])
+    assert _final(tmp_path / "cut")["global_step"] == 10 + 4
+    assert not (tmp_path / "best" / "last.ckpt").exists()
