@@ -51,26 +51,24 @@ class PredictionWriter(BasePredictionWriter):
         return list(nested)
 
     @staticmethod
-    def _dataset_paths(trainer: Trainer) -> Sequence[str] | None:
-        """The image file of each sample, when the (single) prediction set keeps them (image
-        folders read per file, e.g. ImageNet), else ``None``."""
+    def _loader(trainer: Trainer) -> Any:
+        """The prediction loader, or ``None`` when there are several (or none)."""
         loaders = getattr(trainer, "predict_dataloaders", None)
         if isinstance(loaders, (list, tuple)):
-            if len(loaders) != 1:
-                return None
-            loaders = loaders[0]
-        paths = getattr(getattr(loaders, "dataset", None), "paths", None)
+            return loaders[0] if len(loaders) == 1 else None
+        return loaders
+
+    def _dataset_paths(self, trainer: Trainer) -> Sequence[str] | None:
+        """The image file of each sample, when the (single) prediction set keeps them (image
+        folders read per file, e.g. ImageNet), else ``None``."""
+        paths = getattr(getattr(self._loader(trainer), "dataset", None), "paths", None)
         return [str(p) for p in paths] if paths is not None else None
 
-    @staticmethod
-    def _loader_indices(trainer: Trainer, n: int) -> list[int] | None:
+    def _loader_indices(self, trainer: Trainer, n: int) -> list[int] | None:
         """The first ``n`` data set positions of a (single) prediction loader that lists them
         (``sample_indices()``, e.g. :class:`~hug_lightning.data.device_loader.DeviceBatchLoader`),
         else ``None``."""
-        loaders = getattr(trainer, "predict_dataloaders", None)
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0] if len(loaders) == 1 else None
-        listed = getattr(loaders, "sample_indices", None)
+        listed = getattr(self._loader(trainer), "sample_indices", None)
         found = listed() if callable(listed) else None
         return found[:n].tolist() if found is not None and len(found) >= n else None
 

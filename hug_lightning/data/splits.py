@@ -93,10 +93,9 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         seed: Seed of the per-class choice.
     """
     n = len(labels)
+    val_count(n, val_split)  # the checks
     if isinstance(val_split, float) and val_split.is_integer():
-        val_split = int(val_count(n, val_split))  # a count written as a float (5000.0), or 0.0
-    else:
-        val_count(n, val_split)
+        val_split = int(val_split)  # a count written as a float (5000.0), as val_count reads it
     frac = val_split / n if isinstance(val_split, int) else float(val_split)
     if frac == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
