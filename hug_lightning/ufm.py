@@ -23,7 +23,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from hug_lightning.data.loading import global_seed
+from hug_lightning.data.loading import (EpochShardSampler, ResumableDataLoader, global_seed,
+                                        next_train_batch)
 
 
 class FreeFeatures(nn.Module):
@@ -107,7 +108,7 @@ class UFMDataModule(LightningDataModule):
     Sample ``i`` has label ``i // samples_per_class``. Validation and test use the same
     samples (the UFM has no unseen data): their accuracy is the nearest-class-vector accuracy
     of the learned features. Under DDP, full batches are split across processes (rank ``r``
-    takes samples ``r, r + W, ...``); with ``batch_size`` set, Lightning's sampler shards.
+    takes samples ``r, r + W, ...``); with ``batch_size`` set, the sampler shards.
 
     Args:
         num_classes: Number of classes ``K``.
@@ -115,7 +116,8 @@ class UFMDataModule(LightningDataModule):
         batch_size: Training batch size; ``None`` trains full-batch (the paper's setting).
         steps_per_epoch: Full-batch steps per epoch (more steps per epoch means fewer
             epoch-end hooks, which dominate the time of small UFM runs); full-batch only.
-        seed: Seed of the training order when ``batch_size`` is set.
+        seed: Seed of the training order when ``batch_size`` is set (a permutation per
+            ``(seed, epoch)``, sharded under DDP as ``DistributedSampler`` does).
     """
 
     def __init__(
@@ -157,8 +159,15 @@ class UFMDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.batch_size >= self.num_samples:
             return self._full_batches(self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
+        # an order per (seed, epoch), resumable mid-epoch: a generator advanced epoch by epoch
+        # restarted at epoch 0's order in a resumed fit
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EpochShardSampler(self.dataset, world, rank, shuffle=True, seed=self.seed)
+        loader = ResumableDataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                                     next_batch_fn=lambda: next_train_batch(self.trainer))
+        loader.seed_option = "--data.init_args.seed"
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._full_batches(1)

@@ -25,7 +25,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from hug_lightning.cli_errors import ConfigError
-from hug_lightning.data.loading import EpochShardSampler, ResumableDataLoader, global_seed
+from hug_lightning.data.loading import (EpochShardSampler, ResumableDataLoader, global_seed,
+                                        next_train_batch)
 from hug_lightning.data.samplers import ShardedEvalSampler
 
 
@@ -113,10 +114,7 @@ class ClassificationDataModule(LightningDataModule):
 
     def _next_train_batch(self) -> int:
         """Index of the next training batch of the current epoch (>0 on a mid-epoch resume)."""
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return next_train_batch(self.trainer)
 
     def _train_set(self) -> Dataset:
         """The training set; a :class:`ConfigError` when ``drop_last`` would leave this process

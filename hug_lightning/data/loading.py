@@ -32,6 +32,14 @@ def global_seed(default: int = 0) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", default))
 
 
+def next_train_batch(trainer: Any) -> int:
+    """Index of the next training batch of ``trainer``'s current epoch (Lightning's restored
+    batch progress: > 0 on a mid-epoch resume; 0 outside training or without a trainer)."""
+    if trainer is None or not trainer.training:
+        return 0
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
 #: The order of epoch ``e`` under seed ``s`` is ``DistributedSampler``'s with seed
 #: ``ORDER_SEED_STRIDE * s``: with its plain ``seed + epoch``, seed 1 would replay seed 0's
 #: orders shifted by one epoch (runs meant as independent repeats would share them).
@@ -94,6 +102,9 @@ class ResumableDataLoader(DataLoader):
         **kwargs: As for ``DataLoader``.
     """
 
+    #: the option that sets the sampler's seed (named when a checkpoint's seed differs)
+    seed_option = "seed_everything"
+
     def __init__(self, *args: Any, next_batch_fn: Callable[[], int] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,7 +127,7 @@ class ResumableDataLoader(DataLoader):
         if int(state_dict.get("seed", self.sampler.seed)) != int(self.sampler.seed):
             raise ValueError(
                 f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
-                f"{self.sampler.seed}: set seed_everything to the original value to resume."
+                f"{self.sampler.seed}: set {self.seed_option} to the original value to resume."
             )
         saved = state_dict.get("batch_size")
         if saved is not None and int(saved) != int(self.batch_size or 1) \

@@ -1,0 +1,74 @@
+"""Resumed = uninterrupted, where earlier tests did not look (the UFM's mini-batch order)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from conftest import REPO
+from hug_lightning.cli import main
+from hug_lightning.experiments.results import read_scalars
+
+
+class TermAt(Callback):
+    """SIGTERM to this process once, at the start of the batch of global step ``step``."""
+
+    def __init__(self, step: int = 7) -> None:
+        self.step, self.sent = step, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+sys.modules["tests_resume_callbacks"] = type(sys)("tests_resume_callbacks")
+sys.modules["tests_resume_callbacks"].TermAt = TermAt
+_TERM_AT_7 = ("--trainer.callbacks+", "tests_resume_callbacks.TermAt")
+
+
+def _ufm(log: Path, *extra: str) -> list[str]:
+    """A small mini-batch UFM run (40 samples, batches of 8: 5 steps per epoch)."""
+    return ["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+            "--trainer.logger.init_args.save_dir", str(log),
+            "--model.init_args.backbone.init_args.dim", "8",
+            "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "8",
+            "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.log_every_n_steps", "1", "--nc.figures_every", "0", *extra]
+
+
+def _final(log: Path) -> dict:
+    ckpt = next(log.glob("ufm_ce/version_0/checkpoints/last.ckpt"))
+    return torch.load(ckpt, weights_only=True)
+
+
+def _assert_one_run(ref: Path, cut: Path) -> None:
+    a, b = _final(ref), _final(cut)
+    assert a["global_step"] == b["global_step"] == 15
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    logged = [{tag: values for tag, values in read_scalars(log / "ufm_ce" / "version_0").items()
+               if not tag.startswith("hp/")} for log in (ref, cut)]
+    assert "train/loss" in logged[0] and logged[0] == logged[1]
+
+
+@pytest.mark.parametrize("mid_epoch", [False, True])
+def test_ufm_mini_batch_resume_is_exact(tmp_path, mid_epoch):
+    """Found by an audit: the mini-batch UFM shuffled with one generator made per fit and
+    advanced by each epoch, so a resumed fit replayed epoch 0's order in epoch k (and a
+    mid-epoch resume restarted the epoch with another order)."""
+    main(_ufm(tmp_path / "ref"))
+    if mid_epoch:  # interrupted at step 7 (inside epoch 1)
+        with pytest.raises(SIGTERMException):
+            main(_ufm(tmp_path / "cut", *_TERM_AT_7))
+    else:  # fit 1 epoch, then resume to 3
+        main(_ufm(tmp_path / "cut", "--trainer.max_epochs", "1"))
+    main(_ufm(tmp_path / "cut", "--ckpt_path", "last"))
+    _assert_one_run(tmp_path / "ref", tmp_path / "cut")
