@@ -1,4 +1,5 @@
-"""Resumed = uninterrupted, where earlier tests did not look (the UFM's mini-batch order)."""
+"""Resumed = uninterrupted, where earlier tests did not look: the UFM's mini-batch order, the
+device-resident loader's checks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import REPO
 from hug_lightning.cli import main
+from hug_lightning.data.device_loader import DeviceBatchLoader
+from hug_lightning.data.loading import EpochShardSampler
 from hug_lightning.experiments.results import read_scalars
 
 
@@ -72,3 +75,20 @@ def test_ufm_mini_batch_resume_is_exact(tmp_path, mid_epoch):
         main(_ufm(tmp_path / "cut", "--trainer.max_epochs", "1"))
     main(_ufm(tmp_path / "cut", "--ckpt_path", "last"))
     _assert_one_run(tmp_path / "ref", tmp_path / "cut")
+
+
+def _device_loader(batch_size: int, next_batch: int) -> DeviceBatchLoader:
+    images, labels = torch.zeros(16, 3, 32, 32, dtype=torch.uint8), torch.arange(16) % 4
+    return DeviceBatchLoader(images, labels, batch_size, (0, 0, 0), (1, 1, 1), "cpu",
+                             sampler=EpochShardSampler(labels, seed=0),
+                             next_batch_fn=lambda: next_batch)
+
+
+def test_device_loader_refuses_a_mid_epoch_resume_with_another_batch_size():
+    """Found by an audit: the CPU loader refused it, the device-resident one took the rest of
+    the epoch at the new batch size's offset (samples repeated or skipped, silently)."""
+    state = _device_loader(4, 0).state_dict()
+    _device_loader(4, 2).load_state_dict(state)  # same size: fine
+    _device_loader(8, 0).load_state_dict(state)  # saved at an epoch end: fine
+    with pytest.raises(ValueError, match="batch_size 4 per process; this run uses 8"):
+        _device_loader(8, 1).load_state_dict(state)

@@ -31,7 +31,7 @@ from hug_lightning.data.augment import (
     pad_crop_flip,
     sample_keys,
 )
-from hug_lightning.data.loading import EpochShardSampler
+from hug_lightning.data.loading import EpochShardSampler, check_resumed_batch_size
 
 
 class DeviceBatchLoader:
@@ -141,13 +141,17 @@ class DeviceBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         if self.sampler is None:
             return {"epoch": 0}
-        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed)}
+        return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed),
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose data order came from another seed (as the CPU path)."""
+        """Refuse a checkpoint whose data order came from another seed, or that stopped inside
+        an epoch with another batch size (as the CPU path)."""
         seed = getattr(self.sampler, "seed", None)
         if seed is not None and int(state_dict.get("seed", seed)) != int(seed):
             raise ValueError(
                 f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
                 f"{seed}: set seed_everything to the original value to resume."
             )
+        if self.sampler is not None:
+            check_resumed_batch_size(state_dict, self.batch_size, self.next_batch_fn)

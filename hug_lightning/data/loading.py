@@ -129,11 +129,27 @@ class ResumableDataLoader(DataLoader):
                 f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
                 f"{self.sampler.seed}: set {self.seed_option} to the original value to resume."
             )
-        saved = state_dict.get("batch_size")
-        if saved is not None and int(saved) != int(self.batch_size or 1) \
-                and self.next_batch_fn is not None and self.next_batch_fn() > 0:
-            raise ValueError(
-                f"The checkpoint stopped inside an epoch with batch_size {saved} per process; this "
-                f"run uses {self.batch_size}, so the rest of that epoch would repeat or skip "
-                "samples. Resume with the original --data.init_args.batch_size (change it "
-                "from a checkpoint saved at an epoch end).")
+        check_resumed_batch_size(state_dict, int(self.batch_size or 1), self.next_batch_fn)
+
+
+def check_resumed_batch_size(state_dict: dict[str, Any], batch_size: int,
+                             next_batch_fn: Callable[[], int] | None) -> None:
+    """Refuse a mid-epoch resume at another batch size (the rest of the epoch starts at
+    ``next batch x batch_size``, so samples would repeat or be skipped).
+
+    Args:
+        state_dict: The training loader's saved state (``batch_size``: absent in old ones).
+        batch_size: This run's batch size per process.
+        next_batch_fn: The index of the next batch of the restored epoch (0: an epoch end).
+
+    Raises:
+        ValueError: The batch sizes differ and the checkpoint is inside an epoch.
+    """
+    saved = state_dict.get("batch_size")
+    if saved is not None and int(saved) != batch_size \
+            and next_batch_fn is not None and next_batch_fn() > 0:
+        raise ValueError(
+            f"The checkpoint stopped inside an epoch with batch_size {saved} per process; this "
+            f"run uses {batch_size}, so the rest of that epoch would repeat or skip "
+            "samples. Resume with the original --data.init_args.batch_size (change it "
+            "from a checkpoint saved at an epoch end).")
