@@ -1,5 +1,6 @@
 """Resumed = uninterrupted, where earlier tests did not look: the UFM's mini-batch order, the
-device-resident loader's checks."""
+loaders' checks of a resumed checkpoint (device-resident loader, a schedule sized by the
+trainer)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from conftest import REPO
+from conftest import REPO, tiny_args
+from datagen import CIFAR10_CLASSES, write_image_folder
 from hug_lightning.cli import main
 from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler
@@ -92,3 +94,28 @@ def test_device_loader_refuses_a_mid_epoch_resume_with_another_batch_size():
     _device_loader(8, 0).load_state_dict(state)  # saved at an epoch end: fine
     with pytest.raises(ValueError, match="batch_size 4 per process; this run uses 8"):
         _device_loader(8, 1).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("resume"), CIFAR10_CLASSES,
+                              train_per_class=10, test_per_class=3)
+
+
+@pytest.mark.parametrize("device_resident", ["false", "true"])
+def test_loader_checks_run_with_a_schedule_sized_by_the_trainer(small_root, tmp_path,
+                                                                 device_resident):
+    """Found by an audit: with the shipped configs' OneCycleLR, whose length comes from
+    ``trainer.estimated_stepping_batches``, Lightning set the training data up before it
+    restored the checkpoint and never gave the loaders their saved states (Lightning issue
+    #20550): a mid-epoch resume at another batch size or with another seed went on silently."""
+    def fit(*extra: str) -> None:
+        main(["fit", *tiny_args(small_root, tmp_path, "--trainer.limit_train_batches", "1.0",
+                                "--data.init_args.device_resident", device_resident,
+                                "--data.init_args.batch_size", "16", *extra)])
+
+    fit("--trainer.max_steps", "2", "--last.every_n_train_steps", "1")  # inside epoch 0
+    with pytest.raises(ValueError, match="batch_size 16 per process; this run uses 8"):
+        fit("--data.init_args.batch_size", "8", "--ckpt_path", "last")
+    with pytest.raises(ValueError, match="used seed 0, this run uses 1"):
+        fit("--seed_everything", "1", "--ckpt_path", "last")

@@ -37,7 +37,26 @@ def next_train_batch(trainer: Any) -> int:
     batch progress: > 0 on a mid-epoch resume; 0 outside training or without a trainer)."""
     if trainer is None or not trainer.training:
         return 0
+    load_pending_loader_states(trainer)
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+def load_pending_loader_states(trainer: Any) -> None:
+    """Give the training loaders the states saved in the checkpoint being resumed, where
+    Lightning has not (called when an epoch's iteration starts).
+
+    Lightning loads them when it sets up the training data after restoring the fit loop; a
+    schedule sized by ``trainer.estimated_stepping_batches`` (``OneCycleLR``,
+    ``WarmupCosineLR``) sets the data up earlier, in ``configure_optimizers``, and the states
+    were never loaded (Lightning issue #20550), nor the loaders' seed and batch-size checks run.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    states = getattr(loop, "_combined_loader_states_to_load", None)
+    combined = getattr(loop, "_combined_loader", None)
+    if not states or combined is None:
+        return
+    loop._combined_loader_states_to_load = []  # first: the loaders' checks call back here
+    combined._load_state_dicts(states)
 
 
 #: The order of epoch ``e`` under seed ``s`` is ``DistributedSampler``'s with seed
