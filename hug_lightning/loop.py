@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
@@ -59,6 +60,15 @@ def unpack_batch_of(module: Any, batch: Any, needs: str | None = None) -> tuple[
         raise ValueError(f"{needs} needs labels, and {type(module).__name__}.unpack_batch gave "
                          "none for this batch (override unpack_batch to read them).")
     return images, labels
+
+
+def resumed_in_place(trainer: Any) -> bool:
+    """Whether ``trainer`` resumes a checkpoint of its own log folder (``--ckpt_path last``)."""
+    ckpt, logger = getattr(trainer, "ckpt_path", None), getattr(trainer, "logger", None)
+    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+    if not ckpt or not log_dir:
+        return False
+    return Path(log_dir).resolve() in Path(str(ckpt)).resolve().parents
 
 
 class ClassifierLoop(LightningModule):
@@ -257,7 +267,8 @@ class ClassifierLoop(LightningModule):
 
     def on_fit_start(self) -> None:
         self.step_log.clear()  # anything left by a fit that died
-        self._declare_hp_metrics()
+        if not resumed_in_place(self.trainer):  # there, the first fit declared them (again:
+            self._declare_hp_metrics()  # NaN at step 0, after the run's later values)
 
     def on_test_start(self) -> None:
         self._declare_hp_metrics()

@@ -119,3 +119,30 @@ def test_loader_checks_run_with_a_schedule_sized_by_the_trainer(small_root, tmp_
         fit("--data.init_args.batch_size", "8", "--ckpt_path", "last")
     with pytest.raises(ValueError, match="used seed 0, this run uses 1"):
         fit("--seed_everything", "1", "--ckpt_path", "last")
+
+
+def _every_write(run: Path) -> dict[str, list[int]]:
+    """The steps of every scalar write of a run folder, all event files, duplicates kept
+    (TensorBoard's reader would hide them)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: dict[str, list[int]] = {}
+    for path in sorted(run.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.HasField("simple_value") or value.HasField("tensor"):
+                    steps.setdefault(value.tag, []).append(int(event.step))
+    return steps
+
+
+def test_a_resume_in_place_writes_each_step_once(tmp_path):
+    """Found by an audit: a fit resumed into its own folder declared the HPARAMS metrics
+    again, a second (NaN) ``hp/val_acc_best`` and ``hp/test_acc`` at step 0 after the run's
+    later values (the HPARAMS tab shows NaN for the run until its next validation)."""
+    main(_ufm(tmp_path / "ref"))
+    with pytest.raises(SIGTERMException):
+        main(_ufm(tmp_path / "cut", *_TERM_AT_7))
+    main(_ufm(tmp_path / "cut", "--ckpt_path", "last"))
+    ref, cut = (_every_write(log / "ufm_ce" / "version_0") for log in (tmp_path / "ref",
+                                                                       tmp_path / "cut"))
+    assert ref["hp/val_acc_best"][0] == 0 and cut == ref
