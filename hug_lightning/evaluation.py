@@ -150,7 +150,9 @@ class RobustnessEvaluation(Callback):
         def fn(pixels: Tensor) -> Tensor:
             return self._forward(trainer, pl_module, self.from_pixels(pixels, x.dtype))
 
-        was_training = pl_module.training  # attacks run in eval mode: BatchNorm untouched
+        # attacks run in eval mode (BatchNorm untouched); every submodule's own mode is put
+        # back after, so a frozen (eval-mode) part of a training model stays frozen
+        modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
             with torch.inference_mode(False), torch.enable_grad():  # the attacks clone x, y
@@ -162,7 +164,8 @@ class RobustnessEvaluation(Callback):
                               self.random_start, generator, temperature=t)
                 return self.from_pixels(adv, x.dtype)
         finally:
-            pl_module.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.counts = self.counts.to(pl_module.device)  # the model is on its device by now

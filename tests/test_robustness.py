@@ -218,3 +218,19 @@ def test_bad_budgets_and_batch_limits_are_errors_and_nothing_evaluated_logs_noth
     with pytest.warns(UserWarning, match="no test batch was evaluated"):
         cb.on_test_epoch_end(None, module)
     assert logged == {}
+
+
+def test_callback_attack_restores_every_submodules_mode():
+    """A model in train mode with a frozen (eval-mode) BatchNorm, as in fine-tuning: the
+    attack switched the whole model to eval and back to train, so the frozen BatchNorm came
+    back in train mode and its statistics moved at the next training step."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3))
+    net.train()
+    net[1].eval()
+    before = [m.training for m in net.modules()]
+    cb = RobustnessEvaluation()
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    for attack in ("fgsm", "pgd"):
+        cb.adversarial(net, x, y, attack, EPS, torch.Generator().manual_seed(0))
+        assert [m.training for m in net.modules()] == before, attack
