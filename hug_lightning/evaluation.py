@@ -55,7 +55,7 @@ class RobustnessEvaluation(Callback):
         attacks: Attacks to run: ``fgsm`` and/or ``pgd`` (L-infinity).
         eps: Attack radii in pixel units (``8/255`` ...); 0 gives the clean accuracy.
         pgd_steps: Number of PGD steps.
-        pgd_step_size: PGD step length; ``None``: ``eps / 4``.
+        pgd_step_size: PGD step length (positive, pixel units); ``None``: ``eps / 4``.
         random_start: Start PGD from a uniform point of the eps-ball.
         attack_temperature: ``T`` of the attack loss ``CE(scores / T, y)``; 1 suits logits,
             and for HUG's cosines gives a cosine-margin loss.
@@ -91,6 +91,8 @@ class RobustnessEvaluation(Callback):
         if pgd_steps < 1 or attack_temperature <= 0 or (max_batches is not None
                                                         and max_batches < 1):
             bad.append("pgd_steps, attack_temperature and max_batches must be positive")
+        if pgd_step_size is not None and not pgd_step_size > 0:
+            bad.append(f"pgd_step_size {pgd_step_size} must be positive (or null: eps / 4)")
         if bad:
             raise ValueError(f"RobustnessEvaluation: invalid arguments {bad}; attacks: fgsm, "
                              f"pgd; corruptions: {', '.join(CORRUPTIONS)}; eps in [0, 1] "

@@ -132,7 +132,7 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         y: Labels ``(B,)``.
         eps: L-infinity radius in pixel units; 0 returns a copy of ``x``.
         steps: Number of gradient steps.
-        step_size: Step length; ``None``: ``eps / 4``.
+        step_size: Step length, positive, in pixel units; ``None``: ``eps / 4``.
         random_start: Start from a uniform point of the eps-ball (drawn with ``generator``).
         generator: Random generator of the start (any device), or one per image; ``None``:
             the global one.
@@ -147,6 +147,9 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
     alpha = eps / 4 if step_size is None else float(step_size)
+    if step_size is not None and not alpha > 0:
+        raise ValueError(f"step_size must be positive (pixel units, e.g. 2 / 255) or None "
+                         f"(eps / 4), got {step_size}.")
     with torch.inference_mode(False), torch.enable_grad():
         x0, y0 = x.detach().clone().clamp_(0, 1), y.detach().clone()
         if eps == 0:

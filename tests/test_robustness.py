@@ -234,3 +234,16 @@ def test_callback_attack_restores_every_submodules_mode():
     for attack in ("fgsm", "pgd"):
         cb.adversarial(net, x, y, attack, EPS, torch.Generator().manual_seed(0))
         assert [m.training for m in net.modules()] == before, attack
+
+
+def test_pgd_step_size_must_be_positive():
+    """A negative step size descended the loss (robust accuracy above the clean one) and 0 left
+    the start unchanged, both silently."""
+    net = Net().eval()
+    x, y = make_data(8)
+    for bad in (-EPS / 4, 0.0):
+        with pytest.raises(ValueError, match="step_size must be positive"):
+            pgd(net, x, y, EPS, steps=2, step_size=bad)
+        with pytest.raises(ValueError, match="invalid arguments"):
+            RobustnessEvaluation(pgd_step_size=bad)
+    RobustnessEvaluation(pgd_step_size=EPS / 8)
