@@ -102,6 +102,10 @@ class CalibrationMonitor(Callback):
         out = pl_module.all_gather(pad)
         return torch.cat([out[r, : int(n)] for r, n in enumerate(sizes)]).cpu()
 
+    def _at_bound(self) -> bool:
+        low, high = self.bounds
+        return not low * 1.05 < self.temperature < high / 1.05
+
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Gather the epoch's scores, fit ``T`` (validation) and log ECE / NLL."""
         k = int(getattr(pl_module, "num_classes", 1))  # shape of an empty shard
@@ -114,8 +118,7 @@ class CalibrationMonitor(Callback):
         if stage == "val" and self.fit_temperature:
             self.temperature = cal.fit_temperature(logits, labels, self.bounds)
             self.fitted, self.fitted_on = True, "test" if self._val_is_test else "val"
-            low, high = self.bounds
-            if not low * 1.05 < self.temperature < high / 1.05:
+            if self._at_bound():
                 rank_zero_warn(
                     f"CalibrationMonitor: the fitted temperature {self.temperature:.4g} is at "
                     f"its search bound {self.bounds} ({logits.shape[0]} validation samples): "
@@ -128,6 +131,11 @@ class CalibrationMonitor(Callback):
         elif stage == "test" and self.fitted_on == "test":
             rank_zero_warn("CalibrationMonitor: this temperature was fitted on the test split "
                            "(the run had val_split 0): test/ece and test/nll are optimistic.")
+        if stage == "test" and self.fitted and self._at_bound():
+            rank_zero_warn(f"CalibrationMonitor: the temperature {self.temperature:.4g} behind "
+                           f"test/ece and test/nll is at its search bound {self.bounds}: the "
+                           "validation scores it was fitted on carried no usable confidence, "
+                           "so these values mean little.")
         t = self.temperature
         for name, value in (
             ("ece", cal.expected_calibration_error(logits, labels, t, self.n_bins)),

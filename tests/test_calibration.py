@@ -227,3 +227,27 @@ def test_temperature_at_its_search_bound_is_reported():
     with pytest.warns(UserWarning, match=r"temperature 0\.001 is at its search bound"):
         logged = _finish(CalibrationMonitor(), "val", separable, labels)
     assert logged["val/temperature"] == pytest.approx(1e-3)
+
+
+def test_temperature_at_its_search_bound_is_reported_at_test_time():
+    """The README says a T at its search bound is reported at test time; only the validation
+    epoch that fitted it warned, so `test --ckpt_path` printed test/ece with T = 1e-3 silently."""
+    import warnings
+    labels = torch.arange(4) % 2
+    separable = torch.nn.functional.one_hot(labels, 2).float() * 50
+    fit = CalibrationMonitor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _finish(fit, "val", separable, labels)
+    test = CalibrationMonitor()
+    test.load_state_dict(fit.state_dict())
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(50, 2, generator=g), torch.randint(0, 2, (50,), generator=g)
+    with pytest.warns(UserWarning, match=r"temperature 0\.001 .*at its search bound"):
+        logged = _finish(test, "test", logits, y)
+    assert logged["test/temperature"] == pytest.approx(1e-3)
+    inside = CalibrationMonitor()
+    inside.load_state_dict({"temperature": 0.2, "fitted": True, "fitted_on": "val"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _finish(inside, "test", logits, y)  # an ordinary T: no warning
