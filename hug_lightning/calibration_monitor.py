@@ -52,6 +52,9 @@ class CalibrationMonitor(Callback):
         super().__init__()
         if temperature <= 0 or n_bins < 1:
             raise ValueError("temperature and n_bins must be positive.")
+        if not 0 < float(bounds[0]) < float(bounds[1]):
+            raise ValueError(f"CalibrationMonitor: bounds must satisfy 0 < low < high (the "
+                             f"search interval of T, e.g. [0.001, 1000]), got {bounds}.")
         self.enabled, self.fit_temperature = enabled, fit_temperature
         self.temperature, self.fitted = float(temperature), False
         #: "test" when T was fitted on a validation set that was the test split (val_split 0)

@@ -251,3 +251,11 @@ def test_temperature_at_its_search_bound_is_reported_at_test_time():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _finish(inside, "test", logits, y)  # an ordinary T: no warning
+
+
+@pytest.mark.parametrize("bounds", [(10.0, 1.0), (0.0, 10.0), (1.0, 1.0)])
+def test_bad_search_bounds_are_refused_when_the_monitor_is_made(bounds):
+    """They were accepted, and fit_temperature raised at the end of the first validation
+    epoch, after a whole epoch of training."""
+    with pytest.raises(ValueError, match=r"bounds must satisfy 0 < low < high"):
+        CalibrationMonitor(bounds=bounds)
