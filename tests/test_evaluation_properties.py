@@ -408,3 +408,21 @@ def test_ece_puts_saturated_confidences_in_the_last_bin():
     assert conf[0] == 1.0
     expected = abs(3 / 4 - conf.mean().item())  # one bin: |acc - mean confidence|
     assert expected_calibration_error(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ece_confidences_on_a_bin_edge_go_to_the_lower_bin():
+    """A confidence of exactly b/n belongs to bin (b-1)/n..b/n (Guo et al.'s (lo, hi] bins):
+    ties of two (0.5) or four (0.25) classes land on the edges of 4 bins. Kills a floor
+    instead of ceil - 1 in the bin index (the ties would join the bin above)."""
+    logits = torch.tensor([[0.0, 0.0, -50.0, -50.0]] * 2 + [[0.847298, 0.0, -50.0, -50.0]] * 2
+                          + [[0.0, 0.0, 0.0, 0.0]] * 2)
+    labels = torch.tensor([0, 0, 1, 1, 0, 0])  # conf 0.5 right, conf 0.7 wrong, conf 0.25 right
+    probs = torch.softmax(logits, -1)
+    assert probs.max(-1).values[[0, 4]].tolist() == [0.5, 0.25]  # exactly on edges
+    conf = probs.max(-1).values.double()
+    # by hand: bins (0, .25]: 2 right at .25; (.25, .5]: 2 right at .5; (.5, .75]: 2 wrong at .7
+    expected = (2 * (1 - 0.25) + 2 * (1 - 0.5) + 2 * conf[2].item()) / 6
+    got = expected_calibration_error(logits, labels, n_bins=4).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == pytest.approx(manual_ece(probs, labels, 4), abs=1e-6)
+
