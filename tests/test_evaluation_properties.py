@@ -426,3 +426,17 @@ def test_ece_confidences_on_a_bin_edge_go_to_the_lower_bin():
     assert got == pytest.approx(expected, abs=1e-6)
     assert got == pytest.approx(manual_ece(probs, labels, 4), abs=1e-6)
 
+
+def test_ece_l2_norm_is_the_root_of_the_weighted_squared_gaps():
+    g = torch.Generator().manual_seed(3)
+    logits = 2 * torch.randn(300, 4, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    conf, pred = torch.softmax(logits, -1).max(-1)
+    total = 0.0
+    for b in range(10):
+        mask = (conf > b / 10) & (conf <= (b + 1) / 10)
+        if mask.any():
+            gap = (pred[mask] == labels[mask]).double().mean() - conf[mask].double().mean()
+            total += mask.double().mean().item() * gap.item() ** 2
+    got = expected_calibration_error(logits, labels, n_bins=10, norm="l2").item()
+    assert got == pytest.approx(math.sqrt(total), abs=1e-6)
