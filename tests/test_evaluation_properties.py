@@ -440,3 +440,18 @@ def test_ece_l2_norm_is_the_root_of_the_weighted_squared_gaps():
             total += mask.double().mean().item() * gap.item() ** 2
     got = expected_calibration_error(logits, labels, n_bins=10, norm="l2").item()
     assert got == pytest.approx(math.sqrt(total), abs=1e-6)
+
+
+def test_attacks_start_from_the_clamped_input():
+    """Images slightly outside [0, 1] (an un-normalization's rounding) are clamped first: the
+    attack is the one of clamp(x), and eps = 0 returns clamp(x)."""
+    net, w, x, y = _setup(seed=4)
+    x[:, 0] += 0.3  # channel 0 above 1 in places
+    x[:, 1] -= 0.3  # channel 1 below 0 in places
+    xc = x.clamp(0, 1)
+    assert not torch.equal(x, xc)
+    ref = (xc + EPS * _grad_sign(w, xc, y, 1.0)).clamp(0, 1)
+    assert torch.allclose(fgsm(net, x, y, EPS), ref, atol=1e-12)
+    assert torch.equal(fgsm(net, x, y, 0.0), xc) and torch.equal(pgd(net, x, y, 0.0), xc)
+    adv = pgd(net, x, y, EPS, steps=3, generator=torch.Generator().manual_seed(0))
+    assert (adv - xc).abs().max() <= EPS + 1e-12 and adv.min() >= 0 and adv.max() <= 1
