@@ -455,3 +455,22 @@ def test_attacks_start_from_the_clamped_input():
     assert torch.equal(fgsm(net, x, y, 0.0), xc) and torch.equal(pgd(net, x, y, 0.0), xc)
     adv = pgd(net, x, y, EPS, steps=3, generator=torch.Generator().manual_seed(0))
     assert (adv - xc).abs().max() <= EPS + 1e-12 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_train_accuracy_counts_restore_on_rank_0_only():
+    """The checkpointed counts are the sum over processes: restored on every rank, a DDP run
+    resumed mid-epoch would count them once per process."""
+    from hug_lightning.train_accuracy import TrainAccuracy
+    acc = TrainAccuracy()
+    acc.update(torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 0, 0]))
+    ckpt: dict = {}
+    acc.save(ckpt, None)
+    assert ckpt["train_counts"].tolist() == [2, 3]
+    for rank, expected in ((0, [2, 3]), (1, [0, 0])):
+        fresh = TrainAccuracy()
+        fresh.load(dict(ckpt), rank)
+        assert fresh.counts.tolist() == expected, rank
+    fresh.load({"state_dict": {"train_counts": torch.tensor([4, 9])}}, 1)  # legacy key too
+    assert fresh.counts.tolist() == [0, 0]
+    assert acc.compute_and_reset(None).item() == pytest.approx(2 / 3)
+    assert acc.counts.tolist() == [0, 0]
