@@ -474,3 +474,26 @@ def test_train_accuracy_counts_restore_on_rank_0_only():
     assert fresh.counts.tolist() == [0, 0]
     assert acc.compute_and_reset(None).item() == pytest.approx(2 / 3)
     assert acc.counts.tolist() == [0, 0]
+
+
+def test_callback_pgd_start_follows_the_image_not_the_global_generator():
+    """PGD's random start in the callback is drawn from the per-image generators: the same
+    start for an image in a batch of 10 or of 4 + 6, whatever the global generator's state
+    (the counts-only check above missed a callback drawing it from the global generator)."""
+    pix = (torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    x, y = _norm(pix), torch.arange(10) % 3
+    starts = []
+    for seed, sizes in ((1, (10,)), (2, (4, 6))):
+        torch.manual_seed(seed)
+        cb = RobustnessEvaluation(mean=MEAN, std=STD, attacks=("pgd",), eps=(EPS,),
+                                  pgd_steps=1, corruptions=())
+        parts = []
+        for i, idx in enumerate(torch.arange(10).split(sizes)):
+            net = Recorder()
+            cb.on_test_batch_end(_trainer(), net, None, (x[idx], y[idx]), i)
+            parts.append(net.seen[1])  # seen: clean, the start (PGD's 1st step), the result
+        starts.append(torch.cat(parts))
+    assert torch.equal(starts[0], starts[1])
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    offset = starts[0] * s + m - pix  # the start, in pixels, minus the image
+    assert 0 < offset.abs().max() <= EPS + 1e-5
