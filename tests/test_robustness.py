@@ -134,8 +134,9 @@ def test_corruption_parameters_match_cifar10c_tables():
         noise = corrupt(gray, "gaussian_noise", s, g, quantize=False) - gray
         assert abs(noise.std().item() - std) < 0.03 * std
     for s, c in enumerate([500, 250, 100, 75, 50], start=1):  # Poisson: var = x / c
-        var = (corrupt(gray, "shot_noise", s, g, quantize=False) - gray).var().item()
-        assert abs(var - 0.5 / c) < 0.05 * 0.5 / c
+        diff = corrupt(gray, "shot_noise", s, g, quantize=False) - gray
+        assert abs(diff.var().item() - 0.5 / c) < 0.05 * 0.5 / c
+        assert abs(diff.mean().item()) < 0.05 * (0.5 / c) ** 0.5  # unbiased: E Poisson(xc)/c = x
     for s in range(1, 6):  # blurs preserve constants; contrast keeps channel means
         assert torch.allclose(corrupt(gray, "defocus_blur", s, quantize=False), gray)
         ramp = torch.linspace(0.1, 0.9, 32).expand(2, 3, 32, 32)
