@@ -259,3 +259,11 @@ def test_bad_search_bounds_are_refused_when_the_monitor_is_made(bounds):
     epoch, after a whole epoch of training."""
     with pytest.raises(ValueError, match=r"bounds must satisfy 0 < low < high"):
         CalibrationMonitor(bounds=bounds)
+
+
+def test_zero_or_negative_temperature_is_refused():
+    logits, labels = torch.randn(6, 3), torch.arange(6) % 3
+    for fn in (expected_calibration_error, negative_log_likelihood):
+        for t in (0.0, -1.0):
+            with pytest.raises(ValueError, match="temperature must be positive"):
+                fn(logits, labels, temperature=t)
