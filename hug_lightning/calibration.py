@@ -42,6 +42,10 @@ def _check(logits: Tensor, labels: Tensor, temperature: float) -> None:
                          f"{tuple(labels.shape)}.")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
+    k = logits.shape[1]
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < k):
+        raise ValueError(f"labels must be class indices in [0, {k}), got values from "
+                         f"{int(labels.min())} to {int(labels.max())}.")
 
 
 def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -267,3 +267,13 @@ def test_zero_or_negative_temperature_is_refused():
         for t in (0.0, -1.0):
             with pytest.raises(ValueError, match="temperature must be positive"):
                 fn(logits, labels, temperature=t)
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_labels_outside_the_classes_are_refused(bad):
+    """The ECE counted a label outside [0, K) (1-based classes, an ignore index) as a wrong
+    prediction and returned a number; the NLL and the fit failed with an IndexError."""
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, bad])
+    for fn in (expected_calibration_error, negative_log_likelihood, fit_temperature):
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
+            fn(logits, labels)
