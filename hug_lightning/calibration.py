@@ -116,6 +116,10 @@ def fit_temperature(logits: Tensor, labels: Tensor, bounds: tuple[float, float] 
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}.")
     if logits.shape[0] == 0:
         raise ValueError("fit_temperature needs at least one sample.")
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad:  # every NLL would be nan and the search would walk to the upper bound
+        raise ValueError(f"fit_temperature: {bad} of the {logits.shape[0]} score rows are not "
+                         "finite (nan or inf; a diverged model?): fit on finite scores.")
     z = logits.detach().to("cpu", torch.float64)
     y = labels.detach().to("cpu", torch.long)
 

@@ -118,7 +118,13 @@ class CalibrationMonitor(Callback):
         logits, labels = (self._gather(trainer, pl_module, t) for t in (logits, labels))
         if logits.shape[0] == 0:
             return
-        if stage == "val" and self.fit_temperature:
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        if stage == "val" and self.fit_temperature and bad:
+            rank_zero_warn(f"CalibrationMonitor: {bad} of the {logits.shape[0]} validation "
+                           "score rows are not finite (a diverged model?): the temperature is "
+                           f"not fitted this epoch (kept at {self.temperature:.4g}), and this "
+                           "epoch's ECE and NLL mean nothing.")
+        elif stage == "val" and self.fit_temperature:
             self.temperature = cal.fit_temperature(logits, labels, self.bounds)
             self.fitted, self.fitted_on = True, "test" if self._val_is_test else "val"
             if self._at_bound():

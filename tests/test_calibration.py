@@ -277,3 +277,26 @@ def test_labels_outside_the_classes_are_refused(bad):
     for fn in (expected_calibration_error, negative_log_likelihood, fit_temperature):
         with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
             fn(logits, labels)
+
+
+def test_non_finite_scores_are_not_fitted():
+    """A NaN score made every NLL NaN and the golden-section search walk to the upper bound:
+    fit_temperature returned 1000 silently and the monitor stored it, with a warning blaming an
+    untrained model or a separable validation set."""
+    import warnings
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(40, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    for value in (float("nan"), float("inf")):
+        bad = logits.clone()
+        bad[5, 1] = value
+        with pytest.raises(ValueError, match="1 of the 40 score rows are not finite"):
+            fit_temperature(bad, labels)
+        cb = CalibrationMonitor()
+        cb.load_state_dict({"temperature": 0.2, "fitted": True, "fitted_on": "val"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logged = _finish(cb, "val", bad, labels)
+        messages = [str(w.message) for w in caught]
+        assert any("not finite" in m for m in messages), messages
+        assert not any("search bound" in m for m in messages), messages
+        assert cb.temperature == 0.2 and logged["val/temperature"] == 0.2  # kept, not refitted
