@@ -127,3 +127,14 @@ def test_the_command_logs_them_on_request(cifar10_folder_root, tmp_path):
         float(brute_force(w.detach().double()).min()), abs=1e-7)
     assert 0 <= float(logged["nc/train/gnc2_ovr_dist_means"]) <= 2
     assert "nc/val/nc1_cdnv" in logged and "nc/val/gnc2_ovr_dist_mean_k_weights" not in logged
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_vectors_give_nan_not_a_linear_algebra_error(value):
+    """A nan or inf class vector (a diverged head) made eigvalsh raise a LinAlgError from
+    inside the NC monitor; the other geometry metrics give nan for such input."""
+    x = polygon(5)
+    x[2, 0] = value
+    res = one_vs_rest_distance(x)
+    assert res.rho.shape == (5,) and torch.isnan(res.rho).all() and torch.isnan(res.lower).all()
+    assert res.iterations == 0

@@ -73,7 +73,7 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
 
     Args:
         vectors: ``(K, d)`` class vectors (classifier rows or centred class means); rows are
-            scaled to unit norm; a zero row stays zero.
+            scaled to unit norm; a zero row stays zero. Any nan or inf gives nan values.
         tol: Stop when ``rho_k - lower_k <= tol`` for every class.
         max_iter: Give up after this many iterations (``rho - lower`` then says how far from
             exact the values are).
@@ -82,6 +82,9 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
         raise ValueError(f"one_vs_rest_distance: need (K >= 2, d) class vectors, got "
                          f"{tuple(vectors.shape)}")
     x = vectors.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()):  # a diverged head: nan, as the other geometry metrics
+        nan = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
+        return OneVsRest(nan, nan.clone(), 0)
     norms = x.norm(dim=1, keepdim=True)
     units = torch.where(norms > 0, x / norms.clamp_min(torch.finfo(x.dtype).tiny), x)
     k = units.shape[0]
