@@ -138,3 +138,14 @@ def test_non_finite_vectors_give_nan_not_a_linear_algebra_error(value):
     res = one_vs_rest_distance(x)
     assert res.rho.shape == (5,) and torch.isnan(res.rho).all() and torch.isnan(res.lower).all()
     assert res.iterations == 0
+
+
+def test_max_iter_is_a_cap_on_the_iterations():
+    """The solver ran in blocks of 20 between certificate checks: max_iter 5 ran 20."""
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    full = one_vs_rest_distance(x)
+    assert full.iterations > 25  # this one needs more than a block
+    for cap in (5, 25):
+        res = one_vs_rest_distance(x, max_iter=cap)
+        assert res.iterations == cap
+        assert float((res.rho - res.lower).max()) > 1e-9  # stopped before converging

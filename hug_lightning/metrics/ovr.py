@@ -101,7 +101,8 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
     y, t, it = lam, 1.0, 0
     upper, lower = _bounds(units, lam, off)
     while it < max_iter and float((upper - lower).max()) > tol:
-        for _ in range(20):  # iterations between certificate checks
+        block = min(20, max_iter - it)  # iterations between certificate checks
+        for _ in range(block):
             grad = 2.0 * (y @ gram - gram)
             new = project(y - step * grad)
             if float(((y - new) * (new - lam)).sum()) > 0:  # gradient restart (O'Donoghue-Candes)
@@ -110,6 +111,6 @@ def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
             t_next = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
             y = new + ((t - 1.0) / t_next) * (new - lam)
             lam, t = new, t_next
-        it += 20
+        it += block
         upper, lower = _bounds(units, lam, off)
     return OneVsRest(upper, lower, it)
