@@ -300,3 +300,49 @@ def test_non_finite_scores_are_not_fitted():
         assert any("not finite" in m for m in messages), messages
         assert not any("search bound" in m for m in messages), messages
         assert cb.temperature == 0.2 and logged["val/temperature"] == 0.2  # kept, not refitted
+
+
+class _LoggingStub(_Stub):
+    num_classes = 5
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log(self, key: str, value: float, **_) -> None:
+        self.logged[key] = float(value)
+
+
+def _ddp_finish_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    z, y = synthetic(301, k=5)
+    results = {}
+    for name, cut in (("rank0_shorter", 101), ("rank1_empty", 301)):
+        part = slice(0, cut) if rank == 0 else slice(cut, None)
+        cb, module = CalibrationMonitor(), _LoggingStub()
+        for start in range(part.start or 0, part.stop or 301, 64):  # batches of 64
+            stop = min(start + 64, part.stop or 301)
+            cb._collect({"logits": z[start:stop].float(), "labels": y[start:stop]})
+        cb._finish(_Stub(), module, "val")
+        results[name] = module.logged
+    torch.save(results, os.path.join(out_dir, f"finish{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_monitor_logs_the_single_process_values(tmp_path):
+    """Every rank logs what one process logs on the whole set: a shorter first shard, an
+    empty shard (the epoch end gathers; the fitted T, ECE and NLL are the whole set's)."""
+    start_workers(_ddp_finish_worker, (str(tmp_path / "init"), str(tmp_path)))
+    z, y = synthetic(301, k=5)
+    t = fit_temperature(z.float(), y)
+    single = {"val/temperature": t,
+              "val/ece": expected_calibration_error(z.float(), y, t).item(),
+              "val/ece_raw": expected_calibration_error(z.float(), y).item(),
+              "val/nll": negative_log_likelihood(z.float(), y, t).item()}
+    for r in range(2):
+        res = torch.load(tmp_path / f"finish{r}.pt")
+        for name, logged in res.items():
+            assert logged.keys() == single.keys(), name
+            for key, value in single.items():
+                assert logged[key] == pytest.approx(value, rel=1e-6), (r, name, key)
