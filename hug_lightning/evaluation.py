@@ -22,7 +22,7 @@ from torch import Tensor
 from hug_lightning.calibration_monitor import CalibrationMonitor
 from hug_lightning.loop import unpack_batch_of
 from hug_lightning.robustness import (CORRUPTIONS, NOISE_CORRUPTIONS, CorrectCounts, Generators,
-                                      corrupt, fgsm, from_pixels, image_digests,
+                                      cast_toward, corrupt, fgsm, from_pixels, image_digests,
                                       image_generators, pgd, to_pixels)
 
 # reduced over processes by the callback's own all-reduce (CorrectCounts): global already
@@ -148,9 +148,10 @@ class RobustnessEvaluation(Callback):
     def adversarial(self, pl_module: LightningModule, x: Tensor, y: Tensor, attack: str,
                     eps: float, generator: Generators = None,
                     trainer: Trainer | None = None) -> Tensor:
-        """Attacked version of the normalized batch ``x`` (normalized, same dtype as ``x``)."""
-        def fn(pixels: Tensor) -> Tensor:
-            return self._forward(trainer, pl_module, self.from_pixels(pixels, x.dtype))
+        """Attacked version of the normalized batch ``x`` (normalized, same dtype as ``x``; a
+        half-precision batch is rounded toward ``x``, so the eps-ball holds after the cast)."""
+        def fn(pixels: Tensor) -> Tensor:  # half-precision x: rounded toward x, in the ball
+            return self._forward(trainer, pl_module, cast_toward(self.from_pixels(pixels), x))
 
         # attacks run in eval mode (BatchNorm untouched); every submodule's own mode is put
         # back after, so a frozen (eval-mode) part of a training model stays frozen
@@ -164,7 +165,7 @@ class RobustnessEvaluation(Callback):
                 else:
                     adv = pgd(fn, p, y, eps, self.pgd_steps, self.pgd_step_size,
                               self.random_start, generator, temperature=t)
-                return self.from_pixels(adv, x.dtype)
+                return cast_toward(self.from_pixels(adv), x)  # what fn judged (early stop)
         finally:
             for module, training in modes:
                 module.training = training

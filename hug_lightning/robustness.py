@@ -81,6 +81,24 @@ def from_pixels(p: Tensor, mean: Sequence[float], std: Sequence[float],
     return ((p.float() - m) / s).to(dtype)
 
 
+def cast_toward(a: Tensor, x: Tensor) -> Tensor:
+    """``a`` in ``x``'s dtype, rounded toward ``x`` where rounding to nearest moves it away.
+
+    For half-precision inputs (``bf16-true``): ``|result - x| <= |a - x|`` elementwise, so a
+    perturbation computed in float32 does not grow in the cast (rounding to nearest added up to
+    half a bf16 step, ~0.5/255 in pixels). Differentiable in ``a`` (the correction is constant).
+    """
+    r = a.to(x.dtype)
+    if r.dtype == a.dtype:
+        return r
+    with torch.no_grad():
+        wide = torch.promote_types(a.dtype, torch.float32)
+        rw, xw = r.to(wide), x.to(wide)
+        away = (rw - xw).abs() > (a.to(wide) - xw).abs()
+        fix = torch.where(away, torch.nextafter(r, x), r) - r  # one step toward x
+    return r + fix
+
+
 # --------------------------------------------------------------------------- attacks
 def _input_gradient(model_fn: ModelFn, x: Tensor, y: Tensor,
                     temperature: float) -> tuple[Tensor, Tensor]:
@@ -173,6 +191,6 @@ def pgd(model_fn: ModelFn, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         return x_adv.detach()
 
 
-__all__ = ["CIFAR_C_PARAMS", "CORRUPTIONS", "NOISE_CORRUPTIONS", "CorrectCounts", "corrupt",
-           "disk_kernel", "fgsm", "from_pixels", "image_digests", "image_generators", "pgd",
-           "to_pixels"]
+__all__ = ["CIFAR_C_PARAMS", "CORRUPTIONS", "NOISE_CORRUPTIONS", "CorrectCounts",
+           "cast_toward", "corrupt", "disk_kernel", "fgsm", "from_pixels", "image_digests",
+           "image_generators", "pgd", "to_pixels"]

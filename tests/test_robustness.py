@@ -248,3 +248,30 @@ def test_pgd_step_size_must_be_positive():
         with pytest.raises(ValueError, match="invalid arguments"):
             RobustnessEvaluation(pgd_step_size=bad)
     RobustnessEvaluation(pgd_step_size=EPS / 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_callback_attack_stays_in_the_ball_for_half_precision_inputs(dtype):
+    """bf16 inputs (``bf16-true``): the attacked pixels, rounded to the nearest bf16 after
+    normalization, left the eps-ball around the clean input by up to half a bf16 step (8.6/255
+    for eps 8/255, 2.6/255 for 2/255). Rounded toward the clean input, they stay inside, and
+    early stopping judges the very images it returns."""
+    torch.manual_seed(0)
+    dm = CIFAR10DataModule
+    cb = RobustnessEvaluation(mean=dm.mean, std=dm.std)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)).eval()
+    net = net.to(dtype)
+    m, s = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
+    u8 = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    x = ((u8.float() / 255 - m) / s).to(dtype)
+    y = torch.randint(0, 10, (32,))
+    for eps in (2 / 255, 8 / 255):
+        for attack in ("fgsm", "pgd"):
+            adv = cb.adversarial(net, x, y, attack, eps, torch.Generator().manual_seed(0))
+            assert adv.dtype == dtype
+            offset = (adv.float() - x.float()) * s  # in pixels, against the clean input
+            pix = x.float() * s + m  # a rounded clean pixel may lie outside [0, 1]: the ball
+            outside = (pix - pix.clamp(0, 1)).abs()  # is about the clamped one
+            excess = (offset.abs() - outside).max()
+            assert excess <= eps + 1e-6, (attack, eps, excess * 255)
+            assert offset.abs().max() > 0.9 * eps  # it did attack
