@@ -497,3 +497,25 @@ def test_callback_pgd_start_follows_the_image_not_the_global_generator():
     m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     offset = starts[0] * s + m - pix  # the start, in pixels, minus the image
     assert 0 < offset.abs().max() <= EPS + 1e-5
+
+
+def test_callback_seed_changes_the_random_draws_and_only_them():
+    """The same seed gives the model the same noisy and PGD-start images; another seed other
+    ones (a callback ignoring its seed went unnoticed)."""
+    pix = (torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    x, y = _norm(pix), torch.arange(6) % 3
+
+    def seen(seed: int) -> list[torch.Tensor]:
+        cb = RobustnessEvaluation(mean=MEAN, std=STD, attacks=("pgd",), eps=(EPS,),
+                                  pgd_steps=1, corruptions=("gaussian_noise",), severities=(3,),
+                                  seed=seed)
+        torch.manual_seed(5)  # the same model each time
+        net = Recorder()
+        torch.manual_seed(seed + 7)  # the global generator must not matter
+        cb.on_test_batch_end(_trainer(), net, None, (x, y), 0)
+        return net.seen  # clean, PGD start, PGD result, noisy
+
+    a, b, c = seen(0), seen(0), seen(1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert torch.equal(a[0], c[0])  # the clean images
+    assert not torch.equal(a[1], c[1]) and not torch.equal(a[3], c[3])
