@@ -149,3 +149,17 @@ def test_max_iter_is_a_cap_on_the_iterations():
         res = one_vs_rest_distance(x, max_iter=cap)
         assert res.iterations == cap
         assert float((res.rho - res.lower).max()) > 1e-9  # stopped before converging
+
+
+def test_a_zero_row_inside_the_hull_is_certified_quickly():
+    """A zero row (documented: it stays zero) inside the others' hull has distance 0, reached
+    in a few iterations; its certificate stayed negative (about -1: the direction of a
+    vanishing residual means nothing), so the solver ran to max_iter (100000, 10 s for K = 6).
+    A distance is never negative: the lower bound is at least 0."""
+    x = torch.cat([polygon(5), torch.zeros(1, 2, dtype=torch.float64)])
+    res = one_vs_rest_distance(x, max_iter=2000)
+    assert float(res.rho[5]) == pytest.approx(0.0, abs=1e-9)
+    assert float((res.rho - res.lower).max()) <= 1e-9
+    assert res.iterations < 2000
+    assert torch.all(res.lower >= 0) and torch.all(res.lower <= res.rho + 1e-12)
+    assert torch.allclose(res.rho[:5], brute_force(polygon(5)), atol=1e-8)

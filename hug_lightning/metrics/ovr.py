@@ -64,7 +64,7 @@ def _bounds(units: Tensor, lam: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
     proj = h @ units.T  # <h_k, u_j>
     diffs = (proj.diagonal().unsqueeze(1) - proj).masked_fill(~off, float("inf"))
     lower = torch.where(upper > 0, diffs.min(dim=1).values, torch.zeros_like(upper))
-    return upper, lower
+    return upper, lower.clamp_min(0.0)  # a distance: 0 certifies a row inside the hull
 
 
 def one_vs_rest_distance(vectors: Tensor, tol: float = 1e-9,
