@@ -179,6 +179,10 @@ class RobustnessEvaluation(Callback):
         if not self.enabled or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
         x, y = unpack_batch_of(pl_module, batch, "RobustnessEvaluation")
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"RobustnessEvaluation needs image batches (B, C, H, W) of floats, "
+                             f"got {x.dtype} {tuple(x.shape)} (features or sample indices, as "
+                             "the UFM's?): turn it off with --robust.enabled false.")
         with torch.no_grad():
             has_logits = isinstance(outputs, dict) and "logits" in outputs
             scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]

@@ -275,3 +275,16 @@ def test_callback_attack_stays_in_the_ball_for_half_precision_inputs(dtype):
             excess = (offset.abs() - outside).max()
             assert excess <= eps + 1e-6, (attack, eps, excess * 255)
             assert offset.abs().max() > 0.9 * eps  # it did attack
+
+
+def test_callback_refuses_batches_that_are_not_images():
+    """Index or feature batches (the UFM data set) went into the pixel conversions and failed
+    deep inside an attack (a batch-size mismatch of the cross-entropy, or nextafter on Long)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(forward_context=nullcontext))
+    y = torch.zeros(8, dtype=torch.long)
+    for x in (torch.arange(8), torch.randn(8, 16)):
+        with pytest.raises(ValueError, match=r"needs image batches \(B, C, H, W\).*"
+                                             r"--robust.enabled false"):
+            RobustnessEvaluation().on_test_batch_end(trainer, nn.Identity(), None, (x, y), 0)
