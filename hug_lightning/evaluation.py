@@ -183,6 +183,10 @@ class RobustnessEvaluation(Callback):
             raise ValueError(f"RobustnessEvaluation needs image batches (B, C, H, W) of floats, "
                              f"got {x.dtype} {tuple(x.shape)} (features or sample indices, as "
                              "the UFM's?): turn it off with --robust.enabled false.")
+        if any(len(v) not in (1, x.shape[1]) for v in self._norm):
+            raise ValueError(f"RobustnessEvaluation: mean {self._norm[0]} and std "
+                             f"{self._norm[1]} do not fit {x.shape[1]}-channel images: give "
+                             f"--robust.mean and --robust.std one or {x.shape[1]} values.")
         with torch.no_grad():
             has_logits = isinstance(outputs, dict) and "logits" in outputs
             scores = [outputs["logits"] if has_logits else self._forward(trainer, pl_module, x)]

@@ -288,3 +288,19 @@ def test_callback_refuses_batches_that_are_not_images():
         with pytest.raises(ValueError, match=r"needs image batches \(B, C, H, W\).*"
                                              r"--robust.enabled false"):
             RobustnessEvaluation().on_test_batch_end(trainer, nn.Identity(), None, (x, y), 0)
+
+
+def test_callback_refuses_a_mean_or_std_of_another_channel_count():
+    """3 values on 1-channel images broadcast to 3-channel pixels (the model then failed on
+    its input); 2 values on 3 channels failed in the broadcast."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(forward_context=nullcontext))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    y = torch.zeros(2, dtype=torch.long)
+    for mean, std in (((0.5, 0.5, 0.5), (0.25,)), ((0.5,), (0.2, 0.3))):
+        cb = RobustnessEvaluation(mean=mean, std=std, attacks=("fgsm",))
+        with pytest.raises(ValueError, match="1-channel images"):
+            cb.on_test_batch_end(trainer, net, None, (torch.rand(2, 1, 4, 4), y), 0)
+    cb = RobustnessEvaluation(mean=(0.5,), std=(0.25,), attacks=("fgsm",), corruptions=())
+    cb.on_test_batch_end(trainer, net, None, (torch.rand(2, 1, 4, 4), y), 0)  # one value: fine
