@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "the runner's own options before --extra (it must come last).")
     if args.command == "list":
         return _list()
-    grid = load_grid(args.grid)
+    try:
+        grid = load_grid(args.grid)
+    except (OSError, ValueError, TypeError) as err:  # a clear line, not a traceback
+        parser.error(str(err))
     if args.command == "table":
         md = write_tables(grid, args.out, args.seeds)
         if md is None:

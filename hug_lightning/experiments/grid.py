@@ -147,8 +147,20 @@ def _check_keys(data: dict, allowed: set[str], where: str) -> None:
 
 
 def _configs(value: Any, base: Path, where: str) -> list[Path]:
+    if value is not None and not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"{where}: configs must be a file name or a list of them, got "
+                         f"{value!r}.")
     names = [value] if isinstance(value, str) else list(value or [])
     return [resolve_config(str(n), base) for n in names]
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    """The ``seeds`` list: integers (a float, a string or a bare number is an error)."""
+    values = value if isinstance(value, (list, tuple)) else [None]  # `seeds: 3`: 3 or 0-2?
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{where}: seeds must be a list of integers, e.g. [0, 1, 2]; got "
+                         f"{value!r}.")
+    return tuple(values) or (0,)
 
 
 def load_grid(name_or_path: str | Path) -> Grid:
@@ -156,14 +168,22 @@ def load_grid(name_or_path: str | Path) -> Grid:
 
     Raises:
         FileNotFoundError: The grid or one of its configs is missing.
-        ValueError: Unknown keys, bad or duplicate entry names, no entries.
+        ValueError: Not YAML, unknown keys, a value of the wrong type, bad or duplicate entry
+            names, no entries.
+        TypeError: An ``args`` field is neither a mapping nor a list.
     """
     path = find_grid(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a grid is a mapping with an `entries` list.")
     _check_keys(data, GRID_KEYS, str(path))
     common = data.get("common") or {}
+    if not isinstance(common, dict) or not isinstance(data.get("entries") or [], list):
+        raise ValueError(f"{path}: `common` must be a mapping and `entries` a list of mappings "
+                         "(see hug_lightning/experiments/grid.py).")
     _check_keys(common, COMMON_KEYS, f"{path}: common")
     base = path.parent
     common_configs = _configs(common.get("configs"), base, "common")
@@ -194,5 +214,5 @@ def load_grid(name_or_path: str | Path) -> Grid:
     name = str(data.get("name") or path.stem)
     if not NAME_RE.match(name):
         raise ValueError(f"{path}: grid name {name!r} must match {NAME_RE.pattern}.")
-    seeds = tuple(int(s) for s in (data.get("seeds") or [0]))
+    seeds = _seeds(data.get("seeds") or [0], f"{path}")
     return Grid(name, path, str(data.get("description") or "").strip(), seeds, tuple(entries))
