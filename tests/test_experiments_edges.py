@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from hug_lightning.experiments import main
 
@@ -26,3 +27,14 @@ def test_bad_grid_is_one_line_not_a_traceback(text, message, command, tmp_path, 
         main([command, str(path), "--out", str(tmp_path / "runs")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid_seeds, argv", [([0, 0, 1], []), ([5], ["--seeds", "1", "0", "1"])])
+def test_a_repeated_seed_is_one_run(grid_seeds, argv, tmp_path, capsys):
+    """Two runs of one seed share its folder: with --jobs 2 both fits wrote into it at once."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"seeds": grid_seeds, "entries": [
+        {"name": "a", "configs": ["ufm_ce.yaml"]}]}))
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path), *argv]) == 0
+    heads = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# ")]
+    assert heads == [f"# g / a / seed {s} (new)" for s in ([0, 1] if not argv else [1, 0])]

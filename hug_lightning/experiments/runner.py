@@ -119,10 +119,11 @@ class Run:
 
 
 def grid_runs(grid: Grid, seeds: Sequence[int], out: Path) -> list[Run]:
-    """All runs of a grid, entry by entry, seed by seed."""
+    """All runs of a grid, entry by entry, seed by seed (a repeated seed once: its runs would
+    share one folder)."""
     base = Path(out).resolve() / grid.name
-    return [Run(grid.name, e, int(s), base / e.name / f"seed{s}")
-            for e in grid.entries for s in seeds]
+    return [Run(grid.name, e, s, base / e.name / f"seed{s}")
+            for e in grid.entries for s in dict.fromkeys(int(s) for s in seeds)]
 
 
 def best_checkpoint(ckpt_dir: Path) -> Path:
