@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
-from hug_lightning.experiments import main
+from hug_lightning.experiments import collect_results, load_grid, main, runner, write_tables
 
 
 @pytest.mark.parametrize("text, message", [
@@ -38,3 +40,27 @@ def test_a_repeated_seed_is_one_run(grid_seeds, argv, tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "--out", str(tmp_path), *argv]) == 0
     heads = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# ")]
     assert heads == [f"# g / a / seed {s} (new)" for s in ([0, 1] if not argv else [1, 0])]
+
+
+def test_table_reads_the_runs_folders_not_their_copies(tmp_path):
+    """A copy of a run (``seed0.bak``) or of an entry (``ce_old``: kept before a rerun) made
+    the same run a second row, counted twice in the mean; a folder the runner skips as done
+    (an entry renamed by moving its folder) was left out of the table."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "seeds": [0, 1], "entries": [
+        {"name": "ce", "configs": ["ufm_ce.yaml"]}, {"name": "new", "configs": ["ufm_ce.yaml"]}]}))
+    grid = load_grid(path)
+    out = tmp_path / "runs"
+    for folder, entry, seed, acc in [("ce/seed0", "ce", 0, 0.5), ("ce/seed0.bak", "ce", 0, 0.1),
+                                     ("ce/seed00", "ce", 0, 0.1), ("ce_old/seed1", "ce", 1, 0.1),
+                                     ("ce/seed1", "ce", 1, 0.7), ("new/seed0", "old", 0, 0.9)]:
+        (out / "g" / folder).mkdir(parents=True)
+        (out / "g" / folder / "result.json").write_text(json.dumps({
+            "grid": "g", "entry": entry, "seed": seed, "fit": {}, "test": {"test/acc": acc}}))
+    found = {(r["entry"], r["seed"]): r["test"]["test/acc"] for r in collect_results(grid, out)}
+    assert found == {("ce", 0): 0.5, ("ce", 1): 0.7, ("new", 0): 0.9}
+    assert len(collect_results(grid, out)) == 3
+    assert [r["seed"] for r in collect_results(grid, out, seeds=[1])] == [1]
+    assert runner.execute(runner.grid_runs(grid, [0], out)[1]) == "skipped"  # new/seed0: done
+    md = write_tables(grid, out)
+    assert "| **ce** | **mean ± std (n=2)** | 0.6 ± 0.14 |" in md.read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,17 +23,25 @@ from hug_lightning.experiments.grid import Grid, load_grid, shipped_grids
 from hug_lightning.experiments.results import build_table, markdown, write_csv
 from hug_lightning.experiments.runner import dry_run, grid_runs, run_all
 
+SEED_FOLDER = re.compile(r"^seed(0|-?[1-9][0-9]*)$")  # a run folder, as grid_runs names it
+
 
 def collect_results(grid: Grid, out: str | Path,
                     seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """The ``result.json`` of the finished runs under ``<out>/<grid>/`` of the grid's current
-    entries (a renamed or removed entry's old folder is left out), for ``seeds`` (default:
-    every seed found)."""
+    """The ``result.json`` of the finished runs of the grid's current entries, for ``seeds``
+    (default: every seed found): the files the runner skips as done,
+    ``<out>/<grid>/<entry>/seed<k>/result.json``, each as the run of its folder (a copy such
+    as ``seed0.bak/`` or ``<entry>_old/`` is left out, as is a removed entry's folder)."""
     base = Path(out) / grid.name
-    names = {e.name for e in grid.entries}
-    results = [json.loads(p.read_text()) for p in sorted(base.glob("*/seed*/result.json"))]
-    return [r for r in results if r.get("entry") in names
-            and (seeds is None or r.get("seed") in set(seeds))]
+    results = []
+    for entry in grid.entries:
+        for path in sorted((base / entry.name).glob("seed*/result.json")):
+            match = SEED_FOLDER.match(path.parent.name)
+            seed = int(match.group(1)) if match else None
+            if seed is not None and (seeds is None or seed in set(seeds)):
+                results.append({**json.loads(path.read_text()), "entry": entry.name,
+                                "seed": seed})
+    return results
 
 
 def write_tables(grid: Grid, out: str | Path, seeds: Sequence[int] | None = None) -> Path | None:
