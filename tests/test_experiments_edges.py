@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import yaml
 
-from hug_lightning.experiments import collect_results, load_grid, main, runner, write_tables
+from hug_lightning.experiments import collect_results, load_grid, main, write_tables
+from hug_lightning.experiments import process, runner
 
 
 @pytest.mark.parametrize("text, message", [
@@ -64,3 +70,35 @@ def test_table_reads_the_runs_folders_not_their_copies(tmp_path):
     assert runner.execute(runner.grid_runs(grid, [0], out)[1]) == "skipped"  # new/seed0: done
     md = write_tables(grid, out)
     assert "| **ce** | **mean ± std (n=2)** | 0.6 ± 0.14 |" in md.read_text()
+
+
+def test_a_child_started_as_the_runner_is_interrupted_is_stopped(tmp_path, monkeypatch):
+    """With --jobs > 1 a worker can start a child between its STOP check and registering the
+    child, while the main thread stops the registered ones: that child ran on unstopped (a
+    whole fit) and the runner waited for it after Ctrl-C or SIGTERM."""
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen_then_interrupt(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        process.STOP.set()  # the main thread's interrupt, before the child is registered
+        process.stop_children(grace_s=5)
+        return proc
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen_then_interrupt)
+    process.STOP.clear()
+    rc: list[int] = []
+    worker = threading.Thread(target=lambda: rc.append(process.launch(
+        [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "child.log")))
+    try:
+        start = time.monotonic()
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the child was not stopped"
+        assert rc == [-signal.SIGTERM] and time.monotonic() - start < 20
+    finally:
+        for proc in started:
+            proc.kill()
+        worker.join()
+        process.STOP.clear()

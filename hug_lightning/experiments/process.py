@@ -40,7 +40,10 @@ def launch(cmd: list[str], log_file: Path) -> int:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         with _LOCK:
             _LIVE.add(proc)
+            late = STOP.is_set()  # interrupted while it started: stop_children missed it
         try:
+            if late:
+                _terminate([proc], GRACE_S)
             return proc.wait()
         except BaseException:
             STOP.set()
@@ -55,6 +58,11 @@ def stop_children(grace_s: float = GRACE_S) -> None:
     """SIGTERM every running child, wait up to ``grace_s`` for them, then kill the rest."""
     with _LOCK:
         procs = [p for p in _LIVE if p.poll() is None]
+    _terminate(procs, grace_s)
+
+
+def _terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM ``procs``, wait up to ``grace_s`` (or a Ctrl-C) for them, kill those left."""
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     try:
