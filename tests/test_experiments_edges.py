@@ -102,3 +102,19 @@ def test_a_child_started_as_the_runner_is_interrupted_is_stopped(tmp_path, monke
             proc.kill()
         worker.join()
         process.STOP.clear()
+
+
+def test_a_killed_fit_says_how_it_ended(tmp_path, monkeypatch, capsys):
+    """A fit ended by SIGKILL (the OOM killer) left a log without an error and the runner said
+    only FAILED: its exit status was lost."""
+    real_launch = process.launch
+    suicide = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    monkeypatch.setattr(process, "launch", lambda cmd, log_file: real_launch(suicide, log_file))
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"]}]}))
+    run = runner.grid_runs(load_grid(path), [0], tmp_path / "runs")[0]
+    assert runner.execute(run) == "failed"
+    said = capsys.readouterr().out
+    assert "fit FAILED, killed by SIGKILL (out of memory?" in said
+    assert "killed by SIGKILL" in (run.root / "fit.log").read_text()
+    assert process.describe_status(1) == "exit status 1"

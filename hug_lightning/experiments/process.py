@@ -44,7 +44,9 @@ def launch(cmd: list[str], log_file: Path) -> int:
         try:
             if late:
                 _terminate([proc], GRACE_S)
-            return proc.wait()
+            rc = proc.wait()
+            log.write(f"\n# {describe_status(rc)}\n")
+            return rc
         except BaseException:
             STOP.set()
             stop_children()
@@ -52,6 +54,18 @@ def launch(cmd: list[str], log_file: Path) -> int:
         finally:
             with _LOCK:
                 _LIVE.discard(proc)
+
+
+def describe_status(rc: int) -> str:
+    """``exit status 1``, or ``killed by SIGKILL`` for a child ended by a signal (``-9``)."""
+    if rc >= 0:
+        return f"exit status {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    hint = " (out of memory? the kernel's OOM killer sends it)" if -rc == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
 
 
 def stop_children(grace_s: float = GRACE_S) -> None:

@@ -169,10 +169,11 @@ def _recorded_command(run: Run) -> tuple[list[str], list[list[str]] | None] | No
     return None
 
 
-def _failed(run: Run, stage: str) -> str:
+def _failed(run: Run, stage: str, rc: int) -> str:
     log = run.root / f"{stage}.log"
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-    _say(f"[{run.entry.name} seed {run.seed}] {stage} FAILED (see {log}):\n{tail}")
+    _say(f"[{run.entry.name} seed {run.seed}] {stage} FAILED, {process.describe_status(rc)} "
+         f"(see {log}):\n{tail}")
     return "failed"
 
 
@@ -214,7 +215,7 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
             _say(f"{tag} fit interrupted: rerun to resume from last.ckpt")
             return "interrupted"
         if rc != 0:
-            return _failed(run, "fit")
+            return _failed(run, "fit", rc)
         best = _tested_checkpoint(run)
         _write_json(run.fit_file, {"best_ckpt": str(best), "command": first,
                                    "config_digests": first_digests})
@@ -229,7 +230,7 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
     if process.STOP.is_set():
         return "interrupted"
     if rc != 0:
-        return _failed(run, "test")
+        return _failed(run, "test", rc)
     fit = json.loads(run.fit_file.read_text())
     result = {"grid": run.grid, "entry": run.entry.name, "seed": run.seed, "best_ckpt": best,
               "fit_command": fit["command"], "fit_config_digests": fit.get("config_digests"),
