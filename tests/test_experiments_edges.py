@@ -14,6 +14,7 @@ import yaml
 
 from hug_lightning.experiments import collect_results, load_grid, main, write_tables
 from hug_lightning.experiments import process, runner
+from hug_lightning.experiments.results import build_table, markdown
 
 
 @pytest.mark.parametrize("text, message", [
@@ -118,3 +119,13 @@ def test_a_killed_fit_says_how_it_ended(tmp_path, monkeypatch, capsys):
     assert "fit FAILED, killed by SIGKILL (out of memory?" in said
     assert "killed by SIGKILL" in (run.root / "fit.log").read_text()
     assert process.describe_status(1) == "exit status 1"
+
+
+def test_a_mean_over_fewer_runs_says_so():
+    """A metric logged by 2 of 3 seeds was averaged over 2 under a 'mean ± std (n=3)' head."""
+    results = [{"entry": "a", "seed": s, "fit": {},
+                "test": {"test/acc": 0.5 + s / 10, **({"test/ece": 0.1 * s} if s else {})}}
+               for s in range(3)]
+    columns, rows = build_table(results)
+    line = next(ln for ln in markdown("g", "", columns, rows).splitlines() if "**a**" in ln)
+    assert line == "| **a** | **mean ± std (n=3)** | 0.6 ± 0.1 | 0.15 ± 0.071 (n=2) |"

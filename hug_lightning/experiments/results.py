@@ -11,7 +11,9 @@ logged value of every scalar of its ``fit`` and ``test`` folders, and the table 
 * the final neural-collapse metrics of :data:`NC_COLUMNS`, each from the first stage logged.
 
 Rows: one per run, then per entry ``mean ± std`` over its seeds (sample std, ddof 1; only the
-mean for a single seed). In the CSV the summary is two rows with seed ``mean`` and ``std``.
+mean for a single seed); a cell whose metric only some of the runs logged says over how many
+(``0.91 (n=2)`` in a ``n=3`` row). In the CSV the summary is two rows with seed ``mean`` and
+``std``.
 """
 
 from __future__ import annotations
@@ -114,9 +116,12 @@ def build_table(results: list[dict[str, Any]], order: list[str] | None = None
         rows += [{"entry": entry, "seed": r["seed"], **per_run[id(r)]} for r in runs]
         mean_row: dict[str, Any] = {"entry": entry, "seed": "mean", "n": len(runs)}
         std_row: dict[str, Any] = {"entry": entry, "seed": "std", "n": len(runs)}
+        mean_row["counts"] = {}  # values behind each column's mean, when not every run's
         for c in columns:
             vals = [per_run[id(r)][c] for r in runs if c in per_run[id(r)]]
             mean_row[c], std_row[c] = _summary(vals)
+            if len(vals) != len(runs):
+                mean_row["counts"][c] = len(vals)
         rows += [mean_row, std_row]
     return columns, rows
 
@@ -146,7 +151,9 @@ def markdown(title: str, description: str, columns: list[str], rows: list[dict[s
         if row["seed"] == "mean":
             std = stds[row["entry"]]
             cells = [_fmt(row[c]) + ("" if std[c] is None or row[c] is None
-                                     else f" ± {std[c]:.2g}") for c in columns]
+                                     else f" ± {std[c]:.2g}")
+                     + (f" (n={row['counts'][c]})" if c in row.get("counts", {}) else "")
+                     for c in columns]
             head = [f"**{row['entry']}**", f"**mean ± std (n={row['n']})**"]
         else:
             cells = [_fmt(row.get(c)) for c in columns]
