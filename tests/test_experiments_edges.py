@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -129,3 +130,98 @@ def test_a_mean_over_fewer_runs_says_so():
     columns, rows = build_table(results)
     line = next(ln for ln in markdown("g", "", columns, rows).splitlines() if "**a**" in ln)
     assert line == "| **a** | **mean ± std (n=3)** | 0.6 ± 0.1 | 0.15 ± 0.071 (n=2) |"
+
+
+# --- behaviour no test pinned (a mutation of each went unnoticed) ----------------------------
+def test_entry_settings_come_after_common_ones(tmp_path):
+    """Later flags win: an entry's args and test_args override common's; common's configs come
+    after the entry's (as grid.py documents); every test_arg reaches the test command."""
+    (tmp_path / "preset.yaml").write_text("trainer:\n  max_epochs: 2\n")
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"common": {
+        "configs": ["preset.yaml"], "args": {"trainer.max_epochs": 3},
+        "test_args": {"trainer.limit_test_batches": 1}}, "entries": [
+        {"name": "a", "configs": ["ufm_ce.yaml"], "args": {"trainer.max_epochs": 4},
+         "test_args": ["--trainer.limit_test_batches", "2"]}]}))
+    run = runner.grid_runs(load_grid(path), [0], tmp_path / "runs")[0]
+    fit = run.fit_command()
+    configs = [Path(fit[i + 1]).name for i, a in enumerate(fit) if a == "--config"]
+    assert configs == ["ufm_ce.yaml", "preset.yaml"]
+    values = [fit[i + 1] for i, a in enumerate(fit) if a == "--trainer.max_epochs"]
+    assert values == ["3", "4"]
+    test = run.test_command("best.ckpt")
+    values = [test[i + 1] for i, a in enumerate(test) if a == "--trainer.limit_test_batches"]
+    assert values == ["1", "2"] and test.index("--config") < test.index("--ckpt_path")
+
+
+def test_a_config_in_the_current_folder_comes_before_one_next_to_the_grid(tmp_path,
+                                                                         monkeypatch):
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "c.yaml").write_text("{}\n")
+    (there / "g.yaml").write_text(yaml.safe_dump({"entries": [{"name": "a",
+                                                               "configs": ["c.yaml"]}]}))
+    monkeypatch.chdir(here)
+    assert load_grid(there / "g.yaml").entries[0].configs == ((here / "c.yaml").resolve(),)
+    monkeypatch.chdir(tmp_path)
+    assert load_grid(there / "g.yaml").entries[0].configs == ((there / "c.yaml").resolve(),)
+
+
+def _one_run(tmp_path: Path) -> runner.Run:
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"]}]}))
+    return runner.grid_runs(load_grid(path), [0], tmp_path / "runs")[0]
+
+
+def test_a_moved_best_checkpoint_is_found_again(tmp_path, monkeypatch):
+    run = _one_run(tmp_path)
+    run.ckpt_dir.mkdir(parents=True)
+    (run.ckpt_dir / "epoch001.ckpt").write_bytes(b"")
+    run.fit_file.write_text(json.dumps({"best_ckpt": "/moved/away/epoch001.ckpt",
+                                        "command": [], "config_digests": None}))
+    tested: list[list[str]] = []
+    monkeypatch.setattr(process, "launch", lambda cmd, log: tested.append(cmd) or 0)
+    monkeypatch.setattr(runner, "last_values", lambda d: {})
+    assert runner.execute(run) == "done"
+    assert tested[0][-2:] == ["--ckpt_path", str(run.ckpt_dir / "epoch001.ckpt")]
+
+
+def test_a_stale_completion_marker_does_not_complete_a_new_fit(tmp_path, monkeypatch):
+    run = _one_run(tmp_path)
+    run.root.mkdir(parents=True)
+    run.completed_file.write_text("{}")  # from an earlier fit of this folder
+    monkeypatch.setattr(process, "launch", lambda cmd, log: 0)  # exits 0, never completes
+    assert runner.execute(run) == "interrupted" and not run.fit_file.exists()
+
+
+def test_a_second_grid_run_in_the_same_process_runs_after_an_interrupted_one(tmp_path,
+                                                                          monkeypatch):
+    """From Python (a notebook) the grid is run again after a Ctrl-C: it must not stop at
+    once on the first run's interruption."""
+    run = _one_run(tmp_path)
+    monkeypatch.setattr(process, "launch", lambda cmd, log: 1)
+    process.STOP.set()
+    try:
+        assert runner.run_all([run]) == {"done": 0, "skipped": 0, "failed": 1,
+                                         "interrupted": 0}
+    finally:
+        process.STOP.clear()
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True);"
+                             " time.sleep(60)"], stdout=subprocess.PIPE)
+    assert proc.stdout.readline()  # the handler is set
+    with process._LOCK:
+        process._LIVE.add(proc)
+    try:
+        start = time.monotonic()
+        process.stop_children(grace_s=0.5)
+        assert proc.poll() == -signal.SIGKILL and time.monotonic() - start < 10
+    finally:
+        with process._LOCK:
+            process._LIVE.discard(proc)
+        proc.kill()
+        proc.wait()
