@@ -225,3 +225,33 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
             process._LIVE.discard(proc)
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"args": {"seed_everything": 5}}, "the runner sets --seed_everything"),
+    ({"args": ["--checkpoint.dirpath=/tmp/x"]}, "the runner sets --checkpoint.dirpath"),
+    ({"test_args": {"ckpt_path": "last"}}, "test_args: the runner sets --ckpt_path"),
+])
+def test_a_flag_the_runner_sets_is_refused_in_a_grid(args, message, tmp_path):
+    """`seed_everything: 5` in an entry ran seed 0 (the runner's flag came later) and the run
+    was tabulated as seed 0: what the grid asked for was silently dropped."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"],
+                                                 **args}]}))
+    with pytest.raises(ValueError, match=message):
+        load_grid(path)
+    if "test_args" not in args:  # the test command may take a seed: its own
+        return
+    path.write_text(yaml.safe_dump({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"],
+                                                 "test_args": {"seed_everything": 5}}]}))
+    assert load_grid(path).entries[0].test_args == ("--seed_everything", "5")
+
+
+def test_a_flag_the_runner_sets_is_refused_after_extra(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"entries": [{"name": "a", "configs": ["ufm_ce.yaml"]}]}))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(path), "--dry-run", "--out", str(tmp_path), "--extra",
+              "--seed_everything", "5"])
+    assert exc.value.code == 2
+    assert "--extra: the runner sets --seed_everything" in capsys.readouterr().err

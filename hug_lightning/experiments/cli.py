@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from hug_lightning.experiments.grid import Grid, load_grid, shipped_grids
+from hug_lightning.experiments.grid import Grid, load_grid, runner_flags, shipped_grids
 from hug_lightning.experiments.results import build_table, markdown, write_csv
 from hug_lightning.experiments.runner import dry_run, grid_runs, run_all
 
@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if misplaced:
         parser.error(f"{', '.join(misplaced)} after --extra would be passed to every fit: put "
                      "the runner's own options before --extra (it must come last).")
+    why = runner_flags(getattr(args, "extra", []), "--extra")
+    if why is not None:
+        parser.error(why)
     if args.command == "list":
         return _list()
     try:

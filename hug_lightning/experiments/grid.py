@@ -16,7 +16,9 @@ A grid is a YAML file::
           trainer.max_epochs: 30
 
 ``args`` is either a mapping (``key: value`` becomes ``--key value``; booleans are written
-``true``/``false``, lists and mappings as JSON) or a list of command-line strings. Config names
+``true``/``false``, lists and mappings as JSON) or a list of command-line strings; what the
+runner sets for each run (``seed_everything``, the logger's folder, ``checkpoint.dirpath``,
+``ckpt_path``: :data:`RUNNER_FLAGS`) is refused there and after ``--extra``. Config names
 are resolved like ``hug-lightning --config`` does: an existing path (relative to the current
 folder, then to the grid file's folder), else a YAML shipped in ``hug_lightning.configs``.
 """
@@ -140,6 +142,29 @@ def to_cli_args(args: Any, where: str = "args") -> list[str]:
     raise TypeError(f"{where} must be a mapping or a list of strings, got {type(args).__name__}.")
 
 
+#: Flags each run's fit command sets itself, last: given in a grid or ``--extra`` they lose.
+RUNNER_FLAGS = {
+    "--seed_everything": "the seeds come from the grid's `seeds` or --seeds",
+    "--trainer.logger.init_args.save_dir": "each run logs into <out>/<grid>/<entry>/seed<k>/",
+    "--trainer.logger.init_args.name": "each run logs into <out>/<grid>/<entry>/seed<k>/",
+    "--trainer.logger.init_args.version": "each run logs into <out>/<grid>/<entry>/seed<k>/",
+    "--checkpoint.dirpath": "each run keeps its checkpoints in its fit/checkpoints/",
+    "--ckpt_path": "an unfinished fit resumes from its own last.ckpt",
+}
+
+
+def runner_flags(args: list[str] | tuple[str, ...], where: str,
+                 test: bool = False) -> str | None:
+    """Why ``args`` (of the fit, or of the ``test`` command) may not hold a flag the runner
+    sets itself (:data:`RUNNER_FLAGS`), or None."""
+    own = set(RUNNER_FLAGS) - ({"--seed_everything", "--checkpoint.dirpath"} if test else set())
+    found = list(dict.fromkeys(a.split("=")[0] for a in args if a.split("=")[0] in own))
+    if not found:
+        return None
+    return (f"{where}: the runner sets {', '.join(found)} for each run ("
+            + "; ".join(dict.fromkeys(RUNNER_FLAGS[f] for f in found)) + "): leave it out.")
+
+
 def _check_keys(data: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -205,6 +230,10 @@ def load_grid(name_or_path: str | Path) -> Grid:
             raise ValueError(f"{where}: no config files.")
         args = common_args + to_cli_args(raw.get("args"), f"{where}: args")
         test_args = common_test + to_cli_args(raw.get("test_args"), f"{where}: test_args")
+        why = (runner_flags(args, f"{where}: args")
+               or runner_flags(test_args, f"{where}: test_args", test=True))
+        if why is not None:
+            raise ValueError(why)
         which = str(raw.get("test_checkpoint", common.get("test_checkpoint", "best")))
         if which not in ("best", "last"):
             raise ValueError(f"{where}: test_checkpoint must be 'best' or 'last', got {which!r}.")
