@@ -36,6 +36,8 @@ COLUMNS = {
 
 
 HEAD = "--model.init_args.head.init_args."
+#: ``[SEED_SHIFT, "k"]`` in a sweep's arguments: the run's seed plus k (``--seeds 0 1``: 1, 2)
+SEED_SHIFT = "--seed_shift"
 SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
     # label, packaged config, extra CLI arguments
     "default": [("cifar10_ce", "cifar10_ce", []), ("cifar10_hug", "cifar10_hug", [])],
@@ -59,7 +61,7 @@ SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
     "hug15b": [
         ("ce (cifar10_ce)", "cifar10_ce", []),
         ("hug (cifar10_hug)", "cifar10_hug", []),
-        ("hug, seed + 1 (noise of the default)", "cifar10_hug", ["--seed_everything", "1"]),
+        ("hug, seed + 1 (noise of the default)", "cifar10_hug", [SEED_SHIFT, "1"]),
         ("hug proxies without weight decay", "cifar10_hug",
          ["--model.init_args.no_weight_decay", "[head]"]),
         ("hug proxies lr x 0.25", "cifar10_hug", ["--model.init_args.head_lr_scale", "0.25"]),
@@ -70,7 +72,16 @@ SWEEPS: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
+def shift_seed(extra: list[str], seed: int) -> tuple[list[str], int]:
+    """A sweep's arguments without ``SEED_SHIFT k``, and the seed it asks for (``seed + k``)."""
+    if SEED_SHIFT not in extra:
+        return list(extra), seed
+    i = extra.index(SEED_SHIFT)
+    return extra[:i] + extra[i + 2:], seed + int(extra[i + 1])
+
+
 def one_run(config: str, extra: list[str], seed: int, args: argparse.Namespace) -> dict[str, float]:
+    extra, seed = shift_seed(extra, seed)
     argv = [
         "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
         "--data.init_args.root", args.root, "--data.init_args.download", "false",

@@ -75,9 +75,36 @@ def test_every_sweep_entry_is_a_valid_configuration():
     module = load_bench("accuracy_runs")
     for name, sweep in module.SWEEPS.items():
         for label, config, extra in sweep:
+            extra, _ = module.shift_seed(extra, 0)
             cli = cli_main(["--config", str(REPO / "configs" / f"{config}.yaml"), *extra,
                             "--data.init_args.download", "false"], run=False)
             assert cli.model.num_classes == 10, (name, label)
+
+
+def test_a_seed_shifted_sweep_entry_keeps_one_seed_per_run(monkeypatch, tmp_path):
+    """hug15b's "seed + 1" entry set --seed_everything 1 after the run's seed: with the default
+    --seeds 0 1 both of its runs trained seed 1, and their mean +- std was of one seed."""
+    module = load_bench("accuracy_runs")
+    seeds: list[int] = []
+
+    class FakeCLI:
+        def __init__(self, argv):
+            values = [argv[i + 1] for i, a in enumerate(argv) if a == "--seed_everything"]
+            seeds.append(int(values[-1]))  # the last one wins
+            self.trainer = self
+            self.model = self.datamodule = None
+            self.callback_metrics = {"test/acc": 0.5}
+
+        def test(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(module, "cli_main", FakeCLI)
+    index = next(i for i, (label, _, _) in enumerate(module.SWEEPS["hug15b"])
+                 if "seed + 1" in label)
+    results = module.main(["--root", str(tmp_path), "--device", "cpu", "--epochs", "1",
+                           "--sweep", "hug15b", "--only", "1", str(index), "--seeds", "0", "1",
+                           "--robust-batches", "0", "--out", str(tmp_path)])
+    assert seeds == [0, 1, 1, 2] and all(len(runs) == 2 for runs in results.values())
 
 
 def test_profile_host_toy_runs(monkeypatch):
