@@ -4,7 +4,7 @@ Command line (``python -m hug_lightning.experiments``)::
 
     list                                   # the shipped grids
     run GRID [--seeds 0 1 2] [--out runs] [--jobs 1] [--dry-run] [--extra ARGS...]
-    table GRID [--out runs]                # rebuild the results tables from finished runs
+    table GRID [--seeds 0 1] [--out runs]  # rebuild the results tables from finished runs
 
 A grid (:mod:`.grid`) names entries, each a list of config files and CLI overrides; each
 (entry, seed) is one run in ``<out>/<grid>/<entry>/seed<k>/``: ``python -m hug_lightning fit``

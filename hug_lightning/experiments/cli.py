@@ -5,7 +5,8 @@
   resume) every entry x seed, then write ``<out>/<grid>/results.md`` and ``results.csv``;
   ``--extra`` must come last: everything after it is appended to each ``fit`` command
   (e.g. ``--extra --config gpu.yaml``);
-* ``table GRID [--out runs]``: rebuild the two tables from the runs' ``result.json`` files.
+* ``table GRID [--seeds 0 1] [--out runs]``: rebuild the two tables from the runs' ``result.json``
+  files (of those seeds; default: every seed found).
 
 ``GRID`` is a YAML file or the name of a shipped grid (``paper_cifar10``).
 """
