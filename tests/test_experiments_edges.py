@@ -255,3 +255,27 @@ def test_a_flag_the_runner_sets_is_refused_after_extra(tmp_path, capsys):
               "--seed_everything", "5"])
     assert exc.value.code == 2
     assert "--extra: the runner sets --seed_everything" in capsys.readouterr().err
+
+
+def test_a_run_held_by_another_runner_is_skipped_not_run_twice(tmp_path, monkeypatch, capsys):
+    """The same grid started twice (by mistake, or to share the runs between two GPUs): the
+    second runner emptied the first's fit/ and both fitted into the same folder."""
+    fcntl = pytest.importorskip("fcntl")
+    run = _one_run(tmp_path)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(process, "launch", lambda cmd, log: launched.append(cmd) or 1)
+    run.root.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; "
+                               f"f = open({str(run.root / 'run.lock')!r}, 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline()  # the other runner holds the run
+        assert runner.run_all([run])["skipped"] == 1 and not launched
+        assert "[a seed 0] running in another runner: skipped" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner.run_all([run])["failed"] == 1 and len(launched) == 1  # free again
+    with open(run.root / "run.lock") as f:  # and released after the run
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -37,6 +37,7 @@ from hug_lightning.experiments import process
 from hug_lightning.experiments.callbacks import marker_callback_args
 from hug_lightning.experiments.commands import config_digests, what_changed
 from hug_lightning.experiments.grid import Entry, Grid
+from hug_lightning.experiments.locks import alone
 from hug_lightning.experiments.results import last_values
 
 _PRINT_LOCK = threading.Lock()
@@ -242,8 +243,9 @@ def execute(run: Run, extra: Sequence[str] = ()) -> str:
 
 
 def _execute_or_fail(run: Run, extra: Sequence[str]) -> str:
-    try:
-        return execute(run, extra)
+    try:  # one runner per run: a second one of this grid skips it
+        return alone(run.root, lambda: execute(run, extra), _say,
+                     f"[{run.entry.name} seed {run.seed}]")
     except KeyboardInterrupt:
         process.STOP.set()
         return "interrupted"
