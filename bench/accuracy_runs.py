@@ -187,13 +187,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sweep = SWEEPS[args.sweep]
-    chosen = args.only if args.only is not None else list(range(len(sweep)))
+    chosen = list(dict.fromkeys(args.only if args.only is not None else range(len(sweep))))
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated one: the same run twice
     results: dict[str, list[dict[str, float]]] = {sweep[i][0]: [] for i in chosen}
+    failed: list[str] = []
     if args.parallel > 1:
         jobs = [(i, seed) for seed in args.seeds for i in chosen]
-        for index, _, metrics in sorted(run_parallel(args, jobs)):
+        for index, seed, metrics in sorted(run_parallel(args, jobs), key=lambda d: d[:2]):
             if metrics is not None:
                 results[sweep[index][0]].append(metrics)
+            else:
+                failed.append(f"{sweep[index][0]}, seed {seed}: see "
+                              f"{Path(args.out) / f'run{index}_s{seed}.log'}")
     else:
         for seed in args.seeds:
             for i in chosen:
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n### CIFAR-10, {args.epochs} epochs, seeds {args.seeds}\n\n{table(results)}")
+    if failed:  # their rows have fewer seeds: say which runs are missing and why
+        print("\nFAILED, not in the table:\n" + "\n".join(f"* {f}" for f in failed))
     return results
 
 

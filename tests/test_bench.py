@@ -107,6 +107,27 @@ def test_a_seed_shifted_sweep_entry_keeps_one_seed_per_run(monkeypatch, tmp_path
     assert seeds == [0, 1, 1, 2] and all(len(runs) == 2 for runs in results.values())
 
 
+def test_parallel_sweep_names_its_failed_runs_and_runs_a_repeated_seed_once(monkeypatch,
+                                                                            tmp_path, capsys):
+    """A failed parallel run was left out of the table with nothing but a shorter seed count,
+    and `--seeds 0 0` ran (and wrote) one run twice, then crashed sorting the two."""
+    module = load_bench("accuracy_runs")
+    jobs_seen: list[list[tuple[int, int]]] = []
+
+    def fake_parallel(args, jobs):
+        jobs_seen.append(jobs)
+        return [(i, s, None if i == 1 else {"test/acc": 0.5}) for i, s in jobs]
+
+    monkeypatch.setattr(module, "run_parallel", fake_parallel)
+    results = module.main(["--root", str(tmp_path), "--only", "0", "1", "0", "--seeds", "0",
+                           "0", "--parallel", "2", "--out", str(tmp_path)])
+    assert jobs_seen == [[(0, 0), (1, 0)]]
+    assert [len(runs) for runs in results.values()] == [1, 0]
+    out = capsys.readouterr().out
+    label = module.SWEEPS["default"][1][0]
+    assert f"FAILED, not in the table:\n* {label}, seed 0: see {tmp_path / 'run1_s0.log'}" in out
+
+
 def test_profile_host_toy_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     module = load_bench("profile_host")
