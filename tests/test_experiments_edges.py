@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -279,3 +280,43 @@ def test_a_run_held_by_another_runner_is_skipped_not_run_twice(tmp_path, monkeyp
     assert runner.run_all([run])["failed"] == 1 and len(launched) == 1  # free again
     with open(run.root / "run.lock") as f:  # and released after the run
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_a_killed_child_takes_the_processes_it_started_along(tmp_path):
+    """A DDP fit's other ranks are its own children: killing only the fit after the grace left
+    them running (holding their GPUs for the next run)."""
+    grandchild = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(60)")
+    child = ("import signal, subprocess, sys, time; "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             "print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    below = int(proc.stdout.readline())
+    with process._LOCK:
+        process._LIVE.add(proc)
+    try:
+        assert process.descendants(proc.pid) == [below]
+        process.stop_children(grace_s=0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(below):
+            time.sleep(0.1)
+        assert not _alive(below)
+    finally:
+        with process._LOCK:
+            process._LIVE.discard(proc)
+        for pid in (proc.pid, below):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -3,7 +3,8 @@
 When the runner is interrupted, every running ``hug_lightning`` child gets SIGTERM: Lightning
 finishes the batch in progress and :class:`hug_lightning.interrupt.InterruptCheckpoint`
 writes ``last.ckpt``, from which the next run of the same grid resumes. A child still running
-after :data:`GRACE_S` seconds (or after a second Ctrl-C) is killed.
+after :data:`GRACE_S` seconds (or after a second Ctrl-C) is killed, with the processes it
+started (a DDP fit's other ranks).
 """
 
 from __future__ import annotations
@@ -87,8 +88,32 @@ def _terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
     finally:
         for proc in procs:
             if proc.poll() is None:
+                below = descendants(proc.pid)  # before the kill: orphans lose the link
                 proc.kill()
+                for pid in below:  # e.g. the DDP ranks a fit started: left, they hold the GPUs
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
                 proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs...), read from ``/proc`` (Linux; elsewhere
+    none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (name) state ppid ...": the name may hold spaces and parentheses
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        out += below
+        todo += below
+    return out
 
 
 @contextmanager
