@@ -320,3 +320,22 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_results_md_names_the_runs_it_lacks(tmp_path):
+    """A failed or unfinished run had no row and no mention: the table read as complete."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "seeds": [0, 1], "entries": [
+        {"name": "ce", "configs": ["ufm_ce.yaml"]}, {"name": "hug", "configs": ["ufm_ce.yaml"]}]}))
+    grid, out = load_grid(path), tmp_path / "runs"
+    for folder in ("ce/seed0", "hug/seed1"):
+        (out / "g" / folder).mkdir(parents=True)
+        (out / "g" / folder / "result.json").write_text(json.dumps({"fit": {}, "test": {
+            "test/acc": 0.5}}))
+    md = write_tables(grid, out).read_text()
+    assert "Not in the table (no result: unfinished or failed): ce seed 1, hug seed 0." in md
+    md = write_tables(grid, out, seeds=[1]).read_text()
+    assert "Not in the table (no result: unfinished or failed): ce seed 1." in md
+    (out / "g" / "ce/seed1").mkdir(parents=True)
+    (out / "g" / "ce/seed1/result.json").write_text(json.dumps({"fit": {}, "test": {}}))
+    assert "Not in the table" not in write_tables(grid, out, seeds=[1]).read_text()

@@ -48,16 +48,20 @@ def collect_results(grid: Grid, out: str | Path,
 def write_tables(grid: Grid, out: str | Path, seeds: Sequence[int] | None = None) -> Path | None:
     """Write ``results.md`` and ``results.csv`` of a grid; returns the Markdown path.
 
-    Returns ``None`` (and writes nothing) when no run has finished yet.
+    ``results.md`` also names the runs of ``seeds`` (default: the grid's) with no result yet
+    (unfinished or failed). Returns ``None`` (and writes nothing) when no run has finished yet.
     """
     results = collect_results(grid, out, seeds)
     if not results:
         return None
     columns, rows = build_table(results, order=[e.name for e in grid.entries])
+    done = {(r["entry"], r["seed"]) for r in results}
+    missing = [f"{e.name} seed {s}" for e in grid.entries
+               for s in dict.fromkeys(seeds or grid.seeds) if (e.name, s) not in done]
     base = Path(out) / grid.name
     write_csv(base / "results.csv", columns, rows)
     md = base / "results.md"
-    md.write_text(markdown(grid.name, grid.description, columns, rows))
+    md.write_text(markdown(grid.name, grid.description, columns, rows, missing))
     return md
 
 

@@ -22,7 +22,7 @@ import csv
 import re
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 #: Table column -> tags tried in order (the last logged value of the first one present).
 NC_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -137,8 +137,10 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Non
                              *("" if v is None else repr(float(v)) for v in cells)])
 
 
-def markdown(title: str, description: str, columns: list[str], rows: list[dict[str, Any]]) -> str:
-    """The Markdown table: run rows, then a bold ``mean ± std (n=...)`` row per entry."""
+def markdown(title: str, description: str, columns: list[str], rows: list[dict[str, Any]],
+             missing: Sequence[str] = ()) -> str:
+    """The Markdown table: run rows, then a bold ``mean ± std (n=...)`` row per entry; then
+    the ``missing`` runs (``"<entry> seed <k>"``: no result, not in the table), if any."""
     lines = [f"# Results: {title}", ""]
     if description:
         lines += [description, ""]
@@ -164,5 +166,7 @@ def markdown(title: str, description: str, columns: list[str], rows: list[dict[s
     lines += ["", "Last logged values, read from each run's TensorBoard events (`fit/`, `test/`)."]
     if nc:
         lines.append(f"NC metrics (first tag logged): {nc}.")
+    if missing:
+        lines += ["", f"Not in the table (no result: unfinished or failed): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
