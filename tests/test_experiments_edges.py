@@ -339,3 +339,19 @@ def test_results_md_names_the_runs_it_lacks(tmp_path):
     (out / "g" / "ce/seed1").mkdir(parents=True)
     (out / "g" / "ce/seed1/result.json").write_text(json.dumps({"fit": {}, "test": {}}))
     assert "Not in the table" not in write_tables(grid, out, seeds=[1]).read_text()
+
+
+def test_finished_runs_in_a_read_only_folder_are_still_skipped(tmp_path, monkeypatch):
+    run = _one_run(tmp_path)
+    run.root.mkdir(parents=True)
+    run.result_file.write_text(json.dumps({"fit_command": run.fit_command(), "fit": {},
+                                           "test": {}}))
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "a" in mode or "w" in mode:
+            raise PermissionError(13, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    assert runner.run_all([run])["skipped"] == 1

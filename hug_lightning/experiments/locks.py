@@ -21,10 +21,15 @@ def run_lock(root: Path) -> Iterator[bool]:
     """Hold ``root/run.lock`` while the body runs; yields False when another process holds it.
 
     The lock (``flock``) goes with the process that holds it, also when it is killed. Where
-    the file system cannot lock (some network mounts) the body runs unlocked.
+    the file system cannot lock (some network mounts) or be written, the body runs unlocked.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a") as handle:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_FILE, "a")
+    except OSError:  # e.g. finished runs on a read-only copy: the run says what it can do
+        yield True
+        return
+    with handle:
         try:
             if fcntl is not None:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
