@@ -355,3 +355,13 @@ def test_finished_runs_in_a_read_only_folder_are_still_skipped(tmp_path, monkeyp
 
     monkeypatch.setattr("builtins.open", read_only)
     assert runner.run_all([run])["skipped"] == 1
+
+
+def test_entry_names_differing_only_in_case_are_duplicates(tmp_path):
+    """`MHE` and `mhe` are one folder on macOS and Windows: the second entry's runs were
+    skipped as done (or resumed) with the first one's results."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"entries": [{"name": "mhe", "configs": ["ufm_ce.yaml"]},
+                                                {"name": "MHE", "configs": ["ufm_hug.yaml"]}]}))
+    with pytest.raises(ValueError, match="duplicate entry name 'MHE'.*differ only in case"):
+        load_grid(path)

@@ -223,8 +223,9 @@ def load_grid(name_or_path: str | Path) -> Grid:
         name = str(raw.get("name", ""))
         if not NAME_RE.match(name):
             raise ValueError(f"{where}: name {name!r} must match {NAME_RE.pattern}.")
-        if name in {e.name for e in entries}:
-            raise ValueError(f"{where}: duplicate entry name {name!r}.")
+        if name.lower() in {e.name.lower() for e in entries}:  # one folder on macOS, Windows
+            raise ValueError(f"{where}: duplicate entry name {name!r} (names that differ only "
+                             "in case share a folder where file names ignore case).")
         configs = _configs(raw.get("configs"), base, where) + common_configs
         if not configs:
             raise ValueError(f"{where}: no config files.")
