@@ -60,7 +60,7 @@ def cli_run(images: Tensor, labels: Tensor, args: argparse.Namespace,
     with tempfile.TemporaryDirectory() as save_dir:
         cli = main(cli_arguments(args, save_dir, null_backbone), run=False)
         assert cli.model.channels_last == (args.device == "cuda")
-        timer = timer_class(args.warmup)
+        timer = timer_class(args.warmup, args.steps)
         cli.trainer.callbacks.append(timer)
         data = data_class(images, labels, num_classes=10, batch_size=args.batch_size,
                           drop_last=True, num_workers=0, pin_memory=False,

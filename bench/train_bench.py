@@ -63,20 +63,34 @@ def _sync(device: torch.device | str) -> None:
 
 
 class StepTimer(Callback):
-    """Wall time of the training batches after ``warmup`` (device synchronized)."""
+    """Wall time of the training batches after ``warmup`` (device synchronized).
 
-    def __init__(self, warmup: int) -> None:
+    With ``steps`` the clock stops at the end of training batch ``warmup + steps``, as the plain
+    loop's does: the end of the fit (the last epoch-end hooks: NC compute, checkpoint saves,
+    logger flush) comes once per fit, not per step, and stays out of the window."""
+
+    def __init__(self, warmup: int, steps: int | None = None) -> None:
         self.warmup, self.t0, self.t1, self.steps = warmup, 0.0, 0.0, 0
+        self.stop = None if steps is None else warmup + steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.warmup:
             _sync(pl_module.device)
             self.t0 = time.perf_counter()
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def _end(self, trainer, pl_module) -> None:  # noqa: ANN001
         _sync(pl_module.device)
         self.t1 = time.perf_counter()
         self.steps = trainer.global_step - self.warmup
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch,  # noqa: ANN001
+                           batch_idx) -> None:
+        if trainer.global_step == self.stop:
+            self._end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self.stop is None or trainer.global_step < self.stop:  # stopped early
+            self._end(trainer, pl_module)
 
 
 class EpochTimer(Callback):
@@ -223,7 +237,7 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
     data = TensorCIFAR(images, labels, num_classes=num_classes, batch_size=args.batch_size,
                        drop_last=True, num_workers=0 if device_resident else args.workers,
                        pin_memory=args.device == "cuda", device_resident=device_resident)
-    timer, epoch_timer = StepTimer(args.warmup), EpochTimer()
+    timer, epoch_timer = StepTimer(args.warmup, None if epochs else args.steps), EpochTimer()
     monitor = NeuralCollapseMonitor(enabled=nc, val=False, eval_pass=eval_pass,
                                     eval_pass_fp32=eval_fp32)
     trainer = Trainer(

@@ -135,3 +135,30 @@ def test_profile_host_toy_runs(monkeypatch):
     assert "training_step" in text and "epoch" in text
     table = module.main(["--toy", "--compare", "--top", "5"])
     assert "| (a) | (b) |" in table and "aten::" in table
+
+
+def test_lightning_clocks_stop_at_the_last_timed_step_not_at_the_end_of_the_fit(monkeypatch):
+    """(b), (b0) and (b-cli) stopped their clock in on_train_end, so the fit's last epoch end
+    (NC compute, checkpoint saves, any garbage collection there) counted as step time, once per
+    fit; (a)'s clock stops after its last step. A 0.6 s epoch end must stay outside."""
+    import argparse
+    import time
+
+    import torch
+    bench = load_bench("train_bench")
+
+    class SlowEpochEnd(bench.StepTimer):
+        def on_train_epoch_end(self, trainer, pl_module):
+            time.sleep(0.6)
+
+    monkeypatch.setattr(bench, "StepTimer", SlowEpochEnd)
+    args = argparse.Namespace(device="cpu", toy=False, overhead=True, small_width=0, steps=3,
+                              warmup=1, batch_size=4, workers=0, compile=False,
+                              compile_loss=False, bf16=False, channels_last=False)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)  # 16 steps per epoch
+    labels = torch.arange(64) % 10
+    for name, run in [("b", lambda: bench.lightning_run(images, labels, args)),
+                      ("b0", lambda: bench.lightning_run(images, labels, args, minimal=True)),
+                      ("bcli", lambda: bench.cli_measure(images, labels, args))]:
+        window = args.steps * args.batch_size / run()["images_s"]
+        assert window < 0.3, (name, window)
