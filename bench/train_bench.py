@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.compile or args.compile_loss:  # dynamo's work in each's first run
             compile_stats.setdefault(key, dynamo_summary())
             reset_dynamo()
+        if args.json:  # so far: a run cut by its time limit still leaves what it measured
+            with open(args.json, "w") as f:
+                json.dump({"partial": True, "repeats": runs, "dynamo": compile_stats}, f, indent=1)
 
     if args.compile or args.compile_loss:
         reset_dynamo()

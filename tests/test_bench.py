@@ -209,3 +209,21 @@ def test_gpu_session_returns_its_files_in_one_archive():
     text = (REPO / "bench" / "gpu_session.sh").read_text()
     assert set(re.findall(r"\$OUT/([\w.-]*\w)", text)) == {"results.tgz", "results.tgz.part"}
     subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_session.sh")], check=True)
+
+
+def test_train_bench_json_keeps_the_runs_before_a_crash_or_a_time_limit(monkeypatch, tmp_path):
+    """The JSON was written only at the very end: a stage cut by gpu_session.sh's time limit
+    (the torch.compile one compiles four models) lost every figure it had measured."""
+    import json
+    bench = load_bench("train_bench")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the time limit struck during (b)
+
+    monkeypatch.setattr(bench, "lightning_run", killed)
+    path = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--overhead", "--measure", "a", "b", "--steps", "2",
+                    "--warmup", "1", "--repeats", "1", "--num-images", "64", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["partial"] and saved["repeats"]["a_plain_loop"][0] > 0
