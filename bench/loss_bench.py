@@ -72,6 +72,11 @@ def bench_case(K: int, B: int, d: int, args: argparse.Namespace) -> dict[str, fl
     b = torch.zeros(K, device=dev, requires_grad=True)
     y = torch.randint(0, K, (B,), generator=g).to(dev)
     params = (h, W, b)
+    with torch.no_grad():  # the loop must compute the vectorized loss, or its timing means nothing
+        loop, vectorized = loop_reference(h, W, y), hug_loss(h, W, y).total
+    if not torch.allclose(loop, vectorized, rtol=1e-4, atol=1e-6):
+        raise AssertionError(f"K={K} B={B}: loop reference {loop.item()} != HUG-MHE "
+                             f"{vectorized.item()}")
 
     def step(loss_fn: Callable[[], Tensor]) -> Callable[[], None]:
         def run() -> None:

@@ -227,3 +227,23 @@ def test_train_bench_json_keeps_the_runs_before_a_crash_or_a_time_limit(monkeypa
                     "--warmup", "1", "--repeats", "1", "--num-images", "64", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert saved["partial"] and saved["repeats"]["a_plain_loop"][0] > 0
+
+
+def test_loss_bench_loop_reference_is_the_vectorized_loss(monkeypatch):
+    """loss_bench timed its per-class loop against HUG-MHE without ever comparing their values:
+    the loop/MHE speed-up would have held for a loop computing something else."""
+    import torch
+    from hug_lightning.losses import hug_loss
+    bench = load_bench("loss_bench")
+    g = torch.Generator().manual_seed(0)
+    for K, B in [(10, 64), (100, 48)]:  # at K = 100 many classes are absent from the batch
+        h = torch.randn(B, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(K, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, K, (B,), generator=g)
+        loop, vectorized = bench.loop_reference(h, W, y), hug_loss(h, W, y).total
+        torch.testing.assert_close(loop, vectorized)
+        for a, b in zip(torch.autograd.grad(loop, (h, W)), torch.autograd.grad(vectorized, (h, W))):
+            torch.testing.assert_close(a, b)
+    monkeypatch.setattr(bench, "loop_reference", lambda h, W, y: 2 * hug_loss(h, W, y).total)
+    with pytest.raises(AssertionError, match="loop reference"):
+        bench.main(["--quick", "--classes", "10", "--repeats", "1"])
