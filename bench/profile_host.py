@@ -60,7 +60,10 @@ def compare(ns: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, 
     active = ns.steps
     times, walls = {}, {}
     for name in ("a", "b"):
-        sched = schedule(wait=max(ns.warmup - 2, 0), warmup=2, active=active, repeat=1)
+        # wait + warmup + active = the run's steps: with --warmup under 2 the profiler's
+        # warm-up took profiled steps, and the times of fewer steps were divided by active
+        warmup = min(ns.warmup, 2)
+        sched = schedule(wait=ns.warmup - warmup, warmup=warmup, active=active, repeat=1)
         with profile(activities=activities, schedule=sched) as prof:
             if name == "a":
                 tb.plain_loop(images, labels, ns, on_step=prof.step)

@@ -247,3 +247,21 @@ def test_loss_bench_loop_reference_is_the_vectorized_loss(monkeypatch):
     monkeypatch.setattr(bench, "loop_reference", lambda h, W, y: 2 * hug_loss(h, W, y).total)
     with pytest.raises(AssertionError, match="loop reference"):
         bench.main(["--quick", "--classes", "10", "--repeats", "1"])
+
+
+def test_profile_compare_profiles_every_timed_step_with_a_short_warmup(monkeypatch):
+    """With --warmup 1 the profiler's schedule (2 warm-up steps) outlasted the run: 2 of the 3
+    steps were profiled, and their times divided by 3."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    module = load_bench("profile_host")
+    counts = []
+    original = module._op_times
+
+    def spy(prof, cuda, steps):
+        counts.append([e.count for e in prof.key_averages() if e.key.startswith("Optimizer.step")])
+        return original(prof, cuda, steps)
+
+    monkeypatch.setattr(module, "_op_times", spy)
+    module.main(["--compare", "--device", "cpu", "--steps", "3", "--warmup", "1",
+                 "--num-images", "64", "--batch-size", "2", "--top", "1"])
+    assert counts == [[3], [3]]
