@@ -147,6 +147,11 @@ def run_parallel(args: argparse.Namespace, jobs: list[tuple[int, int]]
             runs = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
             label = SWEEPS[args.sweep][index][0]
             done.append((index, seed, runs[label][0] if runs else None))
+            if args.json:  # the runs so far: a sweep cut by its time limit keeps them
+                so_far: dict[str, list[dict[str, float]]] = {}
+                for i, _, got in sorted(done, key=lambda d: d[:2]):
+                    so_far.setdefault(SWEEPS[args.sweep][i][0], []).extend([got] if got else [])
+                Path(args.json).write_text(json.dumps(so_far, indent=1))
             m = runs[label][0] if runs else {}
             print(f"done {label} seed {seed}: rc {proc.returncode}, test/acc {m.get('test/acc')}, "
                   f"min angle {m.get('geometry/min_angle')}, s/epoch {m.get('s_per_epoch')}",

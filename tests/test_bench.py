@@ -265,3 +265,32 @@ def test_profile_compare_profiles_every_timed_step_with_a_short_warmup(monkeypat
     module.main(["--compare", "--device", "cpu", "--steps", "3", "--warmup", "1",
                  "--num-images", "64", "--batch-size", "2", "--top", "1"])
     assert counts == [[3], [3]]
+
+
+def test_parallel_sweep_json_keeps_the_runs_finished_before_a_time_limit(monkeypatch, tmp_path):
+    """--parallel wrote its JSON only after the last run: a sweep cut by gpu_session.sh's time
+    limit lost the metrics of every fit that had finished."""
+    import json
+    from pathlib import Path
+    module = load_bench("accuracy_runs")
+    label = module.SWEEPS["default"][0][0]
+
+    class FakeRun:  # the first run finishes, the second is still running when the limit strikes
+        def __init__(self, argv, **kwargs):
+            self.index, self.returncode = int(argv[argv.index("--only") + 1]), 0
+            if self.index == 0:
+                out = argv[argv.index("--json") + 1]
+                Path(out).write_text(json.dumps({label: [{"test/acc": 0.5}]}))
+
+        def poll(self):
+            if self.index:
+                raise KeyboardInterrupt
+            return 0
+
+    monkeypatch.setattr(module.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(module.time, "sleep", lambda s: None)
+    path = tmp_path / "sweep.json"
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--root", str(tmp_path), "--parallel", "2", "--seeds", "0", "--out",
+                     str(tmp_path), "--json", str(path)])
+    assert json.loads(path.read_text()) == {label: [{"test/acc": 0.5}]}
