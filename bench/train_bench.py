@@ -246,7 +246,10 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
         max_steps=-1 if epochs else args.warmup + args.steps, max_epochs=epochs or 1000,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*([] if minimal else [monitor]), timer, epoch_timer, *extra_callbacks],
+        # the epoch timer only where epochs are timed: every callback costs Lightning's hook
+        # dispatch on every step, which (a) does not pay
+        callbacks=[*([] if minimal else [monitor]), timer, *([epoch_timer] if epochs else []),
+                   *extra_callbacks],
         benchmark=args.device == "cuda",
     )
     start = time.perf_counter()
