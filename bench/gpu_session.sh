@@ -92,5 +92,5 @@ then
 fi
 echo "=== end ($(date +%T))"
 grep -v "pytree\|LeafSpec\|Tip:\|available:\|LOCAL_RANK\|stopped\|bfloat16\|float32_matmul" \
-    "$RES/bench.err" | tail -15
+    "$RES/bench.err" 2> /dev/null | tail -15
 save
