@@ -3,7 +3,8 @@
 #   run(command="bash bench/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
 # .whl: jsonargparse + docstring_parser + typeshed_client wheels (the GPU image lacks them; all
 # three are pure Python), fetched here beforehand with e.g.
-#   python3 -m pip download --no-deps -d .whl jsonargparse docstring_parser typeshed_client
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl "jsonargparse>=4.39,<5" \
+#       "docstring_parser>=0.17" "typeshed_client>=2.8.2"   (pyproject's and jsonargparse's pins)
 # .carry/cifar10-jpg.tar.gz: the real CIFAR-10 images (only the accuracy sweep needs them).
 # Every file lands in $OUT/results.tgz, rewritten after each stage (the device tool returns at
 # most 8 files, so no stage writes to $OUT itself). Each stage has its own time limit, cut to
@@ -21,7 +22,7 @@ ls .whl/*.whl > /dev/null 2>&1 || { echo "no wheels in .whl/ (see this script's 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/bench"
-python3 -c "import jsonargparse, docstring_parser, typeshed_client" || exit 1
+python3 -c "import docstring_parser, typeshed_client, hug_lightning.cli" || exit 1
 save() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv "$OUT/results.tgz"{.part,}; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, lightning, torchmetrics, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'torchvision', torchvision.__version__)"
