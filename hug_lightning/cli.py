@@ -45,7 +45,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from hug_lightning import interrupt
+from hug_lightning import __version__, interrupt
 from hug_lightning.batch_limits import IntegerOnesParser, restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundError, _reasons,
                                       _user_frame, data_num_classes, one_message)
@@ -284,7 +284,7 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "version": __version__},  # --version: "<prog> 0.1.0"
         parser_class=IntegerOnesParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
         # the model builds its optimizer (parameter groups, head lr scale, schedule length):
         # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently

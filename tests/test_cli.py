@@ -198,3 +198,26 @@ def test_console_entry_points_help():
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert "--data" in out.stdout and "--model" in out.stdout
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    """`hug-lightning --version` (lightning-conventions.md 7.2, torchgeo's `parser_kwargs`
+    version): it printed `unrecognized arguments: --version` and exited with 2."""
+    import hug_lightning
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out.split()  # "<prog> 0.1.0": "hug-lightning 0.1.0"
+    assert len(printed) == 2 and printed[1] == hug_lightning.__version__, printed
+
+
+def test_package_version_has_one_source():
+    """pyproject.toml reads the version from `hug_lightning.__version__` (dynamic), so the
+    installed metadata and `--version` cannot disagree (lightning-conventions.md 7.1)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    dynamic = project["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "hug_lightning.__version__"}
