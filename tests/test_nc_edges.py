@@ -1,0 +1,95 @@
+"""Documented NC behaviours no test pinned (each test kills a mutant the suite let through).
+
+Expected values come from closed forms or from references written here, never from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hug_lightning.metrics import NCFeatureStats, compute_nc_metrics, feature_states, log_energy
+from hug_lightning.metrics.functional_states import init_states, rebase_states, update_states
+
+F64 = torch.float64
+
+
+def test_compute_follows_a_changed_classifier():
+    """compute_with_cache is off (collapse.py): a second compute with other classifier rows
+    gives those rows' metrics, not the first call's cached dict."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g, dtype=F64), torch.arange(40) % 4
+    w1 = torch.randn(4, 5, generator=g, dtype=F64)
+    w2 = torch.eye(4, 5, dtype=F64)  # orthonormal rows: max cosine 0
+    m = NCFeatureStats(4, 5)
+    m.update(x, y)
+    m.compute(W=w1)
+    second = m.compute(W=w2)
+    assert second["gnc2_max_cos_weights"].item() == pytest.approx(0.0, abs=1e-15)
+    expected = compute_nc_metrics(feature_states(x, y, 4, pivot="zero"), W=w2)
+    for key in ("nc3_self_duality", "nc3_cos_mean", "nc2_etf_dist_weights"):
+        assert second[key].item() == pytest.approx(expected[key].item(), rel=1e-12), key
+
+
+def test_states_loaded_in_float32_accumulate_in_float64_again():
+    """A state dict saved in float32 (torchmetrics assigns loaded states as they are) must not
+    turn the accumulation into float32: the next update casts the states back."""
+    m = NCFeatureStats(2, 3)
+    m.update(torch.ones(2, 3, dtype=F64), torch.tensor([0, 1]))
+    saved = {k: v.float() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    fresh = NCFeatureStats(2, 3)
+    fresh.load_state_dict(saved)
+    tiny = 2.0**-30  # lost next to 1.0 in float32, kept in float64
+    fresh.update(torch.full((1, 3), tiny, dtype=F64), torch.tensor([0]))
+    assert all(getattr(fresh, name).dtype == F64 for name in fresh._defaults)
+    assert fresh.s[0, 0].item() == 1.0 + tiny
+    assert fresh.q[0].item() == 3.0 + 3 * tiny**2
+
+
+def test_zero_class_vector_counts_as_cosine_zero():
+    """functional_geometry: a zero row stays zero (cosine 0 to every row), not nan. Three
+    equally spaced collinear class means: the middle centred mean is exactly 0."""
+    x = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]], dtype=F64)
+    names = ["gnc2_max_cos_means", "gnc2_min_angle_means", "nc2_maxangle_dev_means",
+             "nc2_equiangle_std_means", "gnc2_log_energy_mean"]  # nc1_pinv: rank 1 < K - 1
+    out = compute_nc_metrics(feature_states(x, torch.arange(3), 3), metrics=names)
+    # unit centred means (-1, 0), (0, 0), (1, 0): cosines 0, -1, 0 over the pairs (01, 02, 12)
+    assert out["gnc2_max_cos_means"].item() == 0.0
+    assert out["gnc2_min_angle_means"].item() == pytest.approx(90.0, abs=1e-12)
+    assert out["nc2_maxangle_dev_means"].item() == pytest.approx((0.5 + 0.5 + 0.5) / 3)
+    assert out["nc2_equiangle_std_means"].item() == pytest.approx(math.sqrt(1 / 3))
+    # unit distances 1, 2, 1: log(1/D) = 0, -ln 2, 0
+    assert out["gnc2_log_energy_mean"].item() == pytest.approx(-math.log(2) / 3)
+
+
+def test_coincident_class_directions_give_a_finite_log_energy():
+    """Distances are clamped below by the smallest normal float before the log (nc-metrics.md
+    3.4: "clamp |Delta| >= tiny"): two classes with the same direction give a large finite
+    log energy, not inf (and a finite variance, not nan)."""
+    v = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]], dtype=F64)
+    mean, var = log_energy(v)
+    big = -math.log(torch.finfo(F64).tiny)  # log(1/tiny) = 708.39...
+    kern = torch.tensor([big, -0.5 * math.log(2), -0.5 * math.log(2)], dtype=F64)
+    assert mean.item() == pytest.approx(kern.mean().item(), rel=1e-12)
+    assert var.item() == pytest.approx(kern.var(correction=1).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("sfx", ["", "_sph"])
+def test_rebase_states_equals_accumulating_around_the_new_pivots(sfx):
+    """rebase_states is exact algebra on every state of the family, S included (a persistent,
+    checkpointed state): moving the sums to new pivots equals summing around them directly."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 4, generator=g, dtype=F64) + 3.0, torch.arange(30) % 3
+    w = torch.rand(30, generator=g, dtype=F64)
+    old, new = (torch.randn(3, 4, generator=g, dtype=F64) for _ in range(2))
+    kw_old, kw_new = ({"pivot" + sfx: p} for p in (old, new))
+    before, direct = init_states(3, 4, ncc=False), init_states(3, 4, ncc=False)
+    update_states(before, x, y, weight=w, **kw_old)
+    update_states(direct, x, y, weight=w, **kw_new)
+    moved = rebase_states(before, old, new, sfx)
+    assert set(moved) == {"s" + sfx, "q" + sfx, "S" + sfx}
+    for key, value in moved.items():
+        torch.testing.assert_close(value, direct[key], rtol=1e-12, atol=1e-10, msg=key)
