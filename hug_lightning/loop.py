@@ -31,14 +31,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from hug_lightning.hp_tab import HP_METRICS, data_hparams
+
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
 # the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train/acc|"
                         r"val/acc_best|hp/(val_acc_best|test_acc)|geometry/[a-z0-9_]+)'")
-
-#: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
-#: as a measured accuracy in runs that never ran that stage)
-HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan")}
 
 
 def unpack_batch_of(module: Any, batch: Any, needs: str | None = None) -> tuple[Any, Any]:
@@ -263,7 +261,9 @@ class ClassifierLoop(LightningModule):
     # ----------------------------------------------------------------- TensorBoard's HPARAMS
     def _declare_hp_metrics(self) -> None:
         if isinstance(self.logger, TensorBoardLogger):
-            self.logger.log_hyperparams(self.hparams, HP_METRICS)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)},
+                                        HP_METRICS)
 
     def on_fit_start(self) -> None:
         self.step_log.clear()  # anything left by a fit that died

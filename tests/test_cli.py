@@ -221,3 +221,36 @@ def test_package_version_has_one_source():
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     dynamic = project["tool"]["setuptools"]["dynamic"]["version"]
     assert dynamic == {"attr": "hug_lightning.__version__"}
+
+
+def _hparams_tab(run: Path) -> tuple[dict, set]:
+    """TensorBoard HPARAMS tab of a run: (hyperparameters, declared metric tags)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    values = {key: getattr(value, value.WhichOneof("kind"))
+              for key, value in start.session_start_info.hparams.items()}
+    return values, {info.name.tag for info in exp.experiment.metric_infos}
+
+
+def test_hparams_tab_has_the_batch_size_and_the_final_nc1(tmp_path):
+    """lightning-conventions.md section 5: the HPARAMS tab pairs loss type, alpha/beta,
+    feature dimension, LR *and batch size* with best val acc *and final NC1*. The data
+    module's options were missing (it saves no hyperparameters) and NC1 was no tab metric."""
+    main(["fit", "--config", "ufm_hug", "--trainer.logger.init_args.save_dir", str(tmp_path),
+          "--trainer.max_epochs", "2", "--model.init_args.backbone.init_args.dim", "16",
+          "--data.init_args.batch_size", "25", "--data.init_args.steps_per_epoch", "2"])
+    run = _run_dir(tmp_path, "ufm_hug")[0]
+    values, metrics = _hparams_tab(run)
+    assert values["head/init_args/variant"] == "mhe" and values["head/init_args/beta"] == 1.0
+    assert values["data/batch_size"] == 25 and values["data/samples_per_class"] == 50
+    assert values["data/class_path"] == "hug_lightning.ufm.UFMDataModule"
+    assert {"hp/val_acc_best", "hp/test_acc", "hp/nc1_pinv"} <= metrics
+    events = EventAccumulator(str(run))
+    events.Reload()
+    nc1 = events.Scalars("hp/nc1_pinv")
+    assert nc1[-1].value == pytest.approx(events.Scalars("nc/train_eval/nc1_pinv")[-1].value)

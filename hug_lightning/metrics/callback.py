@@ -180,7 +180,10 @@ class NeuralCollapseMonitor(Callback):
     def _log(trainer: Trainer, stage: str, values: dict[str, Tensor]) -> None:
         """Log ``nc/<stage>/<name>`` to every logger and to ``trainer.callback_metrics``
         directly (:func:`~hug_lightning.metrics.direct_log.log_direct`: not ``pl_module.log``)."""
-        log_direct(trainer, {f"nc/{stage}/{name}": value for name, value in values.items()})
+        named = {f"nc/{stage}/{name}": value for name, value in values.items()}
+        if stage != "val" and "nc1_pinv" in values:  # TensorBoard's HPARAMS tab: the last one
+            named["hp/nc1_pinv"] = values["nc1_pinv"]  # (train_eval after train, if both run)
+        log_direct(trainer, named)
 
     def _update(self, stage: str, outputs: Any) -> None:
         col = self.collectors.get(stage)

@@ -1,0 +1,48 @@
+"""What TensorBoard's HPARAMS tab shows besides the model's own hyperparameters.
+
+The model saves its init arguments (``save_hyperparameters``); the data modules do not, so the
+tab had no batch size, dataset or split to compare runs by. :func:`data_hparams` adds the data
+module's class and the plain-valued init options it keeps as attributes, under ``data``
+(``data/batch_size``, ``data/seed``, ... in the tab). The NC monitor's last training
+``nc1_pinv`` is declared as the metric ``hp/nc1_pinv`` next to the accuracies.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+
+#: declared for TensorBoard's HPARAMS tab; NaN until a stage logs the real value (a 0 would read
+#: as a measured accuracy in runs that never ran that stage)
+HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan"),
+              "hp/nc1_pinv": float("nan")}
+
+
+def data_hparams(datamodule: Any) -> dict[str, Any]:
+    """``{"data": {"class_path": ..., <option>: <value>, ...}}`` for a data module, ``{}``
+    for none.
+
+    Args:
+        datamodule: The trainer's data module (``None`` when loaders were passed directly).
+
+    Returns:
+        Every ``__init__`` parameter (of the class and its bases) that the instance keeps as an
+        attribute of the same name holding a bool, int, float or str.
+    """
+    if datamodule is None:
+        return {}
+    cls = type(datamodule)
+    out: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+    for klass in cls.__mro__:
+        if klass in (LightningDataModule, object) or "__init__" not in vars(klass):
+            continue
+        for name in inspect.signature(klass.__init__).parameters:
+            value = getattr(datamodule, name, None) if name != "self" else None
+            if name not in out and isinstance(value, (bool, int, float, str)):
+                out[name] = value
+    return {"data": out}
+
+
+__all__ = ["HP_METRICS", "data_hparams"]
