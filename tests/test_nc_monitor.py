@@ -268,3 +268,29 @@ def test_weight_averaging_leaves_the_training_values_alone(tmp_path):
                        if tag.startswith(("nc/train/", "nc/train_eval/"))})
     assert "nc/train/gnc2_min_angle_weights" in logged[1] and len(logged[1]) > 40
     assert logged[0] == logged[1]
+
+
+def test_figures_reach_tensorboard(tmp_path):
+    """``--nc.figures_every``: the cosine heat maps and angle histograms of the class means and
+    class vectors, the feature-norm histogram, and (lightning-conventions.md section 5, item 4)
+    a histogram of intra-class cosines and a Projector embedding of a fixed sample of
+    validation features with their labels. No test read any of them back."""
+    main(["fit", *ufm_args(tmp_path, "--trainer.max_epochs", "1", "--nc.figures_every", "1",
+                           "--trainer.check_val_every_n_epoch", "1")])
+    run = tmp_path / "ufm" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"nc_fig/cos_means", "nc_fig/cos_class_vectors"} <= set(tags["images"])
+    assert {"nc_fig/angles_means", "nc_fig/angles_class_vectors", "nc_fig/feature_norms",
+            "nc_fig/intra_cos"} <= set(tags["histograms"])
+    intra = events.Histograms("nc_fig/intra_cos")[-1].histogram_value
+    assert intra.num == 10 * (10 * 9 // 2)  # 10 classes x 10 samples: 45 same-class pairs each
+    assert -1.0 - 1e-6 <= intra.min <= intra.max <= 1.0 + 1e-6
+    projector = (run / "projector_config.pbtxt").read_text()
+    assert "nc_fig/val_features" in projector
+    folder = next(run.rglob("tensors.tsv")).parent  # <step>/<escaped tag>/
+    rows = (folder / "tensors.tsv").read_text().splitlines()
+    labels = (folder / "metadata.tsv").read_text().split()
+    assert len(rows) == len(labels) == 100 and len(rows[0].split("\t")) == 32
+    assert sorted(set(labels)) == [str(c) for c in range(10)]

@@ -36,7 +36,7 @@ from torch import Tensor
 from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
 from hug_lightning.metrics.direct_log import epoch_log_step, log_direct
 from hug_lightning.metrics.eval_pass import check_eval_pass_data, run_eval_pass
-from hug_lightning.metrics.figures import log_figures
+from hug_lightning.metrics.figures import FeatureSample, log_figures
 from hug_lightning.metrics.functional import COV_NAMES, SPH_NAMES, select_metrics
 
 STAGES = ("train", "train_eval", "val")
@@ -59,8 +59,8 @@ class NeuralCollapseMonitor(Callback):
             ``[default, gnc2_ovr_dist_weights]`` adds them to that default set.
         spherical: Also compute the spherical (``*_sph``) variants.
         track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
-        figures_every: Every this many epochs rank 0 logs figures (cosine heat maps of class
-            means and class vectors, pairwise-angle and feature-norm histograms); 0: never.
+        figures_every: Every this many epochs rank 0 logs figures (figures.py: cosine heat
+            maps, angle, feature-norm, intra-class cosine histograms, a Projector sample); 0: never.
         buffer_batches: Training batches concatenated before one collector update (fewer,
             larger kernels: the update costs about 20 small kernels whatever the batch size).
     """
@@ -102,6 +102,7 @@ class NeuralCollapseMonitor(Callback):
         self._rank = 0
         self._train_done_epoch = -1
         self._val_norms: list[Tensor] = []
+        self._val_sample = FeatureSample()
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -263,6 +264,7 @@ class NeuralCollapseMonitor(Callback):
         if "val" in self.collectors:
             self.collectors["val"].reset()
         self._val_norms = []
+        self._val_sample.clear()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
                                 dataloader_idx: int = 0) -> None:
@@ -271,6 +273,7 @@ class NeuralCollapseMonitor(Callback):
         self._update("val", outputs)
         if self.figures_every and isinstance(outputs, dict) and len(self._val_norms) < 64:
             self._val_norms.append(outputs["features"].float().norm(dim=1).cpu())
+            self._val_sample.add(outputs["features"], outputs["labels"])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking or "val" not in self.collectors:
@@ -292,5 +295,6 @@ class NeuralCollapseMonitor(Callback):
         if source is None or not trainer.is_global_zero:
             return
         norms = torch.cat(self._val_norms) if self._val_norms else None
-        log_figures(trainer.logger, epoch_log_step(trainer), source.means(),
+        log_figures(trainer.logger, step := epoch_log_step(trainer), source.means(),
                     self._classifier(pl_module)[0], norms)
+        self._val_sample.log(trainer.logger, step)

@@ -4,7 +4,10 @@
   white 0, red +1) of the centred class means and of the head's class vectors;
 * ``nc_fig/angles_means`` / ``nc_fig/angles_class_vectors``: histograms of the pairwise angles
   in degrees;
-* ``nc_fig/feature_norms``: histogram of feature norms on (this rank's) validation batches.
+* ``nc_fig/feature_norms``: histogram of feature norms on (this rank's) validation batches;
+* ``nc_fig/intra_cos``: histogram of the cosines between same-class features, and
+  ``nc_fig/val_features``: a Projector embedding (labels as metadata), both of a fixed sample
+  (:class:`FeatureSample`: the first validation features of the epoch, this rank's).
 """
 
 from __future__ import annotations
@@ -63,3 +66,44 @@ def log_figures(logger: Any, step: int, means: Tensor, class_vectors: Tensor | N
         writer.add_histogram(f"nc_fig/angles_{tag}", pairwise_angles(cos), step)
     if feature_norms is not None and feature_norms.numel():
         writer.add_histogram("nc_fig/feature_norms", feature_norms, step)
+
+
+def intra_class_cosines(features: Tensor, labels: Tensor) -> Tensor:
+    """Cosines of every same-class pair ``i < j`` of a sample of features."""
+    u = F.normalize(features.detach().double(), dim=1)
+    i, j = torch.triu_indices(u.shape[0], u.shape[0], offset=1)
+    same = labels[i] == labels[j]
+    return (u @ u.T)[i[same], j[same]].clamp(-1.0, 1.0)
+
+
+class FeatureSample:
+    """The first ``size`` features and labels of an epoch (float32, on the CPU): the
+    Projector embedding ``nc_fig/val_features`` and the histogram ``nc_fig/intra_cos``."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = int(size)
+        self.features: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    def clear(self) -> None:
+        """Forget the sample (at the start of an epoch)."""
+        self.features, self.labels = [], []
+
+    def add(self, features: Tensor, labels: Tensor) -> None:
+        """Keep the rows of a batch that still fit in the sample."""
+        room = self.size - sum(x.shape[0] for x in self.features)
+        if room > 0:
+            self.features.append(features[:room].detach().float().cpu())
+            self.labels.append(labels[:room].detach().cpu())
+
+    def log(self, logger: Any, step: int) -> None:
+        """Add the embedding and the histogram to a TensorBoard logger (others: nothing)."""
+        writer = getattr(logger, "experiment", None)
+        if not self.features or writer is None or not hasattr(writer, "add_embedding"):
+            return
+        x, y = torch.cat(self.features), torch.cat(self.labels)
+        # labels as a single metadata column, without metadata_header (PyTorch #38564)
+        writer.add_embedding(x, metadata=y.tolist(), global_step=step, tag="nc_fig/val_features")
+        cos = intra_class_cosines(x, y)
+        if cos.numel():
+            writer.add_histogram("nc_fig/intra_cos", cos, step)
