@@ -134,7 +134,7 @@ class HUGLightningCLI(LightningCLI):
                 f"{data_k} from the data module (linked). Remove it, or change the data.")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning (>= 2.5.5) rebuilds the model from the checkpoint's hyperparameters when
+        """Lightning (>= 2.6) rebuilds the model from the checkpoint's hyperparameters when
         ``--ckpt_path`` is given, replacing model options set in the YAML or on the command
         line without a word: say which ones."""
         sub = self.config.get("subcommand")

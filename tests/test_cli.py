@@ -254,3 +254,18 @@ def test_hparams_tab_has_the_batch_size_and_the_final_nc1(tmp_path):
     events.Reload()
     nc1 = events.Scalars("hp/nc1_pinv")
     assert nc1[-1].value == pytest.approx(events.Scalars("nc/train_eval/nc1_pinv")[-1].value)
+
+
+def test_lightning_pin_excludes_versions_without_the_subclass_ckpt_fix():
+    """`test --config <run>/config.yaml --ckpt_path ...` rebuilds the model from the
+    checkpoint's hyperparameters; in subclass mode (this CLI) that failed before Lightning
+    2.6.0 (#21246, lightning-conventions.md 2.9/2.10: "Require Lightning >= 2.6"). The pin
+    allowed 2.5.5 and 2.5.6."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (lightning,) = [Requirement(d) for d in deps if Requirement(d).name == "lightning"]
+    assert not any(lightning.specifier.contains(v) for v in ("2.5.5", "2.5.6"))
+    assert lightning.specifier.contains("2.6.0") and lightning.specifier.contains("2.6.6")
