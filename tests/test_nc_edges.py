@@ -93,3 +93,24 @@ def test_rebase_states_equals_accumulating_around_the_new_pivots(sfx):
     assert set(moved) == {"s" + sfx, "q" + sfx, "S" + sfx}
     for key, value in moved.items():
         torch.testing.assert_close(value, direct[key], rtol=1e-12, atol=1e-10, msg=key)
+
+
+def test_projector_sample_is_class_balanced_on_a_set_stored_class_by_class():
+    """Image folders list the validation set class by class: the first 1000 features of
+    CIFAR-10's test set are all of class 0. The sample keeps ceil(1000 / K) per class, the
+    first met of each, whatever the batch boundaries."""
+    from hug_lightning.metrics.figures import FeatureSample
+
+    k, per_class = 10, 300
+    labels = torch.arange(k).repeat_interleave(per_class)
+    features = torch.randn(k * per_class, 6, generator=torch.Generator().manual_seed(0))
+    sample = FeatureSample(1000, num_classes=k)
+    for start in range(0, len(labels), 128):
+        sample.add(features[start:start + 128], labels[start:start + 128])
+    expected = torch.cat([torch.arange(c * per_class, c * per_class + 100) for c in range(k)])
+    assert torch.equal(torch.cat(sample.labels), labels[expected])
+    assert torch.equal(torch.cat(sample.features), features[expected])
+    small = FeatureSample(50)  # no num_classes: the first 50
+    for start in range(0, len(labels), 128):
+        small.add(features[start:start + 128], labels[start:start + 128])
+    assert torch.equal(torch.cat(small.features), features[:50])

@@ -59,8 +59,7 @@ class NeuralCollapseMonitor(Callback):
             ``[default, gnc2_ovr_dist_weights]`` adds them to that default set.
         spherical: Also compute the spherical (``*_sph``) variants.
         track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
-        figures_every: Every this many epochs rank 0 logs figures (figures.py: cosine heat
-            maps, angle, feature-norm, intra-class cosine histograms, a Projector sample); 0: never.
+        figures_every: Every this many epochs rank 0 logs the figures of figures.py; 0: never.
         buffer_batches: Training batches concatenated before one collector update (fewer,
             larger kernels: the update costs about 20 small kernels whatever the batch size).
     """
@@ -116,6 +115,7 @@ class NeuralCollapseMonitor(Callback):
         if stage == "fit" and self.stages["train_eval"]:
             check_eval_pass_data(trainer)
         k, d = int(pl_module.num_classes), int(pl_module.feature_dim)
+        self._val_sample.num_classes = k
         shape = tuple(getattr(pl_module.head, "class_vectors", torch.empty(0)).shape)
         if shape != (k, d):
             rank_zero_warn(f"NeuralCollapseMonitor: the head's class_vectors have shape {shape}, "

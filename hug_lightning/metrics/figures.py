@@ -7,7 +7,8 @@
 * ``nc_fig/feature_norms``: histogram of feature norms on (this rank's) validation batches;
 * ``nc_fig/intra_cos``: histogram of the cosines between same-class features, and
   ``nc_fig/val_features``: a Projector embedding (labels as metadata), both of a fixed sample
-  (:class:`FeatureSample`: the first validation features of the epoch, this rank's).
+  (:class:`FeatureSample`: up to 1000 validation features of the epoch, class-balanced, this
+  rank's).
 """
 
 from __future__ import annotations
@@ -77,24 +78,42 @@ def intra_class_cosines(features: Tensor, labels: Tensor) -> Tensor:
 
 
 class FeatureSample:
-    """The first ``size`` features and labels of an epoch (float32, on the CPU): the
-    Projector embedding ``nc_fig/val_features`` and the histogram ``nc_fig/intra_cos``."""
+    """A class-balanced sample of an epoch's features and labels (float32, on the CPU): at
+    most ``ceil(size / num_classes)`` per class, the first met of each (a validation set stored
+    class by class, as image folders are, would otherwise give one class). It feeds the
+    Projector embedding ``nc_fig/val_features`` and the histogram ``nc_fig/intra_cos``.
+    """
 
-    def __init__(self, size: int = 1000) -> None:
+    def __init__(self, size: int = 1000, num_classes: int | None = None) -> None:
         self.size = int(size)
-        self.features: list[Tensor] = []
-        self.labels: list[Tensor] = []
+        self.num_classes = num_classes
+        self.clear()
 
     def clear(self) -> None:
         """Forget the sample (at the start of an epoch)."""
-        self.features, self.labels = [], []
+        self.features: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.counts: Tensor | None = None
 
     def add(self, features: Tensor, labels: Tensor) -> None:
-        """Keep the rows of a batch that still fit in the sample."""
-        room = self.size - sum(x.shape[0] for x in self.features)
-        if room > 0:
-            self.features.append(features[:room].detach().float().cpu())
-            self.labels.append(labels[:room].detach().cpu())
+        """Keep the rows of a batch whose class is not full yet (one class without
+        ``num_classes``)."""
+        k = int(self.num_classes or 1)
+        cap, left = -(-self.size // k), self.size - sum(len(y) for y in self.labels)
+        if self.counts is None:
+            self.counts = torch.zeros(k, dtype=torch.long)
+        if left <= 0 or bool((self.counts >= cap).all()):
+            return
+        y = labels.detach().long().cpu()
+        group = y if k > 1 else torch.zeros_like(y)
+        one_hot = F.one_hot(group, k)
+        place = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # rank of the row within its class
+        keep = self.counts[group] + place < cap
+        keep &= keep.cumsum(0) <= left
+        if bool(keep.any()):
+            self.counts += torch.bincount(group[keep], minlength=k)
+            self.features.append(features.detach()[keep.to(features.device)].float().cpu())
+            self.labels.append(y[keep])
 
     def log(self, logger: Any, step: int) -> None:
         """Add the embedding and the histogram to a TensorBoard logger (others: nothing)."""
