@@ -20,6 +20,21 @@ HP_METRICS = {"hp/val_acc_best": float("nan"), "hp/test_acc": float("nan"),
               "hp/nc1_pinv": float("nan")}
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def is_plain(value: Any) -> bool:
+    """Whether a hyperparameter is plain data (kept in checkpoints, which then load with
+    ``weights_only=True``): None, str, int, float, bool, or lists/dicts of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
 def data_hparams(datamodule: Any) -> dict[str, Any]:
     """``{"data": {"class_path": ..., <option>: <value>, ...}}`` for a data module, ``{}``
     for none.
@@ -45,4 +60,4 @@ def data_hparams(datamodule: Any) -> dict[str, Any]:
     return {"data": out}
 
 
-__all__ = ["HP_METRICS", "data_hparams"]
+__all__ = ["HP_METRICS", "data_hparams", "is_plain"]

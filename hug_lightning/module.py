@@ -41,6 +41,7 @@ from hug_lightning.compiling import HeadStep, check_compile_options
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
+from hug_lightning.hp_tab import is_plain
 from hug_lightning.loop import ClassifierLoop, unpack_batch_of
 from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.collapse import all_reduce_sync
@@ -49,18 +50,6 @@ from hug_lightning.optim import build_optimizers, run_length
 from hug_lightning.param_groups import check_kinds, parameter_groups
 from hug_lightning.step_log import StepLog
 from hug_lightning.train_accuracy import TrainAccuracy
-
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
 
 
 class ClassifierModule(ClassifierLoop):
@@ -101,6 +90,9 @@ class ClassifierModule(ClassifierLoop):
             ``{mode: max-autotune}`` or ``{dynamic: false}`` (one static graph per batch size).
     """
 
+    #: From this many classes on, validation and test also log top-5 accuracy (``*/acc_top5``).
+    top5_min_classes: int = 100
+
     def __init__(
         self,
         backbone: nn.Module = lazy_instance(CifarResNet, depth=18),
@@ -124,7 +116,7 @@ class ClassifierModule(ClassifierLoop):
         with warnings.catch_warnings():  # modules/factories are dropped just below
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
+        for key in [k for k, v in self.hparams.items() if not is_plain(v)]:
             del self.hparams[key]  # keep checkpoints loadable with weights_only=True
         if embedding_dim is not None and embedding_dim < 1:
             raise ValueError(f"embedding_dim must be positive or null, got {embedding_dim}.")
@@ -200,6 +192,9 @@ class ClassifierModule(ClassifierLoop):
         self.train_accuracy = TrainAccuracy()
         self.val_acc = MulticlassAccuracy(**acc)
         self.test_acc = MulticlassAccuracy(**acc)
+        if self.num_classes >= self.top5_min_classes:  # ImageNet-scale: top-5 as well
+            self.val_acc_top5 = MulticlassAccuracy(top_k=5, **acc)
+            self.test_acc_top5 = MulticlassAccuracy(top_k=5, **acc)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         # the best validation accuracy so far: saved in checkpoints (a resumed run continues
         # it); the sanity check never updates it (on_validation_epoch_end)
@@ -291,6 +286,9 @@ class ClassifierModule(ClassifierLoop):
         loss.update(out["loss"].detach(), weight=n)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        if (top5 := getattr(self, f"{stage}_acc_top5", None)) is not None:
+            top5.update(out["logits"], out["labels"])
+            self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True, batch_size=n)
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(

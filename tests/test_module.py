@@ -123,3 +123,34 @@ def test_extension_hooks_work_as_documented(tmp_path):
     assert "nc/train_eval/nc1_pinv" in logged and "nc/train_eval/nc3_self_duality" not in logged
     with pytest.raises(ValueError, match="features of width 3, the module's feature_dim is 32"):
         _ufm(tmp_path / "d", "--model.class_path", f"{__name__}.WrongWidthStep")
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_top5_accuracy_from_100_classes_equals_a_direct_count(num_classes):
+    """lightning-conventions.md section 5: top-1, plus top-5 on ImageNet-scale data. From
+    ``top5_min_classes`` (100) classes on, validate and test also log ``*/acc_top5``: the share
+    of samples whose label is among the 5 largest scores, counted here directly."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 3, 32, 32)
+    y = torch.randint(0, num_classes, (70,))
+    model = ClassifierModule(backbone=SmallConvNet(width=4), head=CrossEntropyHead,
+                             num_classes=num_classes)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 16 + ... + 6: uneven last batch
+    metrics = {**trainer.validate(model, loader, verbose=False)[0],
+               **trainer.test(model, loader, verbose=False)[0]}
+    with torch.no_grad():
+        scores = model.eval()(x)
+    top1 = (scores.argmax(1) == y).float().mean().item()
+    assert metrics["val/acc"] == pytest.approx(top1, abs=1e-6)
+    if num_classes < 100:
+        assert "val/acc_top5" not in metrics and "test/acc_top5" not in metrics
+        return
+    top5 = sum(int(y[i] in scores[i].topk(5).indices) for i in range(len(y))) / len(y)
+    assert 0 < top5 < 1 and top5 > top1
+    assert metrics["val/acc_top5"] == pytest.approx(top5, abs=1e-6)
+    assert metrics["test/acc_top5"] == pytest.approx(top5, abs=1e-6)
