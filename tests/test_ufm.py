@@ -85,3 +85,20 @@ def test_weight_averaging_copies_sized_features(tmp_path):
                 "--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging"])
     averaged = cli.trainer.callbacks[0]._average_model.module
     assert averaged.backbone.weight.shape == cli.model.backbone.weight.shape == (40, 8)
+
+
+def test_mini_batch_ufm_trains_with_overfit_batches():
+    """Found in review: the mini-batch UFM's resumable loader refused the sequential sampler
+    Lightning swaps in for ``overfit_batches`` (a TypeError; its plain loader took it)."""
+    from lightning.pytorch import Trainer
+
+    from hug_lightning.heads import CrossEntropyHead
+    from hug_lightning.module import ClassifierModule
+
+    data = UFMDataModule(num_classes=4, samples_per_class=4, batch_size=8)
+    model = ClassifierModule(backbone=FreeFeatures(dim=8), head=CrossEntropyHead)
+    trainer = Trainer(accelerator="cpu", max_epochs=2, overfit_batches=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2

@@ -21,7 +21,7 @@ import os
 from typing import Any, Callable, Iterator, Sized
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from hug_lightning.data.augment import sample_keys
@@ -115,7 +115,8 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader over an :class:`EpochShardSampler` that resumes mid-epoch.
 
     Args:
-        *args: As for ``DataLoader``; the sampler must be an :class:`EpochShardSampler`.
+        *args: As for ``DataLoader``; the sampler must be an :class:`EpochShardSampler` (or
+            the ``SequentialSampler`` of Lightning's ``overfit_batches``: not resumable).
         next_batch_fn: Returns the index of the next batch of the current epoch (Lightning's
             restored batch progress); called when an epoch's iteration starts.
         **kwargs: As for ``DataLoader``.
@@ -127,22 +128,30 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, next_batch_fn: Callable[[], int] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, EpochShardSampler):
+        # a SequentialSampler: Lightning's `overfit_batches` rebuilt the loader with one (the
+        # same first batches every epoch, nothing to resume)
+        self.resumable = isinstance(self.sampler, EpochShardSampler)
+        if not self.resumable and not isinstance(self.sampler, SequentialSampler):
             raise TypeError("ResumableDataLoader needs an EpochShardSampler.")
         self.next_batch_fn = next_batch_fn
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        skip = int(self.next_batch_fn()) if self.next_batch_fn is not None else 0
-        self.sampler.start = skip * int(self.batch_size or 1)
+        if self.resumable:
+            skip = int(self.next_batch_fn()) if self.next_batch_fn is not None else 0
+            self.sampler.start = skip * int(self.batch_size or 1)
         yield from super().__iter__()
 
     # Lightning treats loaders with these methods as resumable (no "unreliable" warning);
     # the position itself comes from Lightning's own batch progress.
     def state_dict(self) -> dict[str, Any]:
+        if not self.resumable:
+            return {}
         return {"epoch": int(self.sampler.epoch), "seed": int(self.sampler.seed),
                 "batch_size": int(self.batch_size or 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.resumable:
+            return
         if int(state_dict.get("seed", self.sampler.seed)) != int(self.sampler.seed):
             raise ValueError(
                 f"The checkpoint's data order used seed {state_dict['seed']}, this run uses "
