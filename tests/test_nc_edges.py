@@ -114,3 +114,24 @@ def test_projector_sample_is_class_balanced_on_a_set_stored_class_by_class():
     for start in range(0, len(labels), 128):
         small.add(features[start:start + 128], labels[start:start + 128])
     assert torch.equal(torch.cat(small.features), features[:50])
+
+
+def test_monitor_projector_sample_reaches_the_last_class_of_a_long_ordered_set():
+    """Found in review: the monitor fed the sample only the first 64 validation batches (the
+    feature-norm histogram's cap), so a set stored class by class and longer than 64 batches
+    (CIFAR-10-LT's test set, val_split 0, in batches of 128) lost its last classes."""
+    from types import SimpleNamespace
+
+    from hug_lightning.metrics.callback import NeuralCollapseMonitor
+
+    monitor = NeuralCollapseMonitor(figures_every=1)
+    monitor._val_sample.num_classes = 10
+    trainer = SimpleNamespace(sanity_checking=False)
+    labels = torch.arange(10).repeat_interleave(1000)  # 10000 samples, class by class
+    features = torch.randn(len(labels), 4, generator=torch.Generator().manual_seed(0))
+    for i, start in enumerate(range(0, len(labels), 128)):
+        out = {"features": features[start:start + 128], "labels": labels[start:start + 128]}
+        monitor.on_validation_batch_end(trainer, None, out, None, i)
+    assert len(monitor._val_norms) == 64  # the histogram keeps its cap
+    kept = torch.cat(monitor._val_sample.labels)
+    assert torch.equal(kept.bincount(minlength=10), torch.full((10,), 100))

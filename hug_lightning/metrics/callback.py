@@ -174,8 +174,7 @@ class NeuralCollapseMonitor(Callback):
         w = head.class_vectors.detach()
         if tuple(w.shape) != (int(pl_module.num_classes), int(pl_module.feature_dim)):
             return None, None
-        bias = head.class_bias
-        return w, None if bias is None else bias.detach()
+        return w, None if head.class_bias is None else head.class_bias.detach()
 
     @staticmethod
     def _log(trainer: Trainer, stage: str, values: dict[str, Tensor]) -> None:
@@ -271,8 +270,9 @@ class NeuralCollapseMonitor(Callback):
         if not self.enabled or trainer.sanity_checking:
             return
         self._update("val", outputs)
-        if self.figures_every and isinstance(outputs, dict) and len(self._val_norms) < 64:
-            self._val_norms.append(outputs["features"].float().norm(dim=1).cpu())
+        if self.figures_every and isinstance(outputs, dict):  # the sample: past 64 batches
+            if len(self._val_norms) < 64:  # (a set stored class by class), until it is full
+                self._val_norms.append(outputs["features"].float().norm(dim=1).cpu())
             self._val_sample.add(outputs["features"], outputs["labels"])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
