@@ -260,15 +260,21 @@ class ClassifierLoop(LightningModule):
 
     # ----------------------------------------------------------------- TensorBoard's HPARAMS
     def _declare_hp_metrics(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
+        """Declare the tab's metrics (NaN at step 0) once per log folder: again, after the
+        run's later values (a resume in place, a test after a fit in one trainer), the NaN
+        would be the last value, which the tab shows."""
+        logger = self.logger
+        if not isinstance(logger, TensorBoardLogger) \
+                or getattr(self, "_hp_declared_in", None) == logger.log_dir:
+            return
+        self._hp_declared_in = logger.log_dir
+        if not resumed_in_place(self.trainer):  # there, the first fit declared them
             datamodule = getattr(self.trainer, "datamodule", None)
-            self.logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)},
-                                        HP_METRICS)
+            logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)}, HP_METRICS)
 
     def on_fit_start(self) -> None:
         self.step_log.clear()  # anything left by a fit that died
-        if not resumed_in_place(self.trainer):  # there, the first fit declared them (again:
-            self._declare_hp_metrics()  # NaN at step 0, after the run's later values)
+        self._declare_hp_metrics()
 
     def on_test_start(self) -> None:
         self._declare_hp_metrics()

@@ -146,3 +146,28 @@ def test_a_resume_in_place_writes_each_step_once(tmp_path):
     ref, cut = (_every_write(log / "ufm_ce" / "version_0") for log in (tmp_path / "ref",
                                                                        tmp_path / "cut"))
     assert ref["hp/val_acc_best"][0] == 0 and cut == ref
+
+
+def test_a_test_after_a_fit_in_one_trainer_keeps_the_hparams_tab_values(tmp_path):
+    """Found in review: ``trainer.fit(...)`` then ``trainer.test(...)`` (one trainer, one log
+    folder) declared the HPARAMS metrics again at test start: NaN ``hp/val_acc_best`` and
+    ``hp/nc1_pinv`` at step 0 after the fit's values, which the tab (last value) then shows."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from hug_lightning.heads import CrossEntropyHead
+    from hug_lightning.metrics.callback import NeuralCollapseMonitor
+    from hug_lightning.module import ClassifierModule
+    from hug_lightning.ufm import FreeFeatures, UFMDataModule
+
+    data = UFMDataModule(num_classes=4, samples_per_class=4)
+    model = ClassifierModule(backbone=FreeFeatures(dim=8), head=CrossEntropyHead)
+    trainer = Trainer(accelerator="cpu", max_epochs=2, log_every_n_steps=1,
+                      logger=TensorBoardLogger(tmp_path, default_hp_metric=False),
+                      callbacks=[NeuralCollapseMonitor()], enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data)
+    writes = _every_write(tmp_path / "lightning_logs" / "version_0")
+    assert writes["hp/val_acc_best"] == [0, 0, 1] and writes["hp/nc1_pinv"] == [0, 0, 1]
+    assert writes["hp/test_acc"] == [0, 2]  # declared once (NaN), then the test's value
