@@ -102,3 +102,19 @@ def test_mini_batch_ufm_trains_with_overfit_batches():
                       enable_model_summary=False)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 2
+
+
+def test_resumable_loader_takes_the_ddp_sampler_lightning_adds_for_overfit_batches():
+    """Under DDP, Lightning shards the sequential loader of ``overfit_batches`` with a plain
+    ``DistributedSampler`` (a second rebuild): taken too, without resuming (no skip, no state)."""
+    from torch.utils.data import TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from hug_lightning.data.loading import ResumableDataLoader
+
+    data = TensorDataset(torch.arange(8))
+    sampler = DistributedSampler(data, num_replicas=2, rank=1, shuffle=False)
+    loader = ResumableDataLoader(data, batch_size=2, sampler=sampler, next_batch_fn=lambda: 1)
+    assert [b[0].tolist() for b in loader] == [[1, 3], [5, 7]] and loader.state_dict() == {}
+    with pytest.raises(TypeError, match="needs an EpochShardSampler"):
+        ResumableDataLoader(data, batch_size=2, shuffle=True)  # a RandomSampler: not resumable

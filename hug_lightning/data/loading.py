@@ -116,7 +116,8 @@ class ResumableDataLoader(DataLoader):
 
     Args:
         *args: As for ``DataLoader``; the sampler must be an :class:`EpochShardSampler` (or
-            the ``SequentialSampler`` of Lightning's ``overfit_batches``: not resumable).
+            the ``SequentialSampler`` of Lightning's ``overfit_batches``, sharded by a plain
+            ``DistributedSampler`` under DDP: not resumable).
         next_batch_fn: Returns the index of the next batch of the current epoch (Lightning's
             restored batch progress); called when an epoch's iteration starts.
         **kwargs: As for ``DataLoader``.
@@ -129,9 +130,10 @@ class ResumableDataLoader(DataLoader):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # a SequentialSampler: Lightning's `overfit_batches` rebuilt the loader with one (the
-        # same first batches every epoch, nothing to resume)
+        # same first batches every epoch, nothing to resume), sharded under DDP by a plain
+        # DistributedSampler (a second rebuild)
         self.resumable = isinstance(self.sampler, EpochShardSampler)
-        if not self.resumable and not isinstance(self.sampler, SequentialSampler):
+        if not isinstance(self.sampler, (SequentialSampler, DistributedSampler)):
             raise TypeError("ResumableDataLoader needs an EpochShardSampler.")
         self.next_batch_fn = next_batch_fn
 
