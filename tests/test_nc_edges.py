@@ -126,7 +126,7 @@ def test_monitor_projector_sample_reaches_the_last_class_of_a_long_ordered_set()
 
     monitor = NeuralCollapseMonitor(figures_every=1)
     monitor._val_sample.num_classes = 10
-    trainer = SimpleNamespace(sanity_checking=False)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, is_global_zero=True)
     labels = torch.arange(10).repeat_interleave(1000)  # 10000 samples, class by class
     features = torch.randn(len(labels), 4, generator=torch.Generator().manual_seed(0))
     for i, start in enumerate(range(0, len(labels), 128)):
@@ -135,3 +135,12 @@ def test_monitor_projector_sample_reaches_the_last_class_of_a_long_ordered_set()
     assert len(monitor._val_norms) == 64  # the histogram keeps its cap
     kept = torch.cat(monitor._val_sample.labels)
     assert torch.equal(kept.bincount(minlength=10), torch.full((10,), 100))
+    # nothing is copied to the host where no figure is logged: an epoch between figure
+    # epochs, or a rank other than 0
+    for epoch, rank0 in ((0, False), (1, True)):
+        quiet = NeuralCollapseMonitor(figures_every=3 if rank0 else 1)
+        quiet._val_sample.num_classes = 10
+        other = SimpleNamespace(sanity_checking=False, current_epoch=epoch,
+                                is_global_zero=rank0)
+        quiet.on_validation_batch_end(other, None, out, None, 0)
+        assert quiet._val_norms == [] and quiet._val_sample.labels == []

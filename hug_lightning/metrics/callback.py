@@ -36,7 +36,7 @@ from torch import Tensor
 from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
 from hug_lightning.metrics.direct_log import epoch_log_step, log_direct
 from hug_lightning.metrics.eval_pass import check_eval_pass_data, run_eval_pass
-from hug_lightning.metrics.figures import FeatureSample, log_figures
+from hug_lightning.metrics.figures import FeatureSample, figure_epoch, log_figures
 from hug_lightning.metrics.functional import COV_NAMES, SPH_NAMES, select_metrics
 
 STAGES = ("train", "train_eval", "val")
@@ -270,8 +270,8 @@ class NeuralCollapseMonitor(Callback):
         if not self.enabled or trainer.sanity_checking:
             return
         self._update("val", outputs)
-        if self.figures_every and isinstance(outputs, dict):  # the sample: past 64 batches
-            if len(self._val_norms) < 64:  # (a set stored class by class), until it is full
+        if figure_epoch(self.figures_every, trainer) and isinstance(outputs, dict):
+            if len(self._val_norms) < 64:  # the sample: until full (past 64 batches)
                 self._val_norms.append(outputs["features"].float().norm(dim=1).cpu())
             self._val_sample.add(outputs["features"], outputs["labels"])
 
@@ -286,7 +286,7 @@ class NeuralCollapseMonitor(Callback):
             self._finish_train(trainer, pl_module)
 
     def _maybe_figures(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.figures_every or (trainer.current_epoch + 1) % self.figures_every:
+        if not figure_epoch(self.figures_every, trainer):
             return
         # the latest computed training means (the eval pass may not have run yet this epoch)
         source = next((col for stage in ("train_eval", "train")

@@ -69,6 +69,12 @@ def log_figures(logger: Any, step: int, means: Tensor, class_vectors: Tensor | N
         writer.add_histogram("nc_fig/feature_norms", feature_norms, step)
 
 
+def figure_epoch(every: int, trainer: Any) -> bool:
+    """Whether ``trainer``'s epoch logs figures: every ``every``-th epoch (0: never), on rank 0
+    (the only one that logs them, so the only one that collects for them)."""
+    return bool(every) and (trainer.current_epoch + 1) % every == 0 and trainer.is_global_zero
+
+
 def intra_class_cosines(features: Tensor, labels: Tensor) -> Tensor:
     """Cosines of every same-class pair ``i < j`` of a sample of features."""
     u = F.normalize(features.detach().double(), dim=1)
