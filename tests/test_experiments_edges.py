@@ -23,6 +23,7 @@ from hug_lightning.experiments.results import build_table, markdown
     (None, "No grid file"),
     ("entries: [\n", "not valid YAML"),
     ("seeds: 3\nentries: [{name: a, configs: [ufm_ce.yaml]}]\n", "seeds must be a list"),
+    ("seeds: 0\nentries: [{name: a, configs: [ufm_ce.yaml]}]\n", "seeds must be a list"),
     ("seeds: [0, 0.5]\nentries: [{name: a, configs: [ufm_ce.yaml]}]\n", "seeds must be a list"),
     ("entries: [{name: a, configs: 5}]\n", "configs must be a file name or a list"),
     ("common: [ufm_ce.yaml]\nentries: [{name: a, configs: [ufm_ce.yaml]}]\n",

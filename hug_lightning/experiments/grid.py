@@ -149,7 +149,7 @@ RUNNER_FLAGS = {
     "--trainer.logger.init_args.name": "each run logs into <out>/<grid>/<entry>/seed<k>/",
     "--trainer.logger.init_args.version": "each run logs into <out>/<grid>/<entry>/seed<k>/",
     "--checkpoint.dirpath": "each run keeps its checkpoints in its fit/checkpoints/",
-    "--ckpt_path": "an unfinished fit resumes from its own last.ckpt",
+    "--ckpt_path": "the runner passes it to resume an unfinished run from its own last.ckpt",
 }
 
 
@@ -244,5 +244,5 @@ def load_grid(name_or_path: str | Path) -> Grid:
     name = str(data.get("name") or path.stem)
     if not NAME_RE.match(name):
         raise ValueError(f"{path}: grid name {name!r} must match {NAME_RE.pattern}.")
-    seeds = _seeds(data.get("seeds") or [0], f"{path}")
+    seeds = _seeds([0] if data.get("seeds") is None else data["seeds"], f"{path}")
     return Grid(name, path, str(data.get("description") or "").strip(), seeds, tuple(entries))
