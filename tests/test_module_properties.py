@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _models import LinearBackbone
 from hug_lightning.backbones import SmallConvNet
 from hug_lightning.checkpointing import (LastCheckpoint, find_last_checkpoint,
                                          recorded_best_checkpoint)
@@ -36,19 +37,6 @@ class Passthrough(nn.Module):
 
     def forward(self, x):
         return x
-
-
-class LinearBackbone(nn.Module):
-    """A backbone with parameters (so the optimizer has a body group)."""
-
-    num_features = K
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(K, K)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 class RecordingLogger(Logger):
@@ -209,7 +197,7 @@ def test_module_steps_the_schedule_every_batch_over_the_whole_run(tmp_path):
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
     module = ClassifierModule(
-        backbone=LinearBackbone(), head=CrossEntropyHead, num_classes=K, head_lr_scale=scale,
+        backbone=LinearBackbone(K), head=CrossEntropyHead, num_classes=K, head_lr_scale=scale,
         optimizer=lambda p: torch.optim.SGD(p, lr=lr),
         scheduler=lambda o: WarmupCosineLR(o, warmup=warmup, start_factor=start,
                                            min_factor=low))

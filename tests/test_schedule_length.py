@@ -12,26 +12,15 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _models import LinearBackbone
 from hug_lightning.heads import CrossEntropyHead
 from hug_lightning.module import ClassifierModule
 from hug_lightning.optim import OneCycleLR, WarmupCosineLR
 
 K, N, BATCH, LR = 3, 12, 2, 0.5  # 6 batches per epoch
 WARMUP, START, LOW = 1, 0.1, 0.05
-
-
-class Linear(nn.Module):
-    num_features = K
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(K, K)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 class StepRates(Callback):
@@ -56,7 +45,7 @@ def _fit(tmp_path, scheduler, interval="step", samples=N, drop_last=False, **fla
     x = torch.randn(samples, K)
     data = DataLoader(TensorDataset(x, torch.arange(samples) % K), batch_size=BATCH,
                       drop_last=drop_last)
-    module = ClassifierModule(backbone=Linear(), head=CrossEntropyHead, num_classes=K,
+    module = ClassifierModule(backbone=LinearBackbone(K), head=CrossEntropyHead, num_classes=K,
                               optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                               scheduler=scheduler, scheduler_interval=interval)
     rates = StepRates()
