@@ -33,7 +33,6 @@ What it adds to a plain ``LightningCLI``:
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -42,7 +41,6 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import __version__, interrupt
@@ -56,6 +54,8 @@ from hug_lightning.data.base import BadDataError, DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
+                                         warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.run_folders import (check_writable, evaluation_warnings, logger_init_args,
@@ -90,7 +90,7 @@ class HUGLightningCLI(LightningCLI):
             where = _user_frame(err)
             raise ConfigError(f"invalid configuration: {_reasons(err)}"
                               + (f" (raised in {where})" if where else "")) from err
-        self._warn_replaced_num_classes()
+        warn_replaced_num_classes(self.config, self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The Trainer, with ``limit_*_batches: 1`` as one batch (see :mod:`batch_limits`) and
@@ -107,51 +107,15 @@ class HUGLightningCLI(LightningCLI):
             kwargs["callbacks"] = [*given, ThrottledProgressBar()]
         return super().instantiate_trainer(**kwargs, **ones)
 
-    def _warn_replaced_num_classes(self) -> None:
-        """``model.init_args.num_classes`` is linked from the data module, which silently wins
-        over a value given in the YAML or on the command line: say so when they differ (a value
-        equal to the model's default cannot be told from no value, and is not reported)."""
-        sub = self.config.get("subcommand")
-        cfg = self.config.get(sub) if sub else self.config
-        init = getattr(cfg.get("model"), "init_args", None) if cfg is not None else None
-        given = init.get("num_classes") if init is not None else None
-        data_k = getattr(self.datamodule, "num_classes", None)
-        default = None  # the first class up the MRO that names num_classes has the default
-        for cls in type(self.model).__mro__:
-            param = inspect.signature(cls.__init__).parameters.get("num_classes")
-            if param is not None:
-                default = param.default
-                break
-        if cfg is not None and cfg.get("ckpt_path") and given is not None and data_k is not None \
-                and given != data_k:  # the model's options come from the checkpoint here
-            raise ConfigError(
-                f"--ckpt_path: the checkpoint's model has num_classes={given}, the data module "
-                f"{type(self.datamodule).__name__} has {data_k} classes; use it with the data "
-                "it was trained on (or train a new model).")
-        if given is not None and data_k is not None and given not in (data_k, default):
-            rank_zero_warn(
-                f"model.init_args.num_classes={given} is not used: the model takes num_classes="
-                f"{data_k} from the data module (linked). Remove it, or change the data.")
-
     def _parse_ckpt_path(self) -> None:
         """Lightning (>= 2.6) rebuilds the model from the checkpoint's hyperparameters when
         ``--ckpt_path`` is given, replacing model options set in the YAML or on the command
         line without a word: say which ones."""
         sub = self.config.get("subcommand")
-        before = _flat(self.config[sub].get("model")) if sub else {}
+        before = flat(self.config[sub].get("model")) if sub else {}
         super()._parse_ckpt_path()
-        if not sub:
-            return
-        after = _flat(self.config[sub].get("model"))
-        changed = [k for k in before if k in after and before[k] != after[k]
-                   and not k.endswith("num_classes")]  # linked from the data: not the user's
-        if changed:
-            rank_zero_warn(
-                "--ckpt_path: the model is rebuilt from the checkpoint's hyperparameters, so "
-                "these model options of the config/command line are NOT used: "
-                + "; ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed[:8])
-                + ("; ..." if len(changed) > 8 else "")
-                + ". Start a new run (no --ckpt_path) to train with other model options.")
+        if sub:
+            warn_replaced_by_checkpoint(before, flat(self.config[sub].get("model")))
 
     def _run_subcommand(self, subcommand: str) -> None:
         with evaluation_warnings(subcommand):
@@ -202,17 +166,6 @@ class HUGLightningCLI(LightningCLI):
             root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or "."))
             self.save_config_kwargs = {**self.save_config_kwargs,
                                        "config_filename": free_config_name(root)}
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of a (nested) config namespace or dict, keyed by dotted paths."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if not isinstance(value, dict):
-        return {prefix: value} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def console_main() -> int:
