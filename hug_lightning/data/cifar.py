@@ -23,10 +23,9 @@ from torchvision.transforms import v2
 from hug_lightning.data.arrays import TensorImageDataset
 from hug_lightning.data.augment import KeyedCropFlip
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
+from hug_lightning.data.cifar_folders import folder_classes, load_folder_split
 from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler, global_seed
-from hug_lightning.data.folders import (IMAGE_EXTENSIONS, decode_to_tensor, find_classes,
-                                       scan_class_folders, warn_unequal_classes)
 from hug_lightning.data.splits import check_label_range, check_val_split, split_indices
 
 
@@ -131,7 +130,7 @@ class _CIFARDataModule(ClassificationDataModule):
         check the class folders of the folder layout (before the run folder is created)."""
         layout = self.layout()
         if layout == "folder":
-            self._folder_classes()
+            folder_classes(self.root, self.num_classes, self.name)
         if layout is not None:
             return
         if self.root.name == self.tv_class.base_folder:  # one level too deep: no nested download
@@ -148,34 +147,6 @@ class _CIFARDataModule(ClassificationDataModule):
             raise DataNotFoundError(self.missing_message(err)) from err
 
     # ------------------------------------------------------------------ loading
-    def _class_folders(self, split_dir: Path) -> list[str]:
-        """The sorted class folders of one split; exactly ``num_classes`` of them, or an error."""
-        classes = find_classes(split_dir)
-        if len(classes) != self.num_classes:
-            raise DataNotFoundError(
-                f"{split_dir} holds {len(classes)} class folders ({', '.join(classes[:12])}"
-                f"{', ...' if len(classes) > 12 else ''}); {self.name} needs exactly "
-                f"{self.num_classes}, one per class (labels are the sorted folder names). "
-                + ("Remove the extra folders" if len(classes) > self.num_classes else
-                   "A partial extraction or copy? Complete it")
-                + ", or point --data.init_args.root elsewhere.")
-        return classes
-
-    def _folder_classes(self) -> list[str]:
-        """The class names of the folder layout: the same ``num_classes`` folders in ``train/``
-        and ``test/`` (labels are the sorted names, so a renamed folder would shift them)."""
-        train, test = (self._class_folders(self.root / split) for split in ("train", "test"))
-        if train != test:
-            only_train = sorted(set(train) - set(test))
-            only_test = sorted(set(test) - set(train))
-            raise DataNotFoundError(
-                f"The class folders of {self.root / 'train'} and {self.root / 'test'} differ "
-                f"(only in train: {', '.join(only_train)}; only in test: "
-                f"{', '.join(only_test)}). Labels are the sorted folder names, so both splits "
-                "need the same names: rename the folders so that they match."
-            )
-        return train
-
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Decode one split into ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` labels."""
         layout = self.layout()
@@ -194,26 +165,9 @@ class _CIFARDataModule(ClassificationDataModule):
             source = str(self.tv_dir)
         else:
             split_dir = self.root / ("train" if train else "test")
-            classes = self._folder_classes()
-            _, samples = scan_class_folders(split_dir, classes)
-            if not samples:
-                raise DataNotFoundError(f"No image files under {split_dir}/<class>/. "
-                                        + self.missing_message())
-            present = {label for _, label in samples}
-            empty = [name for c, name in enumerate(classes) if c not in present]
-            if empty:
-                raise DataNotFoundError(
-                    f"{len(empty)} class folder(s) of {split_dir} hold no image files "
-                    f"({', '.join(empty)}); every class needs images "
-                    f"({', '.join(IMAGE_EXTENSIONS)}). Copy them there, or point "
-                    "--data.init_args.root at a complete copy.")
-            warn_unequal_classes(samples, classes, split_dir, self.name.split("-LT")[0])
-            images, labels = decode_to_tensor(samples, 32, on_corrupt=self.on_corrupt)
-            # class folders come class by class: one fixed shuffle (seed 0, the same for every
-            # run and rank) mixes them as torchvision's files are, so `limit_test_batches` and
-            # the first batches of any evaluation see every class
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-            images, labels = images[order], labels[order]
+            classes = folder_classes(self.root, self.num_classes, self.name)
+            images, labels = load_folder_split(split_dir, classes, self.name, self.on_corrupt,
+                                               self.missing_message)
             source = str(split_dir)
         check_label_range(labels, self.num_classes, source)
         return images, labels
