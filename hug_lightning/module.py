@@ -33,26 +33,23 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from hug_lightning.backbones import CifarResNet
+from hug_lightning.classifier_metrics import ClassifierMetrics
 from hug_lightning.compiling import HeadStep, check_compile_options
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.hp_tab import is_plain
-from hug_lightning.loop import ClassifierLoop, unpack_batch_of
+from hug_lightning.loop import unpack_batch_of
 from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.collapse import all_reduce_sync
-from hug_lightning.metrics.functional_geometry import class_separation
 from hug_lightning.optim import build_optimizers, run_length
 from hug_lightning.param_groups import check_kinds, parameter_groups
 from hug_lightning.step_log import StepLog
-from hug_lightning.train_accuracy import TrainAccuracy
 
 
-class ClassifierModule(ClassifierLoop):
+class ClassifierModule(ClassifierMetrics):
     """Image classifier: ``backbone(x) -> [embedding] -> head``, trained by the head's loss.
 
     Args:
@@ -89,9 +86,6 @@ class ClassifierModule(ClassifierLoop):
         compile_options: Keyword arguments of ``torch.compile`` for both, e.g.
             ``{mode: max-autotune}`` or ``{dynamic: false}`` (one static graph per batch size).
     """
-
-    #: From this many classes on, validation and test also log top-5 accuracy (``*/acc_top5``).
-    top5_min_classes: int = 100
 
     def __init__(
         self,
@@ -182,25 +176,6 @@ class ClassifierModule(ClassifierLoop):
                 "constructor arguments, in that order.")
         return built
 
-    def configure_metrics(self) -> None:
-        """Create the per-stage torchmetrics objects (one per stage, never shared)."""
-        # validate_args=False: torchmetrics' input checks read values back to the host (a
-        # device sync per step); labels are checked by the data modules and check_labels
-        acc = {"num_classes": self.num_classes, "average": "micro", "validate_args": False}
-        # training accuracy: two counters (correct, seen), summed over processes at the end of
-        # the epoch, kept in checkpoints; not a registered buffer (see TrainAccuracy)
-        self.train_accuracy = TrainAccuracy()
-        self.val_acc = MulticlassAccuracy(**acc)
-        self.test_acc = MulticlassAccuracy(**acc)
-        if self.num_classes >= self.top5_min_classes:  # ImageNet-scale: top-5 as well
-            self.val_acc_top5 = MulticlassAccuracy(top_k=5, **acc)
-            self.test_acc_top5 = MulticlassAccuracy(top_k=5, **acc)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        # the best validation accuracy so far: saved in checkpoints (a resumed run continues
-        # it); the sanity check never updates it (on_validation_epoch_end)
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)
-
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups: weight decay or not (``no_weight_decay``), head or not (see
         :func:`hug_lightning.param_groups.parameter_groups`).
@@ -265,30 +240,6 @@ class ClassifierModule(ClassifierLoop):
                 # the host every step on GPUs
                 self.head.count_sync = CountSync(lambda t: all_reduce_sync(t)[0],
                                                  self.trainer.world_size)
-
-    @torch.no_grad()
-    def class_vector_geometry(self) -> dict[str, Tensor]:
-        """Separation of the head's normalized class vectors (one K x K Gram, every epoch).
-
-        ``geometry/min_angle`` (degrees, between the closest two), ``geometry/max_cos`` and
-        ``geometry/riesz2_energy`` (mean over pairs of 1/||w_c - w_c'||^2, HUG's inter term).
-        """
-        separation = class_separation(self.head.class_vectors.detach())
-        return {f"geometry/{name}": value.float() for name, value in separation.items()}
-
-    def update_metrics(self, out: dict[str, Any], stage: str) -> None:
-        """Feed one validation/test batch's :meth:`step` output to the stage's metrics and log
-        them (epoch values). Override to add metrics created in :meth:`configure_metrics`
-        (call ``super().update_metrics(out, stage)`` to keep loss and accuracy)."""
-        n = out["labels"].shape[0]
-        acc, loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
-        acc.update(out["logits"].argmax(-1), out["labels"])
-        loss.update(out["loss"].detach(), weight=n)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
-        if (top5 := getattr(self, f"{stage}_acc_top5", None)) is not None:
-            top5.update(out["logits"], out["labels"])
-            self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True, batch_size=n)
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(
