@@ -16,6 +16,9 @@ All numbers come from one process on one machine, so the ratios are comparable:
 
 Run ``python bench/train_bench.py --device cuda`` on a GPU (``--toy`` runs a tiny CPU version in
 seconds: the test suite does that so the script never rots). Prints a Markdown table.
+
+Beside it: ``train_models.py`` (backbones, data over tensors), ``train_timers.py`` (the arms'
+clocks), ``train_report.py`` (ratios, table, JSON) and ``cli_fit.py`` ((b-cli)).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from hug_lightning.backbones import CifarResNet, SmallConvNet
 from hug_lightning.data.cifar import CIFAR10DataModule
 from hug_lightning.data.device_loader import DeviceBatchLoader
 from hug_lightning.data.loading import EpochShardSampler
@@ -39,109 +43,14 @@ from hug_lightning.heads import CrossEntropyHead, HUGHead
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.module import ClassifierModule
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # its sibling modules, also when
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded from a file path
+
+from train_models import NullBackbone, TensorCIFAR, make_backbone  # noqa: E402
+from train_report import dynamo_summary, report, reset_dynamo  # noqa: E402
+from train_timers import EpochTimer, StepTimer, sync_device  # noqa: E402
+
 MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
-
-
-class TensorCIFAR(CIFAR10DataModule):
-    """CIFAR-style DataModule over tensors already in memory (no files); any number of classes."""
-
-    def __init__(self, images: Tensor, labels: Tensor, num_classes: int = 10, **kwargs: Any) -> None:
-        super().__init__(root="unused", download=False, val_split=0, **kwargs)
-        self._tensors = (images, labels)
-        self.num_classes = int(num_classes)
-
-    def prepare_data(self) -> None:
-        pass
-
-    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
-        images, labels = self._tensors
-        return (images, labels) if train else (images[:2048], labels[:2048])
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepTimer(Callback):
-    """Wall time of the training batches after ``warmup`` (device synchronized).
-
-    With ``steps`` the clock stops at the end of training batch ``warmup + steps``, as the plain
-    loop's does: the end of the fit (the last epoch-end hooks: NC compute, checkpoint saves,
-    logger flush) comes once per fit, not per step, and stays out of the window."""
-
-    def __init__(self, warmup: int, steps: int | None = None) -> None:
-        self.warmup, self.t0, self.t1, self.steps = warmup, 0.0, 0.0, 0
-        self.stop = None if steps is None else warmup + steps
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if trainer.global_step == self.warmup:
-            _sync(pl_module.device)
-            self.t0 = time.perf_counter()
-
-    def _end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        _sync(pl_module.device)
-        self.t1 = time.perf_counter()
-        self.steps = trainer.global_step - self.warmup
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch,  # noqa: ANN001
-                           batch_idx) -> None:
-        if trainer.global_step == self.stop:
-            self._end(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        if self.stop is None or trainer.global_step < self.stop:  # stopped early
-            self._end(trainer, pl_module)
-
-
-class EpochTimer(Callback):
-    """Wall time of each whole epoch, epoch-end hooks (NC compute, logging) included.
-
-    An epoch runs from one ``on_train_epoch_start`` to the next (or to ``on_train_end``), so
-    everything Lightning, the module and the callbacks do at the epoch's end is inside it.
-    """
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def _stamp(self, pl_module) -> None:  # noqa: ANN001
-        _sync(pl_module.device)
-        self.stamps.append(time.perf_counter())
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self._stamp(pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self._stamp(pl_module)
-
-    def epoch_seconds(self, skip: int = 1) -> float:
-        """Mean epoch time after the first ``skip`` epochs (cuDNN autotuning, allocator)."""
-        times = [b - a for a, b in zip(self.stamps, self.stamps[1:])][skip:]
-        return sum(times) / max(len(times), 1)
-
-
-class NullBackbone(nn.Module):
-    """A model that costs (almost) nothing: one tiny linear layer on 2x2 pixels. With it the
-    step time of (a) and (b) is framework and data time only, so (b) - (a) per step is the host
-    time Lightning and the module add (``--overhead``)."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(12, self.num_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x[:, :, :2, :2].flatten(1)).tanh()
-
-
-def make_backbone(args: argparse.Namespace) -> nn.Module:
-    """ResNet-18 (CIFAR stem); ``--small-width W``: SmallConvNet with ``4 W`` features."""
-    if getattr(args, "overhead", False):
-        return NullBackbone()
-    if args.toy:
-        return SmallConvNet(width=8)
-    return SmallConvNet(width=args.small_width) if args.small_width else CifarResNet(depth=18)
 
 
 def optimizer_factory(params: Any) -> torch.optim.Optimizer:
@@ -173,7 +82,7 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace,
         sampler.set_epoch(epoch)
         for x, y in loader:
             if done == args.warmup:
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -188,7 +97,7 @@ def plain_loop(images: Tensor, labels: Tensor, args: argparse.Namespace,
             if done == args.warmup + args.steps:
                 break
         epoch += 1
-    _sync(device)
+    sync_device(device)
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
@@ -259,25 +168,6 @@ def lightning_run(images: Tensor, labels: Tensor, args: argparse.Namespace, *, h
     trainer.fit(model, datamodule=data)
     return {"images_s": timer.steps * args.batch_size / max(timer.t1 - timer.t0, 1e-9),
             "epoch_s": epoch_timer.epoch_seconds(), "wall_s": time.perf_counter() - start}
-
-
-def dynamo_summary() -> dict[str, int | str]:
-    """Compact ``torch._dynamo`` counters since the last :func:`reset_dynamo`: frames compiled,
-    distinct graphs, graph breaks, and the most frequent break reason (``--compile`` runs)."""
-    from torch._dynamo.utils import counters
-    breaks = counters["graph_break"]
-    out = {"frames": int(counters["frames"]["total"]),
-           "graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(breaks.values()))}
-    if breaks:
-        reason, n = breaks.most_common(1)[0]
-        out["top_break"] = f"{n}x {reason[:120]!r}"
-    return out
-
-
-def reset_dynamo() -> None:
-    from torch._dynamo.utils import counters
-    counters.clear()
 
 
 MEASURES = ("a", "b", "b0", "bcli", "c", "hug", "nc10", "nc100", "eval")
@@ -382,68 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 out = lightning_run(images, labels[100], args, nc=True, eval_pass=True,
                                     eval_fp32=False, epochs=args.nc_epochs, num_classes=100)
                 record("epoch_s_K100_eval_pass_bf16", out["epoch_s"])
-    # best of the repeats: highest throughput, shortest epoch
-    res = {k: (min(v) if k.startswith("epoch") else max(v)) for k, v in runs.items()}
-    ratios: dict[str, float] = {}
+    return report(args, runs, compile_stats)
 
-    def ratio(name: str, num: str, den: str) -> None:
-        if num in res and den in res:
-            ratios[name] = res[num] / res[den]
 
-    ratio("(b)/(a) device-resident Lightning vs plain loop", "b_lightning_device", "a_plain_loop")
-    ratio("(b0)/(a) bare LightningModule vs plain loop", "b0_lightning_minimal", "a_plain_loop")
-    ratio("(b)/(b0) ClassifierModule vs bare LightningModule", "b_lightning_device",
-          "b0_lightning_minimal")
-    ratio("(b-cli)/(a) `hug-lightning fit` (all defaults) vs plain loop",
-          "bcli_hug_lightning_fit", "a_plain_loop")
-    ratio("(b-cli)/(b) the command's defaults vs a bare Trainer", "bcli_hug_lightning_fit",
-          "b_lightning_device")
-    ratio("(b)/(c) device-resident vs classic DataLoader", "b_lightning_device",
-          "c_lightning_dataloader")
-    ratio("HUG step / CE step", "b_lightning_device", "b_hug")
-    for k in (10, 100):
-        ratio(f"collectors on / off, epoch time, K={k}", f"epoch_s_K{k}_nc_on",
-              f"epoch_s_K{k}_nc_off")
-    ratio("eval-pass epoch / collectors-off epoch, K=100", "epoch_s_K100_eval_pass",
-          "epoch_s_K100_nc_off")
-    ratio("eval-pass epoch / train-collector epoch, K=100", "epoch_s_K100_eval_pass",
-          "epoch_s_K100_nc_on")
-    ratio("eval-pass epoch, float32 pass / bf16 pass, K=100", "epoch_s_K100_eval_pass",
-          "epoch_s_K100_eval_pass_bf16")
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    model_name = ("NullBackbone (overhead probe)" if args.overhead else
-                  f"SmallConvNet width {args.small_width} (d={4 * args.small_width})"
-                  if args.small_width else "ResNet-18 CIFAR stem")
-    print(f"\n### train_bench on {device_name} (batch {args.batch_size}, "
-          f"{'toy SmallConvNet' if args.toy else model_name}, "
-          f"{'bf16-mixed, channels_last' if args.bf16 else 'fp32'}"
-          f"{', torch.compile' if args.compile else ', eager'}"
-          f"{', loss compiled' if args.compile_loss else ''}; best of {args.repeats})\n")
-    print("| measurement | value | all repeats |\n|---|---|---|")
-    for key, value in res.items():
-        unit = "s" if key.startswith("epoch") else "images/s"
-        every = ", ".join(f"{v:,.3f}" if unit == "s" else f"{v:,.0f}" for v in runs[key])
-        print(f"| {key} | {value:,.3f} {unit} | {every} |")
-    for key, value in ratios.items():
-        print(f"| {key} | {value:.3f} | |")
-    if "a_plain_loop" in res and "b_lightning_device" in res:
-        ms = {k: 1e3 * args.batch_size / v for k, v in res.items() if not k.startswith("epoch")}
-        a, b = ms["a_plain_loop"], ms["b_lightning_device"]
-        split = ""
-        if "b0_lightning_minimal" in ms:
-            b0 = ms["b0_lightning_minimal"]
-            split = f", of which Lightning (b0) - (a) = {b0 - a:.3f} ms"
-        print(f"| per step: (a) {a:.3f} ms, (b) {b:.3f} ms, "
-              f"(b) - (a) = {b - a:.3f} ms{split} | | |")
-    for key, stats in compile_stats.items():
-        print(f"| torch.compile, {key}: " + ", ".join(f"{k} {v}" for k, v in stats.items())
-              + " | | |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": res, "repeats": runs, "ratios": ratios, "device": device_name,
-                       "compile": args.compile, "compile_loss": args.compile_loss,
-                       "dynamo": compile_stats}, f, indent=1)
-    return {**res, **ratios}
+__all__ = ["EpochTimer", "MEASURES", "MinimalModule", "NullBackbone", "StepTimer", "TensorCIFAR",
+           "cli_measure", "dynamo_summary", "lightning_run", "main", "make_backbone",
+           "optimizer_factory", "plain_loop", "reset_dynamo"]
 
 
 if __name__ == "__main__":
