@@ -292,3 +292,37 @@ def test_class_list_with_a_byte_order_mark(tmp_path, inet_root):
     listing.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(IMAGENETTE[:3]).encode() + b"\r\n")
     assert read_class_list(listing) == IMAGENETTE[:3]
     _dm(inet_root, subset=str(listing)).check_layout()
+
+
+def test_odd_image_formats_decode_to_rgb(inet_root, tmp_path):
+    """ImageNet holds grayscale and CMYK JPEGs and a PNG named .JPEG; other folders hold 16-bit
+    PNGs (decoded as uint16 and wrapped into uint8: 32767 became 255) and non-image files."""
+    import numpy as np
+    from PIL import Image
+
+    from hug_lightning.data.image_files import ImageFileDataset
+    root = tmp_path / "copy"
+    shutil.copytree(inet_root, root)
+    folder, rng = root / "train" / IMAGENETTE[0], np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 14, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0], "L").save(folder / "gray.JPEG")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.JPEG")
+    Image.fromarray(rgb).save(folder / "png.JPEG", format="PNG")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA").save(folder / "rgba.png")
+    deep = rng.integers(0, 2**16, (9, 14)).astype("<u2")
+    Image.fromarray(deep).save(folder / "deep.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\0" * 8)
+    dm = _dm(root, augment=False)
+    dm.setup("fit")
+    paths = {Path(p).name: p for p, y in zip(dm.train_set.paths, dm.train_set.labels) if y == 0}
+    assert set(paths) == {p.name for p in folder.iterdir()} - {"notes.txt", "Thumbs.db"}
+    ref16 = np.repeat(np.round(deep / 257.0)[..., None], 3, axis=2)
+    for name in ("gray.JPEG", "cmyk.JPEG", "png.JPEG", "rgba.png", "deep.png"):
+        got, label = ImageFileDataset([(paths[name], 0)])[0]
+        with Image.open(paths[name]) as img:
+            ref = ref16 if name == "deep.png" else np.asarray(img.convert("RGB"), dtype=float)
+        assert got.dtype == torch.uint8 and got.shape == (3, 9, 14), name
+        assert np.abs(got.permute(1, 2, 0).numpy() - ref).max() <= 1, name
+        x, y = dm.train_set[dm.train_set.paths.index(paths[name])]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2.functional import resize
+from torchvision.transforms.v2.functional import resize, to_dtype
 
 from hug_lightning.data.base import BadDataError
 
@@ -100,10 +100,13 @@ def read_rgb_tensor(path: Path) -> torch.Tensor:
     """Decode an image file into a ``(3, H, W)`` uint8 tensor.
 
     Uses torchvision's decoders (libjpeg-turbo, libpng: several times faster than PIL on small
-    images) and falls back to PIL for other formats; raises :class:`CorruptImageError`.
+    images) and falls back to PIL for other formats; raises :class:`CorruptImageError`. A
+    16-bit PNG (decoded as uint16) is scaled to uint8 (copied into a uint8 tensor as it was,
+    its values wrapped around: 32767 became 255).
     """
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
     except (RuntimeError, ValueError):
         img = load_rgb(path)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
