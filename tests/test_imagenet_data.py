@@ -326,3 +326,19 @@ def test_odd_image_formats_decode_to_rgb(inet_root, tmp_path):
         assert np.abs(got.permute(1, 2, 0).numpy() - ref).max() <= 1, name
         x, y = dm.train_set[dm.train_set.paths.index(paths[name])]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+
+
+@pytest.mark.parametrize("fn", ["test", "predict"])
+def test_evaluation_needs_only_the_val_folder(inet_root, tmp_path, fn):
+    """test/predict read val/ alone, but prepare_data (which Lightning runs first) required
+    train/ as well: a copy of the validation images could not evaluate a checkpoint."""
+    from lightning.pytorch.trainer.states import TrainerFn
+    shutil.copytree(inet_root / "val", tmp_path / "val")
+    dm = _dm(tmp_path)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(fn)), world_size=1)
+    dm.prepare_data()
+    dm.setup(fn)
+    assert sorted(dm.test_set.paths) == [f for w in IMAGENETTE for f in _files(tmp_path, "val", w)]
+    dm.trainer.state.fn = TrainerFn.FITTING  # fitting does need train/: named in the error
+    with pytest.raises(DataNotFoundError, match=re.escape(str((tmp_path / "train").resolve()))):
+        dm.prepare_data()
