@@ -13,7 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from conftest import tiny_args
 from datagen import write_imagenet_folder
-from hug_lightning.cli import main
+from hug_lightning.cli import ConfigError, main
 from hug_lightning.data import DataNotFoundError, ImageNetSubsetDataModule
 from hug_lightning.data.folders import CorruptImageError
 from hug_lightning.data.imagenet import read_class_list, resolve_classes
@@ -269,6 +269,14 @@ def test_cli_fit_then_test(inet_root, tmp_path, config):
     cli = main(["test", *args, "--ckpt_path", str(last), "--trainer.limit_test_batches", "1.0"])
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
     assert len(cli.datamodule.test_set) == 30
+    if config.endswith("ce"):  # 10 other classes: the num_classes check passed, labels differ
+        listing = tmp_path / "other10.txt"
+        listing.write_text("\n".join(IMAGENETTE[:8] + EXTRA))
+        with pytest.raises(ConfigError, match=rf"only in the checkpoint: {IMAGENETTE[8]}, "
+                                              rf"{IMAGENETTE[9]}.*only in this subset: "
+                                              rf"{EXTRA[1]}, {EXTRA[0]}\."):
+            main(["test", *args, "--ckpt_path", str(last), "--data.init_args.subset",
+                  str(listing)])
 
 
 @pytest.mark.parametrize("kwargs", [{"images_per_class": 1, "val_split": 0.5},
@@ -342,3 +350,19 @@ def test_evaluation_needs_only_the_val_folder(inet_root, tmp_path, fn):
     dm.trainer.state.fn = TrainerFn.FITTING  # fitting does need train/: named in the error
     with pytest.raises(DataNotFoundError, match=re.escape(str((tmp_path / "train").resolve()))):
         dm.prepare_data()
+
+
+def test_checkpoint_of_other_classes_is_refused(inet_root, tmp_path):
+    """A checkpoint's label c is the c-th WNID of the subset it was trained on: evaluating it on
+    another subset of as many classes (imagenette vs imagewoof, an edited class list) scored
+    its predictions against other WNIDs without a word."""
+    trained = _dm(inet_root)
+    state = trained.state_dict()
+    assert state == {"classes": IMAGENETTE}
+    _dm(inet_root).load_state_dict(state)  # the same subset: accepted
+    listing = tmp_path / "ten.txt"
+    listing.write_text("\n".join(IMAGENETTE[1:] + EXTRA[:1]))
+    with pytest.raises(ConfigError, match=rf"checkpoint: {IMAGENETTE[0]}; only in this subset: "
+                                          rf"{EXTRA[0]}\. .*--data.init_args.subset"):
+        _dm(inet_root, subset=str(listing)).load_state_dict(state)
+    _dm(inet_root).load_state_dict({})  # a checkpoint saved before the classes were recorded

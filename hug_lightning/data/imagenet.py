@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchvision.transforms import v2
 
+from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.folders import IMAGE_EXTENSIONS, find_classes, scan_class_folders
 from hug_lightning.data.image_files import ImageFileDataset
@@ -212,6 +213,25 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         # validation images is enough to evaluate a checkpoint)
         fn = getattr(getattr(self.trainer, "state", None), "fn", None)
         self.check_layout(("val",) if fn in ("test", "predict") else ("train", "val"))
+
+    def state_dict(self) -> dict[str, list[str]]:
+        """The subset's WNIDs in label order, saved in checkpoints (see :meth:`load_state_dict`)."""
+        return {"classes": list(self.classes)}
+
+    def load_state_dict(self, state_dict: dict[str, list[str]]) -> None:
+        """Refuse a checkpoint trained on other classes: with as many classes (``imagenette``
+        vs ``imagewoof``, an edited class-list file) its label indices would silently mean
+        other WNIDs."""
+        saved = state_dict.get("classes")
+        if saved is not None and list(saved) != self.classes:
+            gone = sorted(set(saved) - set(self.classes))
+            new = sorted(set(self.classes) - set(saved))
+            raise ConfigError(
+                f"The checkpoint's model was trained on other ImageNet classes than subset "
+                f"{self.subset!r} ({self.num_classes} classes) holds: only in the checkpoint: "
+                f"{_listing(gone) or 'none'}; only in this subset: {_listing(new) or 'none'}. "
+                "Its labels would mean other WNIDs: pass the --data.init_args.subset it was "
+                "trained with (its config.yaml), or train a new model.")
 
     def scan(self, split: str) -> list[tuple[Path, int]]:
         """``(path, label)`` of every image of the subset's classes in ``split``."""
