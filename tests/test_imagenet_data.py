@@ -133,6 +133,22 @@ def test_keyed_augmentation_is_a_function_of_the_key(inet_root):
     assert torch.equal(x, dm.train_eval_set[3][0]) and x.shape == (3, 32, 32)
 
 
+def test_a_class_keeps_its_images_in_every_subset(inet_root):
+    """The per-class choices are seeded by the WNID, not the label: in ``full`` every
+    Imagenette class sits one label later (n00000002 sorts first), and keeps the same training
+    and held-out images as in ``imagenette``."""
+    def by_wnid(subset):
+        dm = _dm(inet_root, subset=subset, fraction=0.6, val_split=0.3)
+        dm.setup("fit")
+        return {split: {(dm.classes[y], p) for p, y in zip(ds.paths, ds.targets.tolist())}
+                for split, ds in (("train", dm.train_set), ("val", dm.val_set))}
+
+    small, full = by_wnid("imagenette"), by_wnid("full")
+    assert _dm(inet_root, subset="full").classes.index(IMAGENETTE[0]) == 1
+    for split in ("train", "val"):
+        assert small[split] and small[split] == {s for s in full[split] if s[0] in IMAGENETTE}
+
+
 def test_class_list_file_and_full(inet_root, tmp_path):
     listing = tmp_path / "mine.txt"
     listing.write_text(f"# my subset\n{IMAGENETTE[3]}  # chain saw\n\n{EXTRA[0]}\n"

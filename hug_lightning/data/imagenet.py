@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from importlib import resources
 from itertools import groupby
 from pathlib import Path
@@ -27,8 +28,7 @@ from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.folders import IMAGE_EXTENSIONS, find_classes, scan_class_folders
 from hug_lightning.data.image_files import ImageFileDataset
-from hug_lightning.data.splits import (check_val_split, seeded_choice, stratified_split,
-                                       val_count)
+from hug_lightning.data.splits import check_val_split, seeded_choice, stratified_split
 
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -97,8 +97,10 @@ def layout_help(root: Path) -> str:  # what the data folder must look like, what
 class ImageNetSubsetDataModule(ClassificationDataModule):
     """A class subset of a local ImageNet, optionally with fewer training images per class.
 
-    Training images per class are drawn by :func:`seeded_choice` over the sorted file names
-    (the same on every rank and run); validation and test images are never sub-sampled.
+    Training images per class are drawn by :func:`seeded_choice` over the sorted file names,
+    seeded by ``seed`` and the class's WNID (the same images of a class on every rank and run,
+    and in every subset that holds the class); validation and test images are never
+    sub-sampled.
 
     Args:
         root: Folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
@@ -252,8 +254,13 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
             k = (min(self.images_per_class, len(items)) if self.images_per_class is not None
                  else len(items) if self.fraction is None
                  else min(len(items), max(1, round(self.fraction * len(items)))))
-            kept.extend(items[i] for i in seeded_choice(len(items), k, self.seed, c))
+            kept.extend(items[i] for i in seeded_choice(len(items), k, self.seed, self.keys[c]))
         return kept
+
+    @property
+    def keys(self) -> list[int]:
+        """Per class, the seed key of its image choices: a checksum of its WNID, not its label."""
+        return [zlib.crc32(wnid.encode()) for wnid in self.classes]
 
     def train_transform(self) -> Callable[[Tensor], Tensor]:
         """RandomResizedCrop(image_size) and horizontal flip, then normalization."""
@@ -279,8 +286,7 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         full = ImageFileDataset(self.select_train(self.scan("train")), None, self.on_corrupt)
         # per class (each keeps at least one training image), then one fixed shuffle so that
         # `limit_val_batches` sees every class
-        n_val = val_count(len(full), self.val_split)
-        train_idx, val_idx = stratified_split(full.labels, n_val, self.seed)
+        train_idx, val_idx = stratified_split(full.labels, self.val_split, self.seed, self.keys)
         val_idx = val_idx[torch.randperm(len(val_idx),
                                          generator=torch.Generator().manual_seed(self.seed))]
         self.train_set = full.subset(train_idx, self.train_transform())

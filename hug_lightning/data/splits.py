@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -81,7 +83,8 @@ def seeded_choice(n: int, k: int, seed: int, class_index: int, stream: int = 0) 
     return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
 
-def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+def stratified_split(labels: Tensor, val_split: int | float, seed: int,
+                     class_keys: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Per-class seeded split into ``(train, val)`` index tensors.
 
     Args:
@@ -91,6 +94,9 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
             validation but keeps at least one for training. A positive value that holds out
             no sample at all is a :class:`~hug_lightning.cli_errors.ConfigError`.
         seed: Seed of the per-class choice.
+        class_keys: Per label, the integer that seeds its class's choice with ``seed``
+            (default: the label itself); a key that names the class, not its position, holds
+            out the same samples of a class in every subset of classes that holds it.
     """
     n = len(labels)
     val_count(n, val_split)  # the checks
@@ -104,7 +110,8 @@ def stratified_split(labels: Tensor, val_split: int | float, seed: int) -> tuple
         idx = (labels == c).nonzero().flatten()
         k = min(round(frac * len(idx)), len(idx) - 1)
         chosen = torch.zeros(len(idx), dtype=torch.bool)
-        chosen[seeded_choice(len(idx), k, seed, c, stream=1)] = True
+        key = c if class_keys is None else class_keys[c]
+        chosen[seeded_choice(len(idx), k, seed, key, stream=1)] = True
         train.append(idx[~chosen])
         val.append(idx[chosen])
     if not sum(len(v) for v in val):  # a positive val_split that rounds to 0 in every class
