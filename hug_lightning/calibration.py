@@ -108,7 +108,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, bounds: tuple[float, float] 
         max_iter: At most this many NLL evaluations after the first two.
 
     Returns:
-        The fitted temperature (a Python float; deterministic for given inputs).
+        The fitted temperature (a Python float; deterministic for given inputs, and the same
+        for any order of the rows: the NLL is summed in sorted order, so a DDP gather, whose
+        order differs from one process's, fits the single-process ``T`` to the last bit).
     """
     _check(logits, labels, 1.0)
     lo_t, hi_t = float(bounds[0]), float(bounds[1])
@@ -123,8 +125,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, bounds: tuple[float, float] 
     z = logits.detach().to("cpu", torch.float64)
     y = labels.detach().to("cpu", torch.long)
 
-    def nll(u: float) -> float:
-        return float(F.cross_entropy(z * math.exp(-u), y))
+    def nll(u: float) -> float:  # summed in sorted order: the same for any order of the rows
+        losses = F.cross_entropy(z * math.exp(-u), y, reduction="none")
+        return float(losses.sort().values.sum()) / losses.numel()
 
     a, b = math.log(lo_t), math.log(hi_t)
     c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
