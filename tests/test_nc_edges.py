@@ -144,3 +144,32 @@ def test_monitor_projector_sample_reaches_the_last_class_of_a_long_ordered_set()
                                 is_global_zero=rank0)
         quiet.on_validation_batch_end(other, None, out, None, 0)
         assert quiet._val_norms == [] and quiet._val_sample.labels == []
+
+
+def test_a_resumed_run_keeps_the_earlier_projector_embeddings(tmp_path):
+    """Found by the DDP audit: TensorBoard's writer rewrites ``projector_config.pbtxt`` with the
+    embeddings of its own process only, so a fit resumed into its folder (``--ckpt_path last``,
+    the grid runner's resume) dropped every earlier epoch's ``nc_fig/val_features`` from the
+    Projector (their files stayed, unlisted). Two writers in turn, as a fit and its resume."""
+    from types import SimpleNamespace
+
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+    from google.protobuf import text_format
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hug_lightning.metrics.figures import FeatureSample
+
+    sample = FeatureSample(20, num_classes=2)
+    sample.add(torch.randn(20, 3, generator=torch.Generator().manual_seed(0)),
+               torch.arange(20) % 2)
+    for steps in ((19, 39), (59,)):  # the fit, then its resume (a new writer, same folder)
+        writer = SummaryWriter(str(tmp_path))
+        for step in steps:
+            sample.log(SimpleNamespace(experiment=writer), step)
+        writer.close()
+    config = text_format.Parse((tmp_path / "projector_config.pbtxt").read_text(),
+                               ProjectorConfig())
+    names = [e.tensor_name for e in config.embeddings]
+    assert names == [f"nc_fig/val_features:{s:05d}" for s in (19, 39, 59)]
+    for embedding in config.embeddings:
+        assert (tmp_path / embedding.tensor_path).is_file()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,31 @@ def intra_class_cosines(features: Tensor, labels: Tensor) -> Tensor:
     return (u @ u.T)[i[same], j[same]].clamp(-1.0, 1.0)
 
 
+def keep_earlier_embeddings(writer: Any) -> None:
+    """Let a new ``SummaryWriter`` append to the run folder's ``projector_config.pbtxt``.
+
+    The writer rewrites that file with the embeddings it added itself (its own
+    ``_projector_config``), so in a fit resumed into its folder (``--ckpt_path last``, the grid
+    runner's resume) the Projector lost every earlier epoch's embedding. Before the writer's
+    first embedding, the file's entries are read into its config (another kind of writer,
+    without ``get_logdir``, or an unreadable file: nothing is done).
+    """
+    get_logdir = getattr(writer, "get_logdir", None)
+    if hasattr(writer, "_projector_config") or not callable(get_logdir):
+        return
+    path = Path(get_logdir()) / "projector_config.pbtxt"
+    if not path.is_file():
+        return
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    try:
+        config = text_format.Parse(path.read_text(), ProjectorConfig())
+    except (OSError, text_format.ParseError):
+        return
+    writer._projector_config = config
+
+
 class FeatureSample:
     """A class-balanced sample of an epoch's features and labels (float32, on the CPU): at
     most ``ceil(size / num_classes)`` per class, the first met of each (a validation set stored
@@ -127,6 +153,7 @@ class FeatureSample:
         if not self.features or writer is None or not hasattr(writer, "add_embedding"):
             return
         x, y = torch.cat(self.features), torch.cat(self.labels)
+        keep_earlier_embeddings(writer)
         # labels as a single metadata column, without metadata_header (PyTorch #38564)
         writer.add_embedding(x, metadata=y.tolist(), global_step=step, tag="nc_fig/val_features")
         cos = intra_class_cosines(x, y)
