@@ -141,27 +141,49 @@ def test_collectors_are_separate_and_checkpointed(tmp_path):
 @pytest.mark.slow
 def test_ddp_logs_the_single_process_numbers(tmp_path):
     """lr=0 keeps the features fixed: 2 gloo processes must log the 1-process NC values and
-    accuracies."""
+    accuracies. 100 classes of 3 samples (uneven per rank): top-5 accuracy is on; the HPARAMS
+    tab's metrics, the fitted temperature and ECE are the 1-process ones, written as often (not
+    once per rank); the figures of every epoch reach rank 0's events (no hang: rank 0 alone
+    collects and draws them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--trainer.max_epochs", "2", "--nc.train", "true",
               "--model.init_args.optimizer.init_args.lr", "0.0",
               "--model.init_args.optimizer.init_args.weight_decay", "0.0",
-              "--trainer.check_val_every_n_epoch", "1"]
-    runs = {}
+              "--trainer.check_val_every_n_epoch", "1", "--nc.figures_every", "1",
+              "--data.init_args.num_classes", "100", "--data.init_args.samples_per_class", "3"]
+    runs, figures = {}, {}
     for devices, strategy in (("1", "auto"), ("2", "ddp")):
         args = ufm_args(tmp_path / devices, *common, "--trainer.devices", devices,
                         "--trainer.strategy", strategy)
         proc = subprocess.run([sys.executable, "-m", "hug_lightning", "fit", *args], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[devices] = scalars(next((tmp_path / devices / "ufm").glob("version_*")))
+        (run,) = (tmp_path / devices / "ufm").glob("version_*")
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1  # rank 0's only
+        runs[devices] = scalars(run)
+        events = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
+        events.Reload()
+        figures[devices] = {kind: {t: [e.step for e in getattr(events, kind.title())(t)]
+                                   for t in events.Tags()[kind]}
+                            for kind in ("images", "histograms")}
+        projector = (run / "projector_config.pbtxt").read_text()
+        assert projector.count("nc_fig/val_features") == 2, projector  # one per epoch
     single, ddp = runs["1"], runs["2"]
     tags = [t for t in single if t.startswith("nc/")]
     assert len(tags) > 30 and set(tags) == {t for t in ddp if t.startswith("nc/")}
     tags += ["train/acc", "val/acc"]  # train/acc: per-rank counts summed (not rank 0's twice)
+    tags += ["val/acc_top5", "hp/val_acc_best", "hp/nc1_pinv", "val/temperature", "val/ece",
+             "val/nll"]
     for tag in tags:
         a, b = torch.tensor(single[tag]), torch.tensor(ddp[tag])
+        assert a.shape == b.shape, (tag, a, b)  # as many writes: none per rank
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True), (tag, a, b)
+    assert 0 < single["val/acc_top5"][-1] < 1 and single["hp/val_acc_best"][0] != \
+        single["hp/val_acc_best"][0]  # the declaration: NaN, then the values
+    assert single["val/temperature"] == ddp["val/temperature"]  # order-free fit: to the bit
+    assert figures["2"] == figures["1"]  # every figure, at every epoch's step
+    assert {"nc_fig/cos_means", "nc_fig/cos_class_vectors"} <= set(figures["2"]["images"])
+    assert "nc_fig/intra_cos" in figures["2"]["histograms"]
 
 
 def _fake_module(k: int, d: int):
