@@ -15,16 +15,25 @@ from conftest import REPO, tiny_args
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
 def test_ddp_two_process_fit_logs_once(cifar10_folder_root, tmp_path, launcher):
     """Lightning's own launcher (it starts the second process) and torchrun (both processes
-    started outside, Lightning joins them: the multi-node route of the README)."""
+    started outside, Lightning joins them: the multi-node route of the README). Then the same
+    2-process fit resumed with `--ckpt_path last`: every rank resolves it and names the resumed
+    config on its own, rank 0 alone writes, into the run's folder."""
+    import torch
+
     args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.strategy", "ddp",
                      "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                      "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     start = [sys.executable, "-m", "torch.distributed.run", "--standalone",
              "--nproc-per-node", "2"] if launcher == "torchrun" else [sys.executable]
-    proc = subprocess.run([*start, "-m", "hug_lightning", "fit", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def fit(*extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*start, "-m", "hug_lightning", "fit", *args, *extra], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    proc = fit()
     assert "distributed_backend=gloo" in proc.stderr
     assert "All distributed processes registered" in proc.stderr
     # epoch values are reduced by the module/callbacks: no advice to add sync_dist
@@ -36,6 +45,13 @@ def test_ddp_two_process_fit_logs_once(cifar10_folder_root, tmp_path, launcher):
     assert (runs[0] / "config.yaml").is_file()
     ckpts = {p.name for p in (runs[0] / "checkpoints").iterdir()}
     assert "last.ckpt" in ckpts
+    fit("--ckpt_path", "last", "--trainer.max_epochs", "3")
+    assert list((tmp_path / "cifar10_ce").iterdir()) == runs  # no folder of its own
+    assert {p.name for p in runs[0].glob("config*.yaml")} == {"config.yaml",
+                                                              "config.resume-1.yaml"}
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 2  # one per command
+    last = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 9  # 3 epochs of 3 steps: resumed
 
 
 @pytest.mark.slow
@@ -153,10 +169,11 @@ def test_ddp_hug_training_equals_one_process(tmp_path):
 def test_ddp_robust_accuracy_equals_one_process(cifar10_folder_root, tmp_path):
     """`test` with the robustness evaluation on 1 and on 2 processes: the same robust
     accuracies. The noise and PGD's start were drawn per (rank, batch), so they changed with
-    the number of processes; they are now drawn per image."""
+    the number of processes; they are now drawn per image. The other test metrics too: the
+    calibration (gathered scores, the checkpoint's T) and `hp/test_acc`, in one events file."""
     import json
 
-    from hug_lightning.experiments.results import last_values
+    from hug_lightning.experiments.results import read_scalars
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = tiny_args(cifar10_folder_root, tmp_path, "--trainer.max_epochs", "1")
@@ -171,11 +188,23 @@ def test_ddp_robust_accuracy_equals_one_process(cifar10_folder_root, tmp_path):
               json.dumps([8 / 255]), "--robust.pgd_steps", "1", "--robust.severities", "[5]",
               "--robust.corruptions", "[gaussian_noise, shot_noise, impulse_noise]",
               "--trainer.limit_test_batches", "1.0", "--data.init_args.batch_size", "7"]
-    for devices, strategy in (("1", "auto"), ("2", "ddp")):
-        run("test", *args, *robust, "--ckpt_path", "last", "--trainer.devices", devices,
+    # one epoch: its best checkpoint holds the last weights (`best` resolved by every rank)
+    for devices, strategy, ckpt in (("1", "auto", "last"), ("2", "ddp", "best")):
+        run("test", *args, *robust, "--ckpt_path", ckpt, "--trainer.devices", devices,
             "--trainer.strategy", strategy, "--trainer.accelerator", "cpu")
     runs = sorted((tmp_path / "cifar10_ce").glob("version_*"), key=lambda p: int(p.name[8:]))
-    one, two = ({k: v for k, v in last_values(r).items() if k.startswith("test/robust/")}
+    assert len(runs) == 3  # one new folder per `test`, none per rank
+    assert len(list(runs[2].glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+    one, two = ({k: v for k, v in read_scalars(r).items() if k.startswith(("test/", "hp/"))}
                 for r in runs[1:3])
-    assert {"test/robust/pgd_eps8", "test/robust/shot_noise_s5"} <= set(one)
-    assert one == two
+    assert {"test/robust/pgd_eps8", "test/robust/shot_noise_s5", "test/ece", "test/nll",
+            "test/temperature", "hp/test_acc"} <= set(one)
+    assert one.keys() == two.keys()
+    for tag in one:
+        if tag.startswith("test/robust/"):
+            assert one[tag] == two[tag], tag
+        else:  # sums in another order (test/loss): the last bits may differ
+            assert [s for s, _ in one[tag]] == [s for s, _ in two[tag]], tag
+            assert [v for _, v in one[tag]] == pytest.approx([v for _, v in two[tag]],
+                                                              rel=1e-6, nan_ok=True), tag
+    assert one["hp/test_acc"][-1][1] == one["test/acc"][-1][1]
