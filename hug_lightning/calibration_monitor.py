@@ -29,7 +29,8 @@ class CalibrationMonitor(Callback):
     Each validation epoch (not the sanity check) the scores and labels of every batch are kept
     on the CPU; under DDP they are gathered from all processes at the epoch end (padded
     ``all_gather``, exact for uneven shards), so every process fits the same ``T`` on the whole
-    validation set (:func:`hug_lightning.calibration.fit_temperature`, deterministic). Logged:
+    validation set (:func:`hug_lightning.calibration.fit_temperature`: deterministic and
+    blind to the gather's row order: the single-process ``T`` of the same scores). Logged:
     ``val/temperature``, ``val/ece`` and ``val/nll`` (with that ``T``; optimistic, since ``T`` is
     fitted on the same data), ``val/ece_raw`` (``T = 1``); at test ``test/ece`` and ``test/nll``
     with the stored ``T``, ``test/ece_raw`` and ``test/temperature``. ``T`` is part of the
