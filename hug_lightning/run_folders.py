@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from hug_lightning.checkpointing import find_last_checkpoint, recorded_best_checkpoint
 from hug_lightning.cli_errors import ConfigError, LogFolderError, RunNotFoundError
 
@@ -109,8 +111,9 @@ def never_into_a_run_folder(logger: Any, subcommand: str) -> None:
     folder = run_folder(logger)
     if folder is not None and (folder / "config.yaml").is_file():
         logger["version"] = None
-        print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
-              file=sys.stderr)
+        if rank_zero_only.rank == 0:  # once, not once per DDP process
+            print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
+                  file=sys.stderr)
 
 
 @contextlib.contextmanager
