@@ -59,7 +59,8 @@ class NeuralCollapseMonitor(StageCollectors):
             ``[default, gnc2_ovr_dist_weights]`` adds them to that default set.
         spherical: Also compute the spherical (``*_sph``) variants.
         track_cov: Keep the ``d x d`` second moment needed by ``nc1_pinv``.
-        figures_every: Every this many epochs rank 0 logs the figures of figures.py; 0: never.
+        figures_every: Every this many epochs log TensorBoard figures (cosine heat maps,
+            histograms, a Projector embedding; from rank 0's features); 0: never.
         buffer_batches: Training batches concatenated before one collector update (fewer,
             larger kernels: the update costs about 20 small kernels whatever the batch size).
     """
