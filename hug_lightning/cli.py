@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from hug_lightning import __version__, interrupt
+from hug_lightning import __version__, interrupt, module, ufm
 from hug_lightning.batch_limits import IntegerOnesParser, restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundError, _reasons,
                                       _user_frame, data_num_classes, one_message)
@@ -68,6 +68,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "logs", "name": "hug_lightning", "default_hp_metric": False},
     },
 }
+#: imported for ``--help``, whose lists of known subclasses name only the classes imported
+KNOWN_CLASSES = (module.ClassifierModule, ufm.UFMDataModule)
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.monitor": "val/acc",
     "checkpoint.mode": "max",
@@ -139,7 +141,11 @@ class HUGLightningCLI(LightningCLI):
         written = list(raw) if isinstance(raw, (list, tuple)) else []
         for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             each.written_args = written  # what their dumps (--print_config) write back as 1
-        super().parse_arguments(parser, args)
+        argv, sys.argv = sys.argv, sys.argv if args is None else sys.argv[:1]
+        try:  # main(args) in a notebook: Lightning warned about the kernel's own sys.argv
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
         cfg = self.config.get(self.config.get("subcommand") or "", self.config)
         # the saved config.yaml says 1, as written (IntegerOnesParser); instantiation parses it
         # as 1.0 again, so instantiate_trainer passes the same keys as 1

@@ -198,6 +198,27 @@ def test_console_entry_points_help():
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert "--data" in out.stdout and "--model" in out.stdout
+        # a fresh process lists the template's own model and UFM data among the known
+        # subclasses (it named neither: only imported classes are listed)
+        listed = "".join(out.stdout.split())
+        assert "hug_lightning.module.ClassifierModule" in listed
+        assert "hug_lightning.ufm.UFMDataModule" in listed
+
+
+def test_main_with_args_ignores_the_notebook_kernels_argv(tmp_path, monkeypatch):
+    """main([...]) in a notebook warned that LightningCLI got both args and command-line
+    arguments: sys.argv[1:] were the kernel's own (`-f kernel.json`), not the user's."""
+    import warnings
+
+    argv = ["ipykernel_launcher.py", "-f", str(tmp_path / "kernel.json")]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["--config", "ufm_ce", "--trainer.logger.init_args.save_dir",
+                    str(tmp_path), "--model.init_args.backbone.init_args.dim", "8"], run=False)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    assert sys.argv == argv  # given back
+    assert cli.model.feature_dim == 8  # the args were used
 
 
 def test_version_flag_prints_the_package_version(capsys):
