@@ -58,9 +58,9 @@ from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
-from hug_lightning.run_folders import (check_writable, evaluation_warnings, logger_init_args,
-                                       never_into_a_run_folder, resolve_evaluated, resolve_last,
-                                       run_folder)
+from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
+                                       logger_init_args, never_into_a_run_folder,
+                                       resolve_evaluated, resolve_last, run_folder)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -68,7 +68,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "logs", "name": "hug_lightning", "default_hp_metric": False},
     },
 }
-#: imported for ``--help``, whose lists of known subclasses name only the classes imported
+#: imported so that ``--help`` names them: its lists of known subclasses hold imported classes only
 KNOWN_CLASSES = (module.ClassifierModule, ufm.UFMDataModule)
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.monitor": "val/acc",
@@ -139,7 +139,8 @@ class HUGLightningCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         raw = sys.argv[1:] if args is None else args
         written = list(raw) if isinstance(raw, (list, tuple)) else []
-        for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+        describe_ckpt_path(parsers := getattr(self, "_subcommand_parsers", {}))  # for --help
+        for each in (parser, *parsers.values()):
             each.written_args = written  # what their dumps (--print_config) write back as 1
         argv, sys.argv = sys.argv, sys.argv if args is None else sys.argv[:1]
         try:  # main(args) in a notebook: Lightning warned about the kernel's own sys.argv

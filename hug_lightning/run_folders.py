@@ -95,6 +95,25 @@ def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
     cfg["ckpt_path"] = str(found)
 
 
+CKPT_PATH_HELP = {
+    "fit": "Checkpoint to resume from: a file, or ``last``: the newest ``last.ckpt`` of this "
+           "experiment (``<save_dir>/<name>/version_*``), resumed in its own folder.",
+    "validate": "Checkpoint to evaluate: a file, or ``last`` / ``best``: the last or the best "
+                "checkpoint of the newest run of this experiment (``<save_dir>/<name>``, "
+                "``trainer.logger.init_args``). Without it, the untrained model is evaluated.",
+}
+
+
+def describe_ckpt_path(parsers: dict[str, Any]) -> None:
+    """Put what ``--ckpt_path last|best`` means here into the subcommands' help (Lightning's
+    own says: the previous ``trainer.fit`` call of the same process)."""
+    for subcommand, parser in parsers.items():
+        text = CKPT_PATH_HELP["fit" if subcommand == "fit" else "validate"]
+        for action in getattr(parser, "_actions", ()):
+            if action.dest == "ckpt_path":
+                action.help = text
+
+
 def run_folder(logger: Any) -> Path | None:
     """The version folder a logger with a fixed ``version`` writes to (None: a new one)."""
     version = logger.get("version")

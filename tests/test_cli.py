@@ -203,6 +203,18 @@ def test_console_entry_points_help():
         listed = "".join(out.stdout.split())
         assert "hug_lightning.module.ClassifierModule" in listed
         assert "hug_lightning.ufm.UFMDataModule" in listed
+        # --ckpt_path says what `last` means here, not Lightning's "the previous trainer.fit call"
+        assert "thenewest``last.ckpt``ofthisexperiment" in listed
+        assert "previous``trainer.fit``call" not in listed
+
+
+def test_evaluation_help_says_what_ckpt_path_last_and_best_mean(capsys):
+    for subcommand in ("validate", "test", "predict"):
+        with pytest.raises(SystemExit):
+            main([subcommand, "--help"])
+        listed = "".join(capsys.readouterr().out.split())
+        assert "``last``/``best``:thelastorthebestcheckpointofthenewestrun" in listed, subcommand
+        assert "previous``trainer.fit``call" not in listed
 
 
 def test_main_with_args_ignores_the_notebook_kernels_argv(tmp_path, monkeypatch):
