@@ -44,11 +44,11 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning import __version__, interrupt, module, ufm
-from hug_lightning.batch_limits import IntegerOnesParser, restore_integer_ones
+from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundError, _reasons,
                                       _user_frame, data_num_classes, one_message)
-from hug_lightning.config_files import (free_config_name, packaged_config, resolve_config_args,
-                                        resumed_config_name)
+from hug_lightning.config_files import (CommandParser, free_config_name, packaged_config,
+                                        resolve_config_args, resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.data.base import BadDataError, DataNotFoundError
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
@@ -245,7 +245,7 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False, "version": __version__},  # --version: "<prog> 0.1.0"
-        parser_class=IntegerOnesParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
+        parser_class=CommandParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
         # the model builds its optimizer (parameter groups, head lr scale, schedule length):
         # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently
         auto_configure_optimizers=False,

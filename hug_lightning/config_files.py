@@ -3,8 +3,12 @@ resolved config under (never replacing one that is there)."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
+
+from hug_lightning.batch_limits import IntegerOnesParser
 
 
 def packaged_config(name: str) -> Path | None:
@@ -18,6 +22,26 @@ def packaged_config(name: str) -> Path | None:
     except ModuleNotFoundError:
         return None
     return Path(str(candidate)) if candidate.is_file() else None
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``hug_lightning.configs`` (``--config <name>``)."""
+    try:
+        folder = resources.files("hug_lightning.configs")
+    except ModuleNotFoundError:
+        return []
+    return sorted(Path(f.name).stem for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def with_config_hint(message: str) -> str:
+    """``message`` of a parser error, and when it says that no model or data was given (a
+    command without ``--config``), how to give them."""
+    if "arguments are required" not in message or not re.search(r"\b(model|data)\b", message):
+        return message
+    return (f"{message}\n  a model and data come from a config: --config <file.yaml>, or a "
+            f"shipped one by name, e.g. --config ufm_hug (offline, a CPU minute) or --config "
+            f"cifar10_hug (presets such as debug, gpu, ddp go after one); shipped: "
+            f"{', '.join(shipped_configs())}")
 
 
 def resolve_config_args(args: list[str]) -> list[str]:
@@ -63,3 +87,11 @@ def resumed_config_name(folder: Path) -> str:
     """``config.yaml``, or ``config.resume-<n>.yaml`` (the first free ``n``) when the run
     folder already holds the config of the fit being resumed: each resume keeps its own."""
     return _first_free(folder, "config.resume-{n}.yaml")
+
+
+class CommandParser(IntegerOnesParser):
+    """The parser of ``hug-lightning`` and its subcommands: an error for a missing model or
+    data (no ``--config`` given) also says how to give them (:func:`with_config_hint`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # noqa: D102
+        super().error(with_config_hint(message), ex)

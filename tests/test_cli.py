@@ -167,6 +167,18 @@ def test_unknown_config_key_is_a_clear_error(cifar10_folder_root, tmp_path, caps
     assert "lernrate" in capsys.readouterr().err
 
 
+def test_a_command_without_config_says_how_to_give_one(capsys):
+    """No --config: jsonargparse's 'required: fit.data, fit.model' alone left a new user
+    guessing; the message names the flag and every shipped config, each usable by name."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "fit.data, fit.model" in err and "--config" in err
+    shipped = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    listed = err.rsplit("shipped: ", 1)[1].split()
+    assert [name.rstrip(",") for name in listed] == shipped
+
+
 def test_packaged_config_by_name(cifar10_folder_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: the packaged copy is used
     with pytest.raises(SystemExit):
