@@ -137,8 +137,12 @@ def test_ce_head_loss_is_label_smoothed_cross_entropy(eps):
     torch.testing.assert_close(out.loss, ref)
     torch.testing.assert_close(terms["ce"], ref.detach())
     assert not out.logits.requires_grad and out.loss.requires_grad  # documented detaching
-    with pytest.raises(ValueError, match="label_smoothing"):
-        CrossEntropyHead(5, 3, label_smoothing=1.0)
+    params = (head.fc.weight, head.fc.bias)  # the training loss reaches the classifier
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            CrossEntropyHead(5, 3, label_smoothing=bad)
 
 
 class _Cosine(Head):

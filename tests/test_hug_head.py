@@ -65,9 +65,15 @@ def test_loss_matches_released_reference_and_terms_are_detached() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     assert set(terms) == {"inter", "intra"}
     assert all(not t.requires_grad for t in terms.values())
+    w = head.proxies / head.proxies.norm(dim=1, keepdim=True)
+    ref_inter = torch.stack([1 / (w[a] - w[b]).norm() ** 2
+                             for a in range(6) for b in range(a + 1, 6)]).mean()
+    torch.testing.assert_close(terms["inter"], ref_inter, rtol=1e-6, atol=0)
     torch.testing.assert_close(total, terms["inter"] + terms["intra"])
     out = head.forward_train(h, y)
     torch.testing.assert_close(out.loss, total)
+    for name in ("inter", "intra"):  # the terms forward_train logs, under their own names
+        torch.testing.assert_close(out.terms[name], terms[name])
     torch.testing.assert_close(out.logits, head.logits(h))
     assert not out.logits.requires_grad and out.loss.requires_grad
 

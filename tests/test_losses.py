@@ -106,6 +106,21 @@ def test_each_term_matches_loop_reference(case, opts) -> None:
         assert_close(a, b)
 
 
+def test_gradient_through_total_and_a_term_together() -> None:
+    """All three outputs are differentiable: a loss that uses ``total`` and a term at once
+    (e.g. an extra weight on ``inter``) must get the sum of both gradients (found by mutation
+    testing: dropping the term's own gradient when ``total`` also had one went unnoticed)."""
+    opts = {"alpha": 0.15, "beta": 0.7, "detach_proxy": False}
+    h, W, y = make_batch(*CASES[0])
+    out = hug_loss(h, W, y, **opts)
+    inter, intra = ref_inter(W, opts), ref_intra(h, W, y, opts)
+    ref_total = 0.15 * inter + 0.7 * intra
+    got = out.total + 0.5 * out.inter - 2.0 * out.intra
+    ref = ref_total + 0.5 * inter - 2.0 * intra
+    for a, b in zip(grads(got, h, W), grads(ref, h, W)):
+        assert_close(a, b)
+
+
 @pytest.mark.parametrize("inter", INTER_OPTS, ids=IDS)
 def test_total_and_gradients_match_reference(inter) -> None:
     for case, intra in zip(CASES, INTRA_OPTS[::2]):
@@ -299,6 +314,8 @@ def test_bad_inputs() -> None:
             hug_loss(h, W, torch.tensor([0, 1, label, 2]))
     bad = [(riesz_energy, (W[:1],), "K >= 2"), (mhs_loss, (W, "x"), "mode"),
            (riesz_energy, (W, 3), "s must"), (mgd_loss, (W, -1.0), "jitter"),
+           (mgd_loss, (W, -1e-9), "jitter"), (mhs_loss, (W, "soft", 0.0), "tau"),
+           (mhs_loss, (W, "soft", -0.1), "tau"),
            (riesz_energy, (W, 2, "mean", -1.0), "eps must be a positive"),
            (riesz_energy, (W, 2, "mean", 0.0), "eps must be a positive"),
            (mhs_loss, (W, "hard", 0.1, float("nan")), "eps must be a positive")]

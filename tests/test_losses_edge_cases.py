@@ -144,3 +144,21 @@ def test_riesz_sum_gradient_matches_a_pair_loop(s: int) -> None:
     torch.testing.assert_close(value, ref, rtol=1e-9, atol=1e-12)
     (g_value,), (g_ref,) = torch.autograd.grad(value, W), torch.autograd.grad(ref, W)
     torch.testing.assert_close(g_value, g_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_cosine_logits_below_the_norm_floor() -> None:
+    """The head's cosines use the loss's floor: a feature of norm 1e-6 is divided by
+    sqrt(eps) = 1e-4 (logits of size 0.01), not by a floor of eps (which would make it a unit
+    vector, found by mutation testing)."""
+    from hug_lightning.heads import HUGHead
+    from hug_lightning.losses import l2_normalize
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=g, dtype=F64)
+    x[1] *= 1e-6 / x[1].norm()
+    floor = x.norm(dim=1, keepdim=True).clamp_min(math.sqrt(EPS))
+    torch.testing.assert_close(l2_normalize(x, EPS), x / floor, rtol=1e-12, atol=0)
+    head = HUGHead(5, 4).double()
+    w = head.proxies.detach() / head.proxies.detach().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(head.logits(x), (x / floor) @ w.T, rtol=1e-9, atol=1e-12)
+    assert float(head.logits(x)[1].abs().max()) < 0.011
