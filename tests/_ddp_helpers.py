@@ -93,6 +93,7 @@ def ddp_worker(rank: int, world_size: int, init_file: str, data_file: str, out_d
         results[name] = {
             "values": values,
             "means": metric.means(),
+            "synced_means": metric.synced_means(),  # the eval pass's NCC reference
             "counts": counts,
             "num_states": len(metric._defaults),
             "local_n": metric.n.clone(),

@@ -266,6 +266,31 @@ def test_key_presence_and_config():
     assert fresh._has_reference and torch.equal(fresh.pivot, sd.pivot)
 
 
+def test_collector_switches_labels_reference_and_bias():
+    """Found by mutation testing: spherical=False with the default metrics must drop every
+    *_sph key (not accumulate them anyway); a label equal to K is refused with the message
+    (not an IndexError from index_add_); a reference with no finite row turns NCC off (every
+    class invalid: the argmin would count class 0 for every sample); ``compute(b=...)``
+    overrides the bias of ``set_classifier`` (bias_relation = |W mu_G + b|, mu_G written
+    here as the average of the class means)."""
+    x, y, w, b, ref = make_data(8)
+    flat = NCFeatureStats(K, D, spherical=False)
+    assert "s_sph" not in flat._defaults
+    flat.update(x, y)
+    assert not [key for key in flat.compute(W=w) if key.endswith("_sph")]
+    with pytest.raises(ValueError, match=rf"label {K} is outside"):
+        flat.update(x[:2], torch.tensor([0, K]))
+    m = NCFeatureStats(K, D)
+    m.set_reference(torch.full((K, D), float("nan"), dtype=F64))
+    m.update(x, y, logits=x @ w.T + b)
+    assert "ncc_accuracy" not in m.compute(W=w) and float(m.ncc_n.sum()) == 0
+    m.set_classifier(w, b)
+    b2 = torch.arange(K, dtype=F64)
+    mu_g = torch.stack([x[y == c].mean(0) for c in torch.unique(y)]).mean(0)
+    got = m.compute(b=b2)["bias_relation"].item()
+    assert got == pytest.approx((w @ mu_g + b2).norm().item(), rel=1e-9)
+
+
 def test_metric_collection_requires_compute_groups_false():
     x, y, w, b, ref = make_data(7)
     logits = x @ w.T + b
@@ -304,6 +329,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
             assert set(res["values"]) == set(expected)
             assert_close(res["values"], expected, rel=1e-10, abs_=1e-13)
             assert torch.allclose(res["means"], single.means(), rtol=1e-12, equal_nan=True)
+            assert torch.allclose(res["synced_means"], single.means(), rtol=1e-12,
+                                  equal_nan=True)
             assert res["counts"] == {"all_reduce": res["num_states"], "all_gather": 0}
         local = ranks[0][name]["local_n"].sum() + ranks[1][name]["local_n"].sum()
         assert local.item() == len(y)  # states were un-synced (local) after compute

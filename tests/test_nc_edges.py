@@ -173,3 +173,45 @@ def test_a_resumed_run_keeps_the_earlier_projector_embeddings(tmp_path):
     assert names == [f"nc_fig/val_features:{s:05d}" for s in (19, 39, 59)]
     for embedding in config.embeddings:
         assert (tmp_path / embedding.tensor_path).is_file()
+
+
+def test_class_variances_are_clamped_at_zero():
+    """sigma_c^2 = q_c/n_c - |d_c|^2 cancels for a collapsed class; a rounding-level negative
+    result is reported as 0 (documented clamp), so CDNV cannot go negative."""
+    from hug_lightning.metrics import class_variances
+
+    states = {"n": torch.tensor([2.0, 2.0], dtype=torch.float64),
+              "s": torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64),
+              "q": torch.tensor([2.0 - 1e-12, 8.5], dtype=torch.float64)}  # class 0: -5e-13
+    var = class_variances(states)
+    assert var.tolist() == [0.0, 0.25]
+    assert compute_nc_metrics(states, metrics=["nc1_cdnv"])["nc1_cdnv"].item() >= 0.0
+
+
+def test_weighted_feature_states_pivot_on_the_weighted_means():
+    """feature_states' pivots are the weighted class means (and, for the spherical family, the
+    means of x/|x|): zero-weight samples far from the data must not move them, or the one-pass
+    sums lose all digits on features far from the origin. Reference: a two-pass CDNV of the
+    kept samples, raw and spherical, written here."""
+    g = torch.Generator().manual_seed(4)
+    k, d = 4, 5
+    centres = 1e4 + torch.randn(k, d, generator=g, dtype=torch.float64)
+    y = torch.arange(120) % k
+    x = centres[y] + 1e-2 * torch.randn(120, d, generator=g, dtype=torch.float64)
+    weight = (torch.arange(120) % 3 != 0).to(torch.float64)
+    x[weight == 0] = -3e4  # dropped samples (e.g. padded duplicates): far away, weight 0
+
+    def cdnv(feats):
+        keep = weight > 0
+        f, lab = feats[keep], y[keep]
+        mu = torch.stack([f[lab == c].mean(0) for c in range(k)])
+        var = torch.stack([(f[lab == c] - mu[c]).square().sum(1).mean() for c in range(k)])
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        return sum(((var[i] + var[j]) / (2 * (mu[i] - mu[j]).square().sum())).item()
+                   for i, j in pairs) / len(pairs)
+
+    out = compute_nc_metrics(feature_states(x, y, k, weight=weight),
+                             metrics=["nc1_cdnv", "nc1_cdnv_sph"])
+    assert out["nc1_cdnv"].item() == pytest.approx(cdnv(x), rel=1e-8)
+    unit = x / x.norm(dim=1, keepdim=True)
+    assert out["nc1_cdnv_sph"].item() == pytest.approx(cdnv(unit), rel=1e-6)
