@@ -64,6 +64,17 @@ def test_free_features_start_uniform_in_the_papers_range():
     assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.01)  # uniform's std
 
 
+def test_free_features_options_and_ufm_labels():
+    """init_scale scales the bound, seed picks the draw, sample i has label i // n (the
+    documented layout); found by mutation testing (none of the three was checked)."""
+    weight = FreeFeatures(dim=16, num_samples=200, init_scale=0.5, seed=1).weight.detach()
+    assert 0.999 * 0.5 / 4 < float(weight.abs().max()) <= 0.5 / 4
+    other = FreeFeatures(dim=16, num_samples=200, init_scale=0.5, seed=2).weight.detach()
+    assert not torch.equal(weight, other)
+    data = UFMDataModule(num_classes=3, samples_per_class=4)
+    assert data.labels.tolist() == [c for c in range(3) for _ in range(4)]
+
+
 @pytest.mark.slow
 def test_ufm_cross_entropy_reaches_the_simplex(tmp_path):
     """ufm_ce.yaml's stated result (no test ran it): classifier rows at the simplex ETF,
