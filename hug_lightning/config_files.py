@@ -35,8 +35,11 @@ def shipped_configs() -> list[str]:
 
 def with_config_hint(message: str) -> str:
     """``message`` of a parser error, and when it says that no model or data was given (a
-    command without ``--config``), how to give them."""
-    if "arguments are required" not in message or not re.search(r"\b(model|data)\b", message):
+    command without ``--config``), how to give them. Not for a required argument of a given
+    class (``Parser key "data": ... required: root``): a config was given there."""
+    missing = re.match(r"the following arguments are required: ([^\n]*)", message)
+    keys = [key.strip() for key in missing.group(1).split(",")] if missing else []
+    if not any(re.fullmatch(r"(\w+\.)?(model|data)", key) for key in keys):
         return message
     return (f"{message}\n  a model and data come from a config: --config <file.yaml>, or a "
             f"shipped one by name, e.g. --config ufm_hug (offline, a CPU minute) or --config "

@@ -179,6 +179,16 @@ def test_a_command_without_config_says_how_to_give_one(capsys):
     assert [name.rstrip(",") for name in listed] == shipped
 
 
+def test_a_missing_argument_of_a_given_class_gets_no_config_hint(capsys):
+    """The hint is for a command without model or data. A config that names a class missing a
+    required argument (here torch.nn.Linear's in_features) gave them: 'a model and data come
+    from a config' misled there (the nested message mentions the key "model")."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "ufm_ce", "--model.init_args.backbone", "torch.nn.Linear"])
+    err = capsys.readouterr().err
+    assert "required: in_features, out_features" in err and "come from a config" not in err
+
+
 def test_packaged_config_by_name(cifar10_folder_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: the packaged copy is used
     with pytest.raises(SystemExit):
