@@ -146,11 +146,13 @@ def test_monitor_projector_sample_reaches_the_last_class_of_a_long_ordered_set()
         assert quiet._val_norms == [] and quiet._val_sample.labels == []
 
 
-def test_a_resumed_run_keeps_the_earlier_projector_embeddings(tmp_path):
+@pytest.mark.parametrize("resumed", [(59,), (39, 59)])
+def test_a_resumed_run_keeps_the_earlier_projector_embeddings(tmp_path, resumed):
     """Found by the DDP audit: TensorBoard's writer rewrites ``projector_config.pbtxt`` with the
     embeddings of its own process only, so a fit resumed into its folder (``--ckpt_path last``,
     the grid runner's resume) dropped every earlier epoch's ``nc_fig/val_features`` from the
-    Projector (their files stayed, unlisted). Two writers in turn, as a fit and its resume."""
+    Projector (their files stayed, unlisted). Two writers in turn, as a fit and its resume; a
+    resume from an earlier checkpoint logs step 39 again: listed once, not twice."""
     from types import SimpleNamespace
 
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
@@ -162,7 +164,7 @@ def test_a_resumed_run_keeps_the_earlier_projector_embeddings(tmp_path):
     sample = FeatureSample(20, num_classes=2)
     sample.add(torch.randn(20, 3, generator=torch.Generator().manual_seed(0)),
                torch.arange(20) % 2)
-    for steps in ((19, 39), (59,)):  # the fit, then its resume (a new writer, same folder)
+    for steps in ((19, 39), resumed):  # the fit, then its resume (a new writer, same folder)
         writer = SummaryWriter(str(tmp_path))
         for step in steps:
             sample.log(SimpleNamespace(experiment=writer), step)

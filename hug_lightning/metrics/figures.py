@@ -84,14 +84,16 @@ def intra_class_cosines(features: Tensor, labels: Tensor) -> Tensor:
     return (u @ u.T)[i[same], j[same]].clamp(-1.0, 1.0)
 
 
-def keep_earlier_embeddings(writer: Any) -> None:
+def keep_earlier_embeddings(writer: Any, step: int) -> None:
     """Let a new ``SummaryWriter`` append to the run folder's ``projector_config.pbtxt``.
 
     The writer rewrites that file with the embeddings it added itself (its own
     ``_projector_config``), so in a fit resumed into its folder (``--ckpt_path last``, the grid
     runner's resume) the Projector lost every earlier epoch's embedding. Before the writer's
-    first embedding, the file's entries are read into its config (another kind of writer,
-    without ``get_logdir``, or an unreadable file: nothing is done).
+    first embedding (at ``step``), the file's entries logged before ``step`` are read into its
+    config; those at ``step`` or later (a resume from an earlier checkpoint logs them again)
+    are left out, so none is listed twice (another kind of writer, without ``get_logdir``, or
+    an unreadable file: nothing is done).
     """
     get_logdir = getattr(writer, "get_logdir", None)
     if hasattr(writer, "_projector_config") or not callable(get_logdir):
@@ -106,7 +108,16 @@ def keep_earlier_embeddings(writer: Any) -> None:
         config = text_format.Parse(path.read_text(), ProjectorConfig())
     except (OSError, text_format.ParseError):
         return
+    earlier = [e for e in config.embeddings if not _logged_from(e.tensor_path, step)]
+    del config.embeddings[:]
+    config.embeddings.extend(earlier)
     writer._projector_config = config
+
+
+def _logged_from(tensor_path: str, step: int) -> bool:
+    """Whether an embedding's ``<step:05d>/<tag>/tensors.tsv`` was logged at ``step`` or later."""
+    first = tensor_path.split("/", 1)[0]
+    return first.isdigit() and int(first) >= step
 
 
 class FeatureSample:
@@ -153,7 +164,7 @@ class FeatureSample:
         if not self.features or writer is None or not hasattr(writer, "add_embedding"):
             return
         x, y = torch.cat(self.features), torch.cat(self.labels)
-        keep_earlier_embeddings(writer)
+        keep_earlier_embeddings(writer, step)
         # labels as a single metadata column, without metadata_header (PyTorch #38564)
         writer.add_embedding(x, metadata=y.tolist(), global_step=step, tag="nc_fig/val_features")
         cos = intra_class_cosines(x, y)
