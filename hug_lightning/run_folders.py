@@ -95,12 +95,12 @@ def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
     cfg["ckpt_path"] = str(found)
 
 
-CKPT_PATH_HELP = {
-    "fit": "Checkpoint to resume from: a file, or ``last``: the newest ``last.ckpt`` of this "
-           "experiment (``<save_dir>/<name>/version_*``), resumed in its own folder.",
-    "validate": "Checkpoint to evaluate: a file, or ``last`` / ``best``: the last or the best "
-                "checkpoint of the newest run of this experiment (``<save_dir>/<name>``, "
-                "``trainer.logger.init_args``). Without it, the untrained model is evaluated.",
+CKPT_PATH_HELP = {  # plain text: the terminal shows it as written
+    "fit": "Checkpoint to resume from: a file, or 'last': the newest last.ckpt of this "
+           "experiment (<save_dir>/<name>/version_*), resumed in its own folder.",
+    "validate": "Checkpoint to load: a file, or 'last' / 'best': the last or the best "
+                "checkpoint of the newest run of this experiment (<save_dir>/<name>, "
+                "trainer.logger.init_args). Without it, the untrained model is used.",
 }
 
 

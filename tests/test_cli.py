@@ -235,8 +235,10 @@ def test_evaluation_help_says_what_ckpt_path_last_and_best_mean(capsys):
         with pytest.raises(SystemExit):
             main([subcommand, "--help"])
         listed = "".join(capsys.readouterr().out.split())
-        assert "``last``/``best``:thelastorthebestcheckpointofthenewestrun" in listed, subcommand
+        assert "'last'/'best':thelastorthebestcheckpointofthenewestrun" in listed, subcommand
         assert "previous``trainer.fit``call" not in listed
+        start = listed.index("Checkpointtoload")  # plain text, no reST markup
+        assert "``" not in listed[start:listed.index("untrainedmodelisused", start)]
 
 
 def test_main_with_args_ignores_the_notebook_kernels_argv(tmp_path, monkeypatch):
