@@ -15,11 +15,25 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from hug_lightning.cli_errors import ConfigError
 from hug_lightning.data.splits import out_of_range_label
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or Inf and the policy is ``raise``."""
+
+
+def check_policy_for_processes(policy: str, world_size: int) -> None:
+    """Raise a :class:`~hug_lightning.cli_errors.ConfigError` for ``nonfinite_loss: skip`` with
+    more than one process: Lightning cannot skip a training step under DDP (a step returning
+    None stops the run at the first non-finite loss). The command line checks it before the
+    processes start (one message); the module's ``setup`` again, for ``Trainer.fit``."""
+    if policy == "skip" and world_size > 1:
+        raise ConfigError(
+            f"invalid configuration: nonfinite_loss=skip works in one process only, this fit "
+            f"has {world_size}: under DDP Lightning cannot skip a training step (a step "
+            "returning None stops the run at the first non-finite loss). Use "
+            "--model.init_args.nonfinite_loss raise with DDP.")
 
 
 def check_labels(labels: Tensor, num_classes: int, stage: str, always: bool = False) -> None:
@@ -144,8 +158,9 @@ class FiniteLossGuard:
     def _fail(self, loss: Tensor, terms: dict[str, Tensor], epoch: int, step: int) -> None:
         raise NonFiniteLossError(
             f"Non-finite training loss at epoch {epoch}, global step {step}: "
-            f"{self._describe(terms, loss)}. Lower the learning rate, check the data for "
-            "NaNs, or set model.init_args.nonfinite_loss=skip to skip such batches."
+            f"{self._describe(terms, loss)}. Lower the learning rate or check the data for "
+            "NaNs" + (", or set model.init_args.nonfinite_loss=skip to skip such batches "
+                      "(one process only)." if self.reduce_max is None else ".")
         )
 
     def check(self, loss: Tensor, terms: dict[str, Tensor], epoch: int, step: int) -> bool:

@@ -38,7 +38,8 @@ from hug_lightning.backbones import CifarResNet
 from hug_lightning.classifier_metrics import ClassifierMetrics
 from hug_lightning.compiling import HeadStep, check_compile_options
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
-                                  check_features, check_labels, check_logits)
+                                  check_features, check_labels, check_logits,
+                                  check_policy_for_processes)
 from hug_lightning.heads import CrossEntropyHead, Head, HeadCallable
 from hug_lightning.hp_tab import is_plain
 from hug_lightning.loop import unpack_batch_of
@@ -228,11 +229,8 @@ class ClassifierModule(ClassifierMetrics):
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
-            if self.loss_guard.policy == "skip" and stage == "fit":
-                raise ValueError(
-                    "nonfinite_loss=skip works in one process only: under DDP Lightning cannot "
-                    "skip a training step (a step returning None stops the run at the first "
-                    "non-finite loss). Use nonfinite_loss=raise with DDP.")
+            if stage == "fit":
+                check_policy_for_processes(self.loss_guard.policy, self.trainer.world_size)
             strategy = self.trainer.strategy
             self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
             if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch;
