@@ -51,7 +51,9 @@ from hug_lightning.config_files import (CommandParser, free_config_name, package
                                         resolve_config_args, resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.data.base import BadDataError, DataNotFoundError
+from hug_lightning.ddp_errors import PEER_MESSAGE, peer_failure, report, stop_children
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
+from hug_lightning.guards import FiniteLossGuard, check_policy_for_processes
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
@@ -120,8 +122,15 @@ class HUGLightningCLI(LightningCLI):
             warn_replaced_by_checkpoint(before, flat(self.config[sub].get("model")))
 
     def _run_subcommand(self, subcommand: str) -> None:
-        with evaluation_warnings(subcommand):
-            super()._run_subcommand(subcommand)
+        guard = getattr(self.model, "loss_guard", None)
+        if subcommand == "fit" and isinstance(guard, FiniteLossGuard):  # before the DDP
+            check_policy_for_processes(guard.policy, self.trainer.world_size)  # launch: once
+        try:
+            with evaluation_warnings(subcommand):
+                super()._run_subcommand(subcommand)
+        except BaseException as err:
+            stop_children(self.trainer, err)  # they would wait in a collective (NCCL: 30 min)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.init_args.num_classes",
@@ -184,7 +193,10 @@ def console_main() -> int:
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
     value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder or
     unreadable or inconsistent data files (a corrupt image, a label out of range, found in this
-    process or a DataLoader worker): one message saying what to do, no traceback.
+    process or a DataLoader worker): one message saying what to do, no traceback. Under DDP
+    the message names the process (``[rank 1/2]``), an error every process met is printed
+    once, and a process stopped by another's failure says so in one line (exit status 1):
+    :mod:`hug_lightning.ddp_errors`.
     """
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py
@@ -196,14 +208,19 @@ def console_main() -> int:
     except ConfigError as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
-        print(f"hug-lightning: error: {err}\n(fix what it names: a YAML value or --key flag, "
-              "or a class; HUG_LIGHTNING_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        report(f"{err}\n(fix what it names: a YAML value or --key flag, or a class; "
+               "HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")
         return 2
     except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError) as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
-        print(f"hug-lightning: error: {one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the "
-              "traceback)", file=sys.stderr)
+        report(f"{one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")
+        return 1
+    except Exception as err:  # a collective failed because another DDP process ended
+        if os.environ.get("HUG_LIGHTNING_TRACEBACK") or not peer_failure(err):
+            raise
+        if not getattr(err, "quiet", False):  # quiet: the same error, which that one reports
+            report(PEER_MESSAGE)
         return 1
     finally:
         release_process_group()

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from hug_lightning.cli_errors import ConfigError
+from hug_lightning.ddp_errors import agreed
 from hug_lightning.data.loading import (EpochShardSampler, ResumableDataLoader, global_seed,
                                         next_train_batch)
 from hug_lightning.data.samplers import ShardedEvalSampler
@@ -93,7 +94,12 @@ class ClassificationDataModule(LightningDataModule):
         # training set) builds again when it is then used to fit or validate
         needs_train = stage not in ("test", "predict")
         if self.train_set is None and (needs_train or self.test_set is None):
-            self.build_datasets(stage)
+            # under DDP every process builds them; an error met by all is reported once, one
+            # met by some stops the others (see hug_lightning.ddp_errors)
+            if self.trainer is not None:
+                agreed(lambda: self.build_datasets(stage), "setting up the data")
+            else:
+                self.build_datasets(stage)
 
     # -------------------------------------------------------------- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
