@@ -226,7 +226,7 @@ def test_console_entry_points_help():
         assert "hug_lightning.module.ClassifierModule" in listed
         assert "hug_lightning.ufm.UFMDataModule" in listed
         # --ckpt_path says what `last` means here, not Lightning's "the previous trainer.fit call"
-        assert "thenewest``last.ckpt``ofthisexperiment" in listed
+        assert "thenewestlast.ckptofthisexperiment" in listed
         assert "previous``trainer.fit``call" not in listed
 
 
