@@ -53,7 +53,7 @@ from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.data.base import BadDataError, DataNotFoundError
 from hug_lightning.ddp_errors import PEER_MESSAGE, peer_failure, report, stop_children
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
-from hug_lightning.guards import FiniteLossGuard, check_policy_for_processes
+from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_policy_for_processes
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
@@ -193,8 +193,8 @@ def console_main() -> int:
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
     value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder or
     unreadable or inconsistent data files (a corrupt image, a label out of range, found in this
-    process or a DataLoader worker): one message saying what to do, no traceback. Under DDP
-    the message names the process (``[rank 1/2]``), an error every process met is printed
+    process or a DataLoader worker) or a non-finite training loss: one message saying what to
+    do, no traceback. Under DDP the message names the process (``[rank 1/2]``), an error every process met is printed
     once, and a process stopped by another's failure says so in one line (exit status 1):
     :mod:`hug_lightning.ddp_errors`.
     """
@@ -211,7 +211,8 @@ def console_main() -> int:
         report(f"{err}\n(fix what it names: a YAML value or --key flag, or a class; "
                "HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")
         return 2
-    except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError) as err:
+    except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError,
+            NonFiniteLossError) as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
         report(f"{one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")

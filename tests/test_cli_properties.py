@@ -151,6 +151,34 @@ def test_missing_data_or_run_is_one_message_not_a_traceback(tmp_path, monkeypatc
     assert err.startswith("hug-lightning: error: --ckpt_path last: no ") and "Traceback" not in err
 
 
+NAN_HEAD = """
+from hug_lightning.heads import CrossEntropyHead
+
+
+class NanHead(CrossEntropyHead):
+    def forward_train(self, features, labels):
+        out = super().forward_train(features, labels)
+        return out._replace(loss=out.loss * float("nan"))
+"""
+
+
+def test_a_nonfinite_loss_is_one_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A real `fit` whose loss is NaN at its first step (nonfinite_loss: raise): exit status 1,
+    the epoch, step and terms in one message (it printed a traceback)."""
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    (tmp_path / "nan_head.py").write_text(NAN_HEAD)
+    monkeypatch.chdir(tmp_path)  # the command finds ./nan_head.py, as a user's own module
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "ufm_ce",
+                                     "--model.init_args.head", "nan_head.NanHead",
+                                     "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.console_main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: Non-finite training loss at epoch 0, global "
+                          "step 0: loss=nan"), err[-2000:]
+    assert "Traceback" not in err and "Lower the learning rate" in err
+
+
 def test_unwritable_log_folder_is_an_error_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a file where the log folder's parent should be: mkdir fails

@@ -85,12 +85,14 @@ def test_one_process_failing_mid_training_ends_the_run_with_its_error(root, tmp_
                           "--data.init_args.batch_size", "8", "--trainer.max_epochs", "2"),
                 tmp_path)  # 80 training images: 5 steps per epoch, call 7 is in epoch 1
     assert proc.returncode == 1, proc.stderr[-3000:]
-    error = ("NonFiniteLossError: Non-finite training loss at epoch 1" if mode == "nan"
+    error = ("error [rank 1/2]: Non-finite training loss at epoch 1" if mode == "nan"
              else "RuntimeError: a bug in the head on process 0")
     assert proc.stderr.count(error) == 1, proc.stderr[-3000:]
-    assert GLOO not in proc.stderr and proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
+    tracebacks = proc.stderr.count("Traceback")  # a NaN loss: one line, no traceback
+    assert GLOO not in proc.stderr and tracebacks == (mode != "nan"), proc.stderr[-3000:]
     # process 1 failed: process 0 says why it stopped; process 0 failed: it ended process 1
-    assert [PEER in line for line in _errors(proc.stderr)] == [True] * (rank == 1)
+    peer = [PEER in line for line in _errors(proc.stderr)]  # a NaN loss: its one-line error
+    assert sorted(peer) == [False] * (mode == "nan") + [True] * (rank == 1), proc.stderr[-3000:]
     assert "nonfinite_loss=skip" not in proc.stderr  # not offered: an error under DDP
     last = next(tmp_path.glob("cifar10_ce/version_0/checkpoints/last.ckpt"))
     state = torch.load(last, weights_only=True)
