@@ -108,8 +108,9 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
             folders of ``train/``) or the path of a class-list file (one WNID per line; words
             after it, as in ``LOC_synset_mapping.txt``, are ignored).
         images_per_class: Keep at most this many training images per class (``None``: all).
-        fraction: Keep this fraction (in ``(0, 1]``, rounded, at least 1) of each class's
-            training images; exclusive with ``images_per_class``.
+        fraction: Keep this fraction (in ``(0, 1]``) of each class's training images, rounded
+            half to even as Python's ``round`` (0.5 of 5 keeps 2), at least 1; exclusive with
+            ``images_per_class``.
         val_split: Validation images held out of the (sub-sampled) training set: about this
             many (int) or this fraction (float), drawn per class with ``seed`` (each class
             gives ``round(fraction * n_c)`` and keeps at least one training image). 0 validates
