@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from typing import Any, Callable
 
@@ -94,6 +95,16 @@ def stop_children(trainer: Any, err: BaseException) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # not reaped: left as it is
+            return
+    # Lightning's child-process observer (a thread of this process, polling this very list
+    # every 5 s) SIGKILLs this process when a child ended with a non-zero status: the children
+    # ended here on purpose, so it must not see them (this process would die with status -9
+    # while it reports its error and exits)
+    procs.clear()
 
 
 def peer_failure(err: BaseException) -> bool:

@@ -202,3 +202,30 @@ def test_processes_agree_on_set_up_errors(tmp_path):
     assert zero["only_1"] == ("peer", False, "process 1 failed while setting up")
     assert one["only_1"] == ("own", "bad file y")
     assert zero["differ"] == ("own", "bad a") and one["differ"] == ("own", "bad b")
+
+
+def test_stop_children_is_not_taken_for_a_child_failure_by_lightnings_observer():
+    """Lightning's child-process observer SIGKILLs the main process when a child ended with a
+    non-zero status: the children ``stop_children`` killed must not count as such (before: the
+    main process was killed too, within 5 s, while it reported its own error and exited)."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from hug_lightning.ddp_errors import stop_children
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    child, main = subprocess.Popen(sleep), subprocess.Popen(sleep)  # main: stands for this one
+    try:
+        procs = [child]
+        observer = _ChildProcessObserver(main.pid, procs, sleep_period=0)
+        trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=procs)))
+        stop_children(trainer, RuntimeError("a bug in process 0"))
+        assert child.wait(timeout=10) != 0  # killed
+        assert observer._run()  # the observer sees nothing left to watch and stops
+        with pytest.raises(subprocess.TimeoutExpired):  # still alive: not killed by it
+            main.wait(timeout=2)
+    finally:
+        for proc in (child, main):
+            proc.kill()
+            proc.wait()
