@@ -229,3 +229,37 @@ def test_stop_children_is_not_taken_for_a_child_failure_by_lightnings_observer()
         for proc in (child, main):
             proc.kill()
             proc.wait()
+
+
+def _single_trainer_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """A 2-process group (as after a DDP fit); process 0 alone sets up a data module attached
+    to a 1-device trainer (as `if trainer.is_global_zero: Trainer(devices=1).test(...)`)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hug_lightning.data.base import ClassificationDataModule
+
+    class Tiny(ClassificationDataModule):
+        def build_datasets(self, stage: str) -> None:
+            self.train_set = self.val_set = self.test_set = [0, 1, 2]
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 0:
+        data = Tiny(num_workers=0)
+        data.trainer = SimpleNamespace(world_size=1)
+        data.setup("test")
+        torch.save(data.test_set, os.path.join(out_dir, "set.pt"))
+    dist.barrier()  # process 1 waits here: a collective in setup would be paired with it
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_set_up_by_one_process_of_a_group_for_a_one_device_trainer_does_not_wait(tmp_path):
+    """The agreement on set-up errors is among the trainer's processes (before: among the
+    default group's, which process 1 never joined in `setup`: a hang or a gloo error)."""
+    from _ddp_helpers import start_workers
+
+    start_workers(_single_trainer_worker, (str(tmp_path / "init"), str(tmp_path)), 2,
+                  timeout_s=30)
+    assert torch.load(tmp_path / "set.pt") == [0, 1, 2]

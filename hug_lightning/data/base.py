@@ -96,7 +96,9 @@ class ClassificationDataModule(LightningDataModule):
         if self.train_set is None and (needs_train or self.test_set is None):
             # under DDP every process builds them; an error met by all is reported once, one
             # met by some stops the others (see hug_lightning.ddp_errors)
-            if self.trainer is not None:
+            # (the trainer's processes: not the default group's, still there after a DDP fit
+            # when one process alone then runs a 1-device trainer: that would wait forever)
+            if self.trainer is not None and self.trainer.world_size > 1:
                 agreed(lambda: self.build_datasets(stage), "setting up the data")
             else:
                 self.build_datasets(stage)
