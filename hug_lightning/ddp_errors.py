@@ -118,10 +118,25 @@ def peer_failure(err: BaseException) -> bool:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, (PeerFailedError, dist.DistNetworkError)) or (
-                isinstance(err, RuntimeError) and any(t in str(err) for t in _PEER_GONE)):
+                isinstance(err, RuntimeError) and _raised_in_distributed(err)
+                and any(t in str(err) for t in _PEER_GONE)):
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _raised_in_distributed(err: BaseException) -> bool:
+    """Whether ``err`` was raised by torch's communication code (gloo's "Connection closed by
+    peer" is a plain ``RuntimeError`` from a collective in ``torch.distributed``, from DDP's
+    forward in ``torch.nn.parallel`` or from its gradient hooks under ``torch.autograd``'s
+    backward), not, say, re-raised from a DataLoader worker (``torch/_utils.py``) whose own
+    error text mentions a broken pipe."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return any(f"torch{os.sep}{part}{os.sep}" in name
+               for part in ("distributed", f"nn{os.sep}parallel", "autograd"))
 
 
 def report(message: str) -> None:

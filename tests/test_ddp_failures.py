@@ -263,3 +263,38 @@ def test_set_up_by_one_process_of_a_group_for_a_one_device_trainer_does_not_wait
     start_workers(_single_trainer_worker, (str(tmp_path / "init"), str(tmp_path)), 2,
                   timeout_s=30)
     assert torch.load(tmp_path / "set.pt") == [0, 1, 2]
+
+
+def _raise_from(filename: str, cause: BaseException | None = None) -> BaseException:
+    """The error `raise RuntimeError(<gloo's text>)` run as code of ``filename``."""
+    code = compile(f"raise RuntimeError({GLOO + ' [127.0.0.1]:1234'!r}) from cause",
+                   filename, "exec")
+    try:
+        exec(code, {"cause": cause})
+    except RuntimeError as err:
+        return err
+    raise AssertionError("not raised")
+
+
+def test_only_a_collective_failing_is_taken_for_another_process_failing(monkeypatch):
+    """gloo's 'Connection closed by peer' is a plain RuntimeError raised in torch.distributed;
+    the same words in an error from elsewhere (a DataLoader worker's re-raised error carries
+    its traceback's text) are that error, shown as it is, not 'another process failed'."""
+    import torch.distributed as dist
+
+    from hug_lightning import ddp_errors
+
+    monkeypatch.setattr(ddp_errors, "_process", lambda: (0, 2))
+    in_dist = os.path.join(os.path.dirname(dist.__file__), "distributed_c10d.py")
+    collective = _raise_from(in_dist)
+    assert ddp_errors.peer_failure(collective)
+    wrapped = _raise_from("/home/me/my_loader.py", cause=collective)  # chained: still found
+    assert ddp_errors.peer_failure(wrapped)
+    assert not ddp_errors.peer_failure(_raise_from("/home/me/my_loader.py"))
+    for where in ("nn/parallel/distributed.py", "autograd/graph.py"):  # DDP's forward, backward
+        assert ddp_errors.peer_failure(_raise_from(os.path.join(
+            os.path.dirname(torch.__file__), *where.split("/"))))
+    assert not ddp_errors.peer_failure(_raise_from(os.path.join(
+        os.path.dirname(torch.__file__), "_utils.py")))  # a DataLoader worker's error re-raised
+    monkeypatch.setattr(ddp_errors, "_process", lambda: (0, 1))  # one process: never
+    assert not ddp_errors.peer_failure(collective)
