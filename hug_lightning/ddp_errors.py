@@ -89,9 +89,8 @@ def stop_children(trainer: Any, err: BaseException) -> None:
     stop signal or the failure of another process): end the processes it started (SIGKILL)."""
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
     procs = getattr(launcher, "procs", None)
-    if not procs or not isinstance(err, Exception) or peer_failure(err) \
-            or type(err).__name__ == "SIGTERMException":  # the interrupt's collective save
-        return
+    if not procs or not isinstance(err, Exception) or peer_failure(err):
+        return  # not Exception: Ctrl-C, SystemExit and Lightning's SIGTERMException (a stop)
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
