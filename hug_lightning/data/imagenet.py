@@ -250,12 +250,13 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
     def select_train(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
         """Apply ``images_per_class`` / ``fraction`` (seeded per class) to sorted samples."""
         kept: list[tuple[Path, int]] = []
+        keys = self.keys  # one checksum per class, not the whole list per class
         for c, group in groupby(samples, key=lambda s: s[1]):  # samples are sorted by class
             items = list(group)
             k = (min(self.images_per_class, len(items)) if self.images_per_class is not None
                  else len(items) if self.fraction is None
                  else min(len(items), max(1, round(self.fraction * len(items)))))
-            kept.extend(items[i] for i in seeded_choice(len(items), k, self.seed, self.keys[c]))
+            kept.extend(items[i] for i in seeded_choice(len(items), k, self.seed, keys[c]))
         return kept
 
     @property
