@@ -6,9 +6,17 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hug_lightning.batch_limits import IntegerOnesParser
+
+
+def _configs_folder() -> Any:
+    """The package folder of the shipped configs (``hug_lightning.configs``), or None."""
+    try:
+        return resources.files("hug_lightning.configs")
+    except ModuleNotFoundError:
+        return None
 
 
 def packaged_config(name: str) -> Path | None:
@@ -17,20 +25,16 @@ def packaged_config(name: str) -> Path | None:
     stem = Path(name).name
     if not stem.endswith((".yaml", ".yml")):
         stem += ".yaml"
-    try:
-        candidate = resources.files("hug_lightning.configs") / stem
-    except ModuleNotFoundError:
-        return None
-    return Path(str(candidate)) if candidate.is_file() else None
+    folder = _configs_folder()
+    candidate = folder / stem if folder is not None else None
+    return Path(str(candidate)) if candidate is not None and candidate.is_file() else None
 
 
 def shipped_configs() -> list[str]:
     """Names of the configs shipped in ``hug_lightning.configs`` (``--config <name>``)."""
-    try:
-        folder = resources.files("hug_lightning.configs")
-    except ModuleNotFoundError:
-        return []
-    return sorted(Path(f.name).stem for f in folder.iterdir() if f.name.endswith(".yaml"))
+    folder = _configs_folder()
+    return sorted(Path(f.name).stem for f in folder.iterdir()
+                  if f.name.endswith(".yaml")) if folder is not None else []
 
 
 def with_config_hint(message: str) -> str:
