@@ -8,7 +8,9 @@ prediction set and saves
 * ``predictions.pt``: a dict of tensors, ``index`` (the sample's index in the data set),
   ``pred`` (predicted class), ``label`` (when the data has labels) and ``logits`` (``N x K``;
   for HUG these are cosines to the proxies), loadable with ``torch.load(path)``;
-* ``predictions.csv``: ``index,pred[,label][,path]``, one row per sample; ``path`` (also a list
+* ``predictions.csv``: ``index,pred[,label][,pred_name][,label_name][,path]``, one row per
+  sample; the names are the data module's ``class_names`` (CIFAR's class names, ImageNet's
+  WNIDs; also ``class_names`` in ``predictions.pt``) when it has them; ``path`` (also a list
   in ``predictions.pt``) is the image file, for data sets read file by file (ImageNet). ``index``
   is the position in the data module's prediction (by default test) set, whose order for class
   folders is a fixed shuffle (seed 0) of the sorted files (torchvision's CIFAR: its own order).
@@ -64,6 +66,16 @@ class PredictionWriter(BasePredictionWriter):
         paths = getattr(getattr(self._loader(trainer), "dataset", None), "paths", None)
         return [str(p) for p in paths] if paths is not None else None
 
+    @staticmethod
+    def _class_names(trainer: Trainer, table: dict[str, Any]) -> list[str] | None:
+        """The data module's ``class_names`` when they cover every label written, else None."""
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        if not names:
+            return None
+        written = [table[k] for k in ("pred", "label") if k in table]
+        inside = all(0 <= int(t.min()) and int(t.max()) < len(names) for t in written)
+        return [str(n) for n in names] if inside else None
+
     def _loader_indices(self, trainer: Trainer, n: int) -> list[int] | None:
         """The first ``n`` data set positions of a (single) prediction loader that lists them
         (``sample_indices()``, e.g. :class:`~hug_lightning.data.device_loader.DeviceBatchLoader`),
@@ -98,15 +110,22 @@ class PredictionWriter(BasePredictionWriter):
         paths = self._dataset_paths(trainer)
         if paths is not None and len(indices) == n:
             table["path"] = [paths[i] for i in indices]
+        names = self._class_names(trainer, table) if n else None
+        named = {} if names is None else {f"{k}_name": [names[y] for y in table[k].tolist()]
+                                          for k in ("pred", "label") if k in table}
+        if names is not None:
+            table["class_names"] = names
         suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         folder.mkdir(parents=True, exist_ok=True)
         pt_path, csv_path = folder / f"predictions{suffix}.pt", folder / f"predictions{suffix}.csv"
         torch.save(table, pt_path)
-        columns = ["index", "pred"] + [c for c in ("label", "path") if c in table]
+        rows = {**table, **named}
+        columns = ["index", "pred"] + [c for c in ("label", "pred_name", "label_name", "path")
+                                       if c in rows]
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            writer.writerows(zip(*(table[c] if c == "path" else table[c].tolist()
+            writer.writerows(zip(*(rows[c] if isinstance(rows[c], list) else rows[c].tolist()
                                    for c in columns)))
         self.written = [pt_path, csv_path]
         rank_zero_info(f"predict: {n} predictions written to {pt_path} and {csv_path.name}")

@@ -12,6 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, tiny_args
+from datagen import CIFAR10_CLASSES
 from hug_lightning.cli import main
 
 
@@ -51,9 +52,12 @@ def test_fit_validate_test_predict(layout, cifar10_tv_root, cifar10_folder_root,
     assert torch.equal(saved["label"], torch.cat([p["label"] for p in preds]))
     assert saved["logits"].shape == (len(saved["pred"]), 10)
     assert torch.equal(saved["index"], torch.arange(len(saved["pred"])))  # unshuffled set
+    assert saved["class_names"] == CIFAR10_CLASSES  # the pickles' meta file, the folder names
     rows = (Path(cli.trainer.log_dir) / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "index,pred,label" and len(rows) == len(saved["pred"]) + 1
-    assert rows[1] == f"0,{int(saved['pred'][0])},{int(saved['label'][0])}"
+    assert rows[0] == "index,pred,label,pred_name,label_name"
+    assert len(rows) == len(saved["pred"]) + 1
+    pred, label = int(saved["pred"][0]), int(saved["label"][0])
+    assert rows[1] == f"0,{pred},{label},{CIFAR10_CLASSES[pred]},{CIFAR10_CLASSES[label]}"
 
 
 def test_config_saved_twice_does_not_crash(cifar10_folder_root, tmp_path):

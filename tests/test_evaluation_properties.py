@@ -382,6 +382,24 @@ def test_prediction_writer_names_the_image_file_of_each_row(tmp_path):
     assert rows == ["index,pred,label,path", f"3,0,1,{files[3]}", f"1,1,1,{files[1]}"]
 
 
+def test_prediction_writer_names_the_classes_it_can(tmp_path):
+    """The data module's class names go next to the indices, only when they cover them."""
+    out = {"pred": torch.tensor([2, 0]), "label": torch.tensor([1, 2])}
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              global_rank=0, world_size=1,
+                              datamodule=SimpleNamespace(class_names=["cat", "dog", "emu"]))
+    PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[4, 9]]])
+    assert torch.load(tmp_path / "predictions.pt", weights_only=True)["class_names"] == [
+        "cat", "dog", "emu"]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows == ["index,pred,label,pred_name,label_name", "4,2,1,emu,dog", "9,0,2,cat,emu"]
+    for names in (["cat", "dog"], None, []):  # too few names for label 2, or none: no columns
+        trainer.datamodule.class_names = names
+        PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[4, 9]]])
+        assert "class_names" not in torch.load(tmp_path / "predictions.pt", weights_only=True)
+        assert (tmp_path / "predictions.csv").read_text().splitlines()[0] == "index,pred,label"
+
+
 # --------------------------------------------------------------------------- UFM
 def test_ufm_labels_features_and_shards():
     dm = UFMDataModule(num_classes=3, samples_per_class=2)

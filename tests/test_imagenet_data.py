@@ -368,6 +368,26 @@ def test_evaluation_needs_only_the_val_folder(inet_root, tmp_path, fn):
         dm.prepare_data()
 
 
+def test_predictions_name_the_wnid_of_each_label(inet_root, tmp_path):
+    """ImageNet's predictions carry WNIDs: each row's label name is its file's class folder."""
+    from hug_lightning.predictions import PredictionWriter
+    dm = _dm(inet_root)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    dm.setup("predict")
+    loader = dm.predict_dataloader()
+    labels = torch.cat([y for _, y in loader])
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              global_rank=0, world_size=1, datamodule=dm,
+                              predict_dataloaders=loader)
+    out = {"pred": torch.zeros_like(labels), "label": labels}
+    PredictionWriter().write_on_epoch_end(trainer, None, [out], [[list(range(len(labels)))]])
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,pred,label,pred_name,label_name,path" and len(rows) > 10
+    for row in rows[1:]:
+        _, pred, _, pred_name, label_name, path = row.split(",")
+        assert label_name == Path(path).parent.name and pred_name == IMAGENETTE[0]
+
+
 def test_checkpoint_of_other_classes_is_refused(inet_root, tmp_path):
     """A checkpoint's label c is the c-th WNID of the subset it was trained on: evaluating it on
     another subset of as many classes (imagenette vs imagewoof, an edited class list) scored

@@ -2,8 +2,9 @@
 
 A subclass sets ``self.num_classes`` in ``__init__`` (so LightningCLI can link it to the model
 before anything is loaded) and implements :meth:`build_datasets`, which assigns
-``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``
-and ``self.train_eval_set``: the training images with the evaluation transform).
+``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``,
+``self.train_eval_set``: the training images with the evaluation transform, and
+``self.class_names``: the name of each label, which ``predict`` writes next to the indices).
 
 Batch size semantics: ``batch_size`` is **per process** (per GPU). Under DDP the global batch
 is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
@@ -83,6 +84,9 @@ class ClassificationDataModule(LightningDataModule):
         self.test_set: Dataset | None = None
         self.predict_set: Dataset | None = None
         self.train_eval_set: Dataset | None = None  # training images, evaluation transform
+        # the name of each label (a WNID, a CIFAR class name) once known, else None: `predict`
+        # writes them next to the label indices
+        self.class_names: list[str] | None = None
 
     # -------------------------------------------------------------- hooks for subclasses
     def build_datasets(self, stage: str) -> None:

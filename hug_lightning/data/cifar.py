@@ -162,13 +162,13 @@ class _CIFARDataModule(ClassificationDataModule):
                 ) from err
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             labels = torch.as_tensor(ds.targets, dtype=torch.long)
-            source = str(self.tv_dir)
+            source, self.class_names = str(self.tv_dir), list(ds.classes)
         else:
             split_dir = self.root / ("train" if train else "test")
             classes = folder_classes(self.root, self.num_classes, self.name)
             images, labels = load_folder_split(split_dir, classes, self.name, self.on_corrupt,
                                                self.missing_message)
-            source = str(split_dir)
+            source, self.class_names = str(split_dir), list(classes)
         check_label_range(labels, self.num_classes, source)
         return images, labels
 

@@ -169,7 +169,7 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
         self.image_size, self.resize_size = int(image_size), int(resize_size)
         self.augment, self.on_corrupt = bool(augment), on_corrupt
         self.classes: list[str] = resolve_classes(subset, self.root)
-        self.num_classes = len(self.classes)
+        self.num_classes, self.class_names = len(self.classes), list(self.classes)
 
     def _layout_hints(self, splits: Sequence[str]) -> list[str]:
         """Likely causes of a layout error: a root one level too deep, unextracted class tars."""
