@@ -5,7 +5,7 @@ throws them away. :class:`PredictionWriter` (the CLI's ``predictions`` group, on
 the outputs of :meth:`~hug_lightning.module.ClassifierModule.predict_step` over the whole
 prediction set and saves
 
-* ``predictions.pt``: a dict of tensors, ``index`` (the sample's index in the data set),
+* ``predictions.pt``: a dict, ``index`` (the sample's index in the data set),
   ``pred`` (predicted class), ``label`` (when the data has labels) and ``logits`` (``N x K``;
   for HUG these are cosines to the proxies), loadable with ``torch.load(path)``;
 * ``predictions.csv``: ``index,pred[,label][,pred_name][,label_name][,path]``, one row per
