@@ -352,20 +352,30 @@ def test_odd_image_formats_decode_to_rgb(inet_root, tmp_path):
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
 
 
-@pytest.mark.parametrize("fn", ["test", "predict"])
+@pytest.mark.parametrize("fn", ["test", "predict", "validate"])
 def test_evaluation_needs_only_the_val_folder(inet_root, tmp_path, fn):
-    """test/predict read val/ alone, but prepare_data (which Lightning runs first) required
-    train/ as well: a copy of the validation images could not evaluate a checkpoint."""
+    """test/predict (and validate with val_split 0, the default) read val/ alone, but they
+    required train/ as well: a copy of the validation images could not evaluate a checkpoint."""
     from lightning.pytorch.trainer.states import TrainerFn
     shutil.copytree(inet_root / "val", tmp_path / "val")
     dm = _dm(tmp_path)
     dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(fn)), world_size=1)
     dm.prepare_data()
     dm.setup(fn)
-    assert sorted(dm.test_set.paths) == [f for w in IMAGENETTE for f in _files(tmp_path, "val", w)]
+    official = [f for w in IMAGENETTE for f in _files(tmp_path, "val", w)]
+    assert sorted(dm.test_set.paths) == official
+    if fn == "validate":
+        assert sorted(dm.val_dataloader().dataset.paths) == official
+    missing_train = re.escape(str((tmp_path / "train").resolve()))
     dm.trainer.state.fn = TrainerFn.FITTING  # fitting does need train/: named in the error
-    with pytest.raises(DataNotFoundError, match=re.escape(str((tmp_path / "train").resolve()))):
+    with pytest.raises(DataNotFoundError, match=missing_train):
         dm.prepare_data()
+    held_out = _dm(tmp_path, val_split=0.2)  # validating on held-out training images does too
+    held_out.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING),
+                                       world_size=1)
+    for call in (held_out.prepare_data, lambda: held_out.setup("validate")):
+        with pytest.raises(DataNotFoundError, match=missing_train):
+            call()
 
 
 def test_predictions_name_the_wnid_of_each_label(inet_root, tmp_path):

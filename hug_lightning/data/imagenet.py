@@ -31,6 +31,7 @@ from hug_lightning.data.image_files import ImageFileDataset
 from hug_lightning.data.splits import check_val_split, seeded_choice, stratified_split
 
 BUILTIN_SUBSETS = ("imagenet100", "imagenette", "imagewoof")
+_WNID = re.compile(r"n\d{8}")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _TO_FLOAT = (v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
 
@@ -38,9 +39,6 @@ _TO_FLOAT = (v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, 
 def _listing(names: Sequence[str], limit: int = 20) -> str:  # names shown in one error message
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-_WNID = re.compile(r"n\d{8}")
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -113,8 +111,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
             ``images_per_class``.
         val_split: Validation images held out of the (sub-sampled) training set: about this
             many (int) or this fraction (float), drawn per class with ``seed`` (each class
-            gives ``round(fraction * n_c)`` and keeps at least one training image). 0 validates
-            on the official ``val/`` folder, which the test stage always uses.
+            gives ``round(fraction * n_c)`` and keeps at least one training image). 0: validate
+            on the official ``val/`` (no ``train/`` needed then), which ``test`` always uses.
         image_size: Side of the (random-resized or center) crops fed to the model.
         resize_size: Shorter side after the evaluation resize, before the center crop.
         augment: Random-resized crop and horizontal flip for training (else the eval transform).
@@ -211,11 +209,13 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
                 f"ImageNet subset {self.subset!r} under {self.root.resolve()}: "
                 + "; ".join(problems) + ". " + layout_help(self.root))
 
-    def prepare_data(self) -> None:
-        # verify only: never downloads; `test` and `predict` read val/ alone (a copy of the
-        # validation images is enough to evaluate a checkpoint)
-        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
-        self.check_layout(("val",) if fn in ("test", "predict") else ("train", "val"))
+    def splits(self, stage: str | None) -> tuple[str, ...]:
+        """The folders ``stage`` reads: val/ alone to test, predict, validate with val_split 0."""
+        alone = stage in ("test", "predict") or (stage == "validate" and not self.val_split)
+        return ("val",) if alone else ("train", "val")
+
+    def prepare_data(self) -> None:  # verify only: never downloads
+        self.check_layout(self.splits(getattr(getattr(self.trainer, "state", None), "fn", None)))
 
     def state_dict(self) -> dict[str, list[str]]:
         """The subset's WNIDs in label order, saved in checkpoints (see :meth:`load_state_dict`)."""
@@ -277,13 +277,13 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
                            v2.CenterCrop(self.image_size), *_TO_FLOAT])
 
     def build_datasets(self, stage: str) -> None:
-        needs_train = stage not in ("test", "predict")
-        self.check_layout(("train", "val") if needs_train else ("val",))
+        self.check_layout(self.splits(stage))
         test = self.scan("val")  # class by class: one fixed shuffle mixes the classes, so
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
         test = [test[i] for i in order]  # `limit_test_batches` and first batches see them all
         self.test_set = ImageFileDataset(test, self.eval_transform(), self.on_corrupt)
-        if not needs_train:
+        self.val_set = self.test_set  # unless a val_split holds training images out, below
+        if "train" not in self.splits(stage):
             return
         full = ImageFileDataset(self.select_train(self.scan("train")), None, self.on_corrupt)
         # per class (each keeps at least one training image), then one fixed shuffle so that
@@ -293,8 +293,8 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
                                          generator=torch.Generator().manual_seed(self.seed))]
         self.train_set = full.subset(train_idx, self.train_transform())
         self.train_eval_set = full.subset(train_idx, self.eval_transform())
-        self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
-                        else self.test_set)
+        if len(val_idx):
+            self.val_set = full.subset(val_idx, self.eval_transform())
         rank_zero_info(f"ImageNet subset {self.subset}: {self.num_classes} classes, "
                        f"{len(self.train_set)} train / {len(self.val_set)} val / "
                        f"{len(self.test_set)} test images")
