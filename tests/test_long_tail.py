@@ -161,3 +161,31 @@ def test_too_large_ratio_and_a_class_without_images(tmp_path, monkeypatch, capsy
                              on_corrupt="skip")
     with pytest.raises(BadDataError, match=r"has no readable image of classes \[5\]"):
         dm.setup("fit")
+
+
+def test_resume_on_another_long_tailed_subset_is_refused(cifar10_lt_root, no_checksum, tmp_path,
+                                                         monkeypatch, capsys):
+    """`fit --ckpt_path last` with another imbalance_ratio (or seed, val_split, ...) trained the
+    rest of the run on other images without a word, and rewrote the run's class_counts.json
+    with the new counts; it is refused now, the first counts kept, and the same options resume."""
+    from hug_lightning.cli import console_main
+
+    args = tiny_args(cifar10_lt_root, tmp_path, "--trainer.limit_train_batches", "2",
+                     "--data.init_args.val_split", "0", "--trainer.limit_val_batches", "1",
+                     config="cifar10_lt100_ce")
+    run = Path(main(["fit", *args]).trainer.log_dir)
+    first = (run / "class_counts.json").read_text()
+    assert json.loads(first)["train"] == closed_form(N_MAX, 10, 100)
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    resume = ["--ckpt_path", "last", "--trainer.max_epochs", "2"]
+    for changed in (["--data.init_args.imbalance_ratio", "10"], ["--data.init_args.seed", "1"]):
+        monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", *args, *resume, *changed])
+        assert console_main() == 2
+        err = capsys.readouterr().err
+        assert "other CIFAR-10-LT training images" in err and "Traceback" not in err
+        assert (run / "class_counts.json").read_text() == first  # the run's own counts kept
+    main(["validate", *args, "--ckpt_path", "last", "--data.init_args.imbalance_ratio", "10"])
+    assert (run / "class_counts.json").read_text() == first  # evaluating is not refused
+    cli = main(["fit", *args, *resume])  # the same options: resumed
+    assert cli.trainer.current_epoch == 2 and Path(cli.trainer.log_dir) == run
+    assert json.loads((run / "class_counts.json").read_text()) == json.loads(first)

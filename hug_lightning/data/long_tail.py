@@ -18,10 +18,15 @@ it.
 
 The class counts are logged, kept in ``class_counts`` and written as ``class_counts.json``
 into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_counts``.
+
+Checkpoints record the training selection (its counts, options and a digest of the image
+indices): ``fit --ckpt_path`` on another selection (another ratio, profile, seed or
+``val_split``, or changed image folders) is an error, not a run that goes on with other images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -112,6 +117,8 @@ class _LongTailCIFAR(_CIFARDataModule):
         self.imbalance_ratio = float(imbalance_ratio)
         self.imbalance_type = imbalance_type
         self.class_counts: dict[str, Any] = {}
+        self._train_digest: str | None = None  # of the training (and held-out) indices
+        self._replaced_counts: tuple[Path, str] | None = None  # (file, its text before setup)
 
     def build_datasets(self, stage: str) -> None:
         test_images, test_labels = self.load_split(train=False)
@@ -140,6 +147,9 @@ class _LongTailCIFAR(_CIFARDataModule):
             self.train_eval_set = full.subset(train_idx, self.eval_transform())
             self.val_set = (full.subset(val_idx, self.eval_transform()) if len(val_idx)
                             else self.test_set)
+            self._train_digest = hashlib.sha1(b"".join(
+                idx.numpy().astype("<i8").tobytes() + b"|"
+                for idx in (self.train_set.indices, full.indices[val_idx]))).hexdigest()
             counts.update(n_max=n_max, long_tail=target,
                           train=self._bincount(self.train_set.targets),
                           val=self._bincount(self.val_set.targets),
@@ -168,6 +178,8 @@ class _LongTailCIFAR(_CIFARDataModule):
             return None
         path = Path(log_dir) / "class_counts.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():  # a resume into the run's folder: put back if the resume is refused
+            self._replaced_counts = (path, path.read_text())
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.class_counts.items()]
         path.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one line per entry
         for logger in trainer.loggers:
@@ -175,6 +187,45 @@ class _LongTailCIFAR(_CIFARDataModule):
             if callable(add_text):  # TensorBoard
                 add_text("data/class_counts", "    " + json.dumps(self.class_counts), 0)
         return path
+
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training selection, saved in checkpoints (see :meth:`load_state_dict`)."""
+        if self._train_digest is None:  # set up for test / predict only
+            return {}
+        return {"class_counts": self.class_counts, "val_split": self.val_split,
+                "train_digest": self._train_digest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a fit on another training selection than the checkpoint's: the run
+        would go on with other images, its class counts no longer those it reports."""
+        saved = state_dict.get("train_digest")
+        fn = getattr(getattr(self.trainer, "state", None), "fn", "fit")
+        if saved is None or self._train_digest is None or fn != "fit":
+            return  # no record (an older checkpoint), or an evaluation: not trained on
+        if saved == self._train_digest:
+            return
+        if self._replaced_counts is not None:  # this setup rewrote the run's file: undo it
+            path, text = self._replaced_counts
+            path.write_text(text)
+
+        def describe(counts: dict[str, Any], val_split: Any) -> str:
+            ratio = counts.get("imbalance_ratio")
+            return (f"imbalance_ratio {ratio:g}, " if isinstance(ratio, float) else "") + (
+                f"{counts.get('imbalance_type')}, seed {counts.get('seed')}, val_split "
+                f"{val_split}: {sum(counts.get('train', []))} training images, per class "
+                f"{counts.get('train')}")
+
+        ckpt = describe(state_dict.get("class_counts", {}), state_dict.get("val_split"))
+        now = describe(self.class_counts, self.val_split)
+        same = (" with the same options: the images under the root changed (a file added, "
+                "removed or skipped by on_corrupt skip), or the seeded draw did (another torch "
+                "version)" if ckpt == now else "")
+        raise ConfigError(
+            f"The checkpoint was trained on other {self.name} training images than this run "
+            f"selects{same}. Checkpoint: {ckpt}. This run: {now}. Resuming would train the rest "
+            "of the run on them: pass the --data.init_args options it was trained with (its run's "
+            "config.yaml) and the same data, or start a new run.")
 
 
 class CIFAR10LTDataModule(_LongTailCIFAR, CIFAR10DataModule):
