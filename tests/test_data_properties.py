@@ -84,13 +84,16 @@ def test_step_profile_reaches_the_datamodule(cifar10_tv_root, no_checksum):  # k
     assert dm.class_counts["imbalance_type"] == "step" and dm.class_counts["train"] == expected
 
 
-def test_n_max_is_the_smallest_class(coded_root):  # kills LT7 (n_max = max class size)
-    dm = CIFAR10LTDataModule(root=str(coded_root), download=False, imbalance_ratio=3,
+@pytest.mark.parametrize("ratio, n_max", [(1, 3), (3, 4)])
+def test_n_max_is_the_most_every_class_can_fill(coded_root, ratio, n_max):  # kills LT7
+    """LT7: n_max = the largest class size (ratio 1 asks "cat" for 4 of its 3 images). At ratio
+    3, "cat" (sorted index 3) needs floor(4 * 3 ** (-3 / 9)) = 2 of them: n_max stays 4."""
+    dm = CIFAR10LTDataModule(root=str(coded_root), download=False, imbalance_ratio=ratio,
                              num_workers=0)
     dm.setup("fit")
-    n_max = min(TRAIN_COUNTS.values())  # 3
     assert dm.class_counts["n_max"] == n_max
-    assert torch.bincount(dm.train_set.targets, minlength=10).tolist() == closed_form(n_max, 10, 3)
+    assert (torch.bincount(dm.train_set.targets, minlength=10).tolist()
+            == closed_form(n_max, 10, ratio))
 
 
 def test_class_counts_train_excludes_the_held_out_part(cifar10_tv_root, no_checksum):  # kills LT12

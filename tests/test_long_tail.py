@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from datagen import write_cifar10_torchvision, write_cifar100_torchvision
 from hug_lightning.cli import main
 from hug_lightning.data import (CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule,
                                 CIFAR100LTDataModule)
-from hug_lightning.data.long_tail import long_tail_counts, stratified_split
+from hug_lightning.data.long_tail import long_tail_counts, profile_n_max, stratified_split
 
 N_MAX = 100  # generated training images per class
 
@@ -189,3 +190,68 @@ def test_resume_on_another_long_tailed_subset_is_refused(cifar10_lt_root, no_che
     cli = main(["fit", *args, *resume])  # the same options: resumed
     assert cli.trainer.current_epoch == 2 and Path(cli.trainer.log_dir) == run
     assert json.loads((run / "class_counts.json").read_text()) == json.loads(first)
+
+
+def exact_counts(n_max: int, k: int, ratio: int) -> list[int]:
+    """``floor(n_max * ratio ** (-c / (k - 1)))`` in integers: the largest ``n`` with
+    ``n ** (k - 1) * ratio ** c <= n_max ** (k - 1)`` (no floating point)."""
+    out = []
+    for c in range(k):
+        n = int(n_max * ratio ** (-c / (k - 1)))  # a guess, then corrected exactly
+        while (n + 1) ** (k - 1) * ratio ** c <= n_max ** (k - 1):
+            n += 1
+        while n ** (k - 1) * ratio ** c > n_max ** (k - 1):
+            n -= 1
+        out.append(n)
+    return out
+
+
+def largest_fitting_n_max(available: list[int], ratio: int) -> int:
+    """Down from the largest class, the first ``n_max`` whose profile every class can fill."""
+    return next(m for m in range(max(available), 0, -1)
+                if all(n <= a for n, a in zip(exact_counts(m, len(available), ratio), available)))
+
+
+def test_profile_n_max_against_a_search():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        k = int(torch.randint(2, 12, (), generator=gen))
+        ratio = int(torch.randint(1, 60, (), generator=gen))
+        available = (100 - torch.randint(0, 100, (k,), generator=gen)
+                     * (torch.rand(k, generator=gen) < 0.3)).tolist()
+        assert profile_n_max(available, ratio) == largest_fitting_n_max(available, ratio)
+        assert long_tail_counts(100, k, ratio) == exact_counts(100, k, ratio)
+
+
+def test_classes_short_of_images(tmp_path):
+    """A class with fewer images than the others lowered n_max to its size for every class: one
+    unreadable image anywhere (on_corrupt skip) or a tail class holding 5 of 20 images changed
+    the whole profile (its counts and ratio) although that class needs only 2 of them."""
+    from datagen import CIFAR10_CLASSES, write_image_folder
+
+    root = write_image_folder(tmp_path / "c10", CIFAR10_CLASSES, train_per_class=20,
+                              test_per_class=1)
+    available = [20] * 10
+
+    def shorten(c: int, keep: int) -> list[int]:
+        for f in sorted((root / "train" / CIFAR10_CLASSES[c]).iterdir())[keep:]:
+            f.unlink()
+        available[c] = keep
+        dm = CIFAR10LTDataModule(root=str(root), download=False, imbalance_ratio=10,
+                                 num_workers=0)
+        dm.setup("fit")
+        assert dm.class_counts["n_max"] == largest_fitting_n_max(available, 10)
+        return torch.bincount(dm.train_set.targets, minlength=10).tolist()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert shorten(9, 5) == exact_counts(20, 10, 10)  # the tail needs 2: as if complete
+    assert not [w for w in caught if "cannot fill the profile" in str(w.message)]
+    need = exact_counts(20, 10, 10)[2]
+    assert shorten(2, need) == exact_counts(20, 10, 10)  # just enough
+    with pytest.warns(UserWarning, match=rf"cannot fill the profile from 20 images \(class 2: "
+                                         rf"{need - 2} of "):
+        scaled = shorten(2, need - 2)  # 2 short of its share: the profile is scaled down
+    assert scaled == exact_counts(largest_fitting_n_max(available, 10), 10, 10)
+    assert scaled[2] <= need - 2 and scaled[0] < 20
+    assert shorten(0, 10) == exact_counts(10, 10, 10)  # the head class short: n_max its size

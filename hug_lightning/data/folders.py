@@ -81,7 +81,7 @@ def warn_unequal_classes(samples: Sequence[tuple[Path, int]], classes: Sequence[
             f"({', '.join(odd[:10])}{', ...' if len(odd) > 10 else ''}; the others {usual}), "
             f"where {name} has as many in every class: a partial extraction or copy? Complete "
             "it (re-extract the archive); this run goes on with the images there (a "
-            "long-tailed profile starts from the smallest class).")
+            "long-tailed profile is scaled down if a class cannot fill its share).")
 
 
 def load_rgb(path: Path) -> Image.Image:

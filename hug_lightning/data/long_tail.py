@@ -4,8 +4,11 @@ The training set keeps ``n_c`` images of class ``c``: with the exponential profi
 ``n_c = floor(n_max * ratio ** (-c / (K - 1)))`` for ``c = 0..K-1`` (5,000 down to 50 per class
 for CIFAR-10 at ratio 100, 12,406 images; 500 down to 5 for CIFAR-100, 10,847 images); with
 the step profile the first ``K // 2`` classes keep ``n_max`` and the others
-``floor(n_max / ratio)``. ``n_max`` is the size of the smallest class of the balanced training
-set (5,000 / 500). Which images a class keeps is drawn with ``seed`` (the same on every rank
+``floor(n_max / ratio)``. ``n_max`` is the class size of the balanced training set (5,000 /
+500); where some classes hold fewer images (a partial copy, files skipped by ``on_corrupt:
+skip``), the largest ``n_max`` whose profile every class can fill: a class short of images it
+does not need changes nothing (a tail class keeps 50 of 5,000), one short of its ``n_c`` scales
+the whole profile down. Which images a class keeps is drawn with ``seed`` (the same on every rank
 and run; LDAM's own NumPy draw picks other images, with the same counts). The test set stays
 balanced.
 
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.cli_errors import ConfigError
@@ -59,6 +62,22 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
         head = num_classes // 2
         return [n_max] * head + [math.floor(n_max / imbalance_ratio)] * (num_classes - head)
     raise ValueError(f"imbalance_type must be 'exp' or 'step', got {imbalance_type!r}.")
+
+
+def profile_n_max(available: Sequence[int], imbalance_ratio: float,
+                  imbalance_type: Literal["exp", "step"] = "exp") -> int:
+    """The largest ``n_max`` (at most the largest class) whose profile asks no class ``c`` for
+    more than its ``available[c]`` images; at least the smallest class (every profile fits it).
+    """
+    def fits(n_max: int) -> bool:
+        counts = long_tail_counts(n_max, len(available), imbalance_ratio, imbalance_type)
+        return all(k <= n for k, n in zip(counts, available))
+
+    low, high = min(available), max(available)  # fits(low); the counts grow with n_max
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def select_per_class(labels: Tensor, counts: Sequence[int], seed: int) -> Tensor:
@@ -126,20 +145,30 @@ class _LongTailCIFAR(_CIFARDataModule):
         counts: dict[str, Any] = {"test": self._bincount(test_labels)}
         if stage not in ("test", "predict"):
             images, labels = self.load_split(train=True)
-            n_max = min(self._bincount(labels))
-            if n_max == 0:  # no ratio helps: say which classes have no image (e.g. all skipped)
-                absent = [c for c, n in enumerate(self._bincount(labels)) if n == 0]
+            available = self._bincount(labels)
+            if min(available) == 0:  # no ratio helps: say which classes have no image
+                absent = [c for c, n in enumerate(available) if n == 0]
                 raise BadDataError(
                     f"The training set of {self.root} has no readable image of classes "
                     f"{absent[:20]}; {self.name} needs every class: copy or replace them there.")
+            n_max = profile_n_max(available, self.imbalance_ratio, self.imbalance_type)
             target = long_tail_counts(n_max, self.num_classes, self.imbalance_ratio,
                                       self.imbalance_type)
+            if n_max < max(available):  # one more image per class is more than some hold
+                wanted = long_tail_counts(n_max + 1, self.num_classes, self.imbalance_ratio,
+                                          self.imbalance_type)
+                short = [f"{c}: {n} of {k}" for c, (k, n) in enumerate(zip(wanted, available))
+                         if k > n]
+                rank_zero_warn(
+                    f"{self.name}: the training images of {self.root} cannot fill the profile "
+                    f"from {max(available)} images (class {', '.join(short[:10])} wanted), so it "
+                    f"starts from n_max {n_max}: {sum(target)} training images.")
             empty = [c for c, n in enumerate(target) if n == 0]
             if empty:
                 raise ConfigError(
                     f"imbalance_ratio={self.imbalance_ratio:g} leaves no training image for "
-                    f"classes {empty[:20]} ({n_max} images in the smallest class of "
-                    f"{self.root}); use imbalance_ratio <= {n_max}.")
+                    f"classes {empty[:20]} (n_max {n_max}: the most images a profile can "
+                    f"start from in {self.root}); use imbalance_ratio <= {n_max}.")
             full = TensorImageDataset(images, labels, None, select_per_class(labels, target,
                                                                              self.seed))
             train_idx, val_idx = stratified_split(full.targets, self.val_split, self.seed)
