@@ -217,7 +217,6 @@ class _LongTailCIFAR(_CIFARDataModule):
                 add_text("data/class_counts", "    " + json.dumps(self.class_counts), 0)
         return path
 
-
     def state_dict(self) -> dict[str, Any]:
         """The training selection, saved in checkpoints (see :meth:`load_state_dict`)."""
         if self._train_digest is None:  # set up for test / predict only
