@@ -366,3 +366,43 @@ def test_entry_names_differing_only_in_case_are_duplicates(tmp_path):
                                                 {"name": "MHE", "configs": ["ufm_hug.yaml"]}]}))
     with pytest.raises(ValueError, match="duplicate entry name 'MHE'.*differ only in case"):
         load_grid(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_a_fit_left_running_by_a_killed_runner_keeps_its_run(tmp_path, monkeypatch, capsys):
+    """A runner killed with SIGKILL leaves its fit running (a DDP fit with its ranks), which
+    trains on into the run folder; the lock went with the runner, so a rerun resumed a second
+    fit into the same folder beside it. The fit now holds the run's lock until it ends."""
+    pytest.importorskip("fcntl")
+    run = _one_run(tmp_path)
+    fit = [sys.executable, "-c", "import time; time.sleep(60)"]
+    old_runner = subprocess.Popen([sys.executable, "-c", (
+        "from pathlib import Path\n"
+        "from hug_lightning.experiments import locks, process\n"
+        f"root = Path({str(run.root)!r})\n"
+        "with locks.run_lock(root):\n"
+        f"    process.launch({fit!r}, root / 'fit.log')\n")])
+    orphan = None
+    try:
+        deadline = time.monotonic() + 60
+        while orphan is None and time.monotonic() < deadline and old_runner.poll() is None:
+            below = process.descendants(old_runner.pid)
+            orphan = below[0] if below else time.sleep(0.05)
+        assert orphan is not None, "the runner did not start its fit"
+        old_runner.kill()  # the runner dies, its fit runs on
+        old_runner.wait()
+        assert _alive(orphan)
+        launched: list[list[str]] = []
+        monkeypatch.setattr(process, "launch", lambda cmd, log: launched.append(cmd) or 1)
+        assert runner.run_all([run])["skipped"] == 1 and not launched
+        said = capsys.readouterr().out
+        assert "[a seed 0] running in another runner: skipped" in said
+        assert f"fit {orphan}" in said  # the message names the process to wait for or stop
+    finally:
+        old_runner.kill()
+        if orphan is not None:
+            os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner.run_all([run])["failed"] == 1 and len(launched) == 1  # free once it ended

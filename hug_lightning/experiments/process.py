@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from hug_lightning.experiments.locks import held_fds, note_holder
+
 GRACE_S = 120.0
 #: Set once the runner is interrupted: runs then stop without marking anything as finished.
 STOP = threading.Event()
@@ -38,7 +40,10 @@ def launch(cmd: list[str], log_file: Path) -> int:
     with open(log_file, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # the run's lock goes along: a fit left running by a killed runner keeps the run
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                pass_fds=held_fds())
+        note_holder(Path(log_file).stem, proc.pid)  # "fit 1234" in run.lock
         with _LOCK:
             _LIVE.add(proc)
             late = STOP.is_set()  # interrupted while it started: stop_children missed it
