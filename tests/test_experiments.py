@@ -173,6 +173,7 @@ def test_interrupted_runner_resumes_from_last_checkpoint(tmp_path, monkeypatch):
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, output
     assert "Interrupted at epoch" in (run / "fit.log").read_text()
+    assert "# exit status 143 (runner interrupted)" in (run / "fit.log").read_text()  # as saved
     assert not any((run / f).exists() for f in ("fit.json", "fit_completed.json", "result.json"))
     epoch = torch.load(last, weights_only=True, map_location="cpu")["epoch"]
 

@@ -56,6 +56,8 @@ def launch(cmd: list[str], log_file: Path) -> int:
         except BaseException:
             STOP.set()
             stop_children()
+            if proc.poll() is not None:  # the log says how the child ended, as below
+                log.write(f"\n# {describe_status(proc.returncode)} (runner interrupted)\n")
             raise
         finally:
             with _LOCK:
