@@ -406,3 +406,17 @@ def test_a_fit_left_running_by_a_killed_runner_keeps_its_run(tmp_path, monkeypat
     while _alive(orphan) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert runner.run_all([run])["failed"] == 1 and len(launched) == 1  # free once it ended
+
+
+def test_table_of_seeds_without_results_names_the_seeds(tmp_path, capsys):
+    """`table --seeds 5` with seeds 0 and 1 finished said only 'no finished run under ...'."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "entries": [
+        {"name": "a", "configs": ["ufm_ce.yaml"]}]}))
+    run = tmp_path / "runs" / "g" / "a" / "seed0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"fit": {}, "test": {"test/acc": 0.5}}))
+    out = str(tmp_path / "runs")
+    assert main(["table", str(path), "--out", out, "--seeds", "5"]) == 1
+    assert "no finished run of seed(s) 5 under" in capsys.readouterr().err
+    assert main(["table", str(path), "--out", out]) == 0

@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "table":
         md = write_tables(grid, args.out, args.seeds)
         if md is None:
-            print(f"no finished run under {Path(args.out) / grid.name}", file=sys.stderr)
+            which = f" of seed(s) {', '.join(map(str, args.seeds))}" if args.seeds else ""
+            print(f"no finished run{which} under {Path(args.out) / grid.name}", file=sys.stderr)
             return 1
         print(md.read_text())
         return 0
