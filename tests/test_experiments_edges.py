@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -383,12 +384,14 @@ def test_a_fit_left_running_by_a_killed_runner_keeps_its_run(tmp_path, monkeypat
         "with locks.run_lock(root):\n"
         f"    process.launch({fit!r}, root / 'fit.log')\n")])
     orphan = None
-    try:
-        deadline = time.monotonic() + 60
+    lock = run.root / "run.lock"
+    try:  # the fit's pid as the lock names it: another child (the imports may start
+        deadline = time.monotonic() + 60  # short-lived helpers) is not the fit
         while orphan is None and time.monotonic() < deadline and old_runner.poll() is None:
-            below = process.descendants(old_runner.pid)
-            orphan = below[0] if below else time.sleep(0.05)
+            named = re.findall(r"^fit (\d+)$", lock.read_text() if lock.is_file() else "", re.M)
+            orphan = int(named[0]) if named else time.sleep(0.05)
         assert orphan is not None, "the runner did not start its fit"
+        assert orphan in process.descendants(old_runner.pid)
         old_runner.kill()  # the runner dies, its fit runs on
         old_runner.wait()
         assert _alive(orphan)
