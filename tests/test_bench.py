@@ -131,7 +131,9 @@ def test_parallel_sweep_names_its_failed_runs_and_runs_a_repeated_seed_once(monk
 def test_profile_host_toy_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     module = load_bench("profile_host")
-    text = module.main(["--toy", "--top", "5"])
+    # the package's functions by cumulative time: the step among the first 40 whatever the load
+    # (with 5, a loaded machine's slow SVD in the NC compute pushed it out of the list)
+    text = module.main(["--toy", "--top", "40"])
     assert "training_step" in text and "epoch" in text
     table = module.main(["--toy", "--compare", "--top", "5"])
     assert "| (a) | (b) |" in table and "aten::" in table
