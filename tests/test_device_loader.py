@@ -165,3 +165,34 @@ def test_device_resident_refuses_overridden_transform_hooks(cifar10_folder_root)
 def _setup(dm):
     dm.setup("fit")
     return dm
+
+
+def test_eval_pass_scores_ncc_exactly_with_device_resident_data(cifar10_folder_root, tmp_path):
+    """Found by an audit: the NC eval pass sized its feature buffer by ``len(loader.dataset)``,
+    which the device loader lacks, so with device-resident data it warned of "an unknown size"
+    and scored NC4 / NCC against the previous pass's means (none at epoch 0, lagged after).
+    Reference: the trained model's features over the classic CPU path's training-eval set,
+    class means and nearest-mean predictions computed here."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--nc.eval_pass", "true",
+                                      "--data.init_args.device_resident", "true")])
+    assert not [w for w in caught if "NC eval pass" in str(w.message)]
+    dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                           batch_size=32, num_workers=0)
+    dm.setup("fit")
+    model = cli.model.eval()
+    with torch.no_grad():
+        out = [(model.forward_features(x), y) for x, y in dm.train_eval_dataloader()]
+    feats, labels = torch.cat([f for f, _ in out]).double(), torch.cat([y for _, y in out])
+    with torch.no_grad():
+        linear = model.head.logits(feats.float()).argmax(1)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(10)])
+    ncc = torch.cdist(feats, means).argmin(1)
+    logged = cli.trainer.callback_metrics
+    assert float(logged["nc/train_eval/ncc_accuracy"]) == pytest.approx(
+        float((ncc == labels).double().mean()), abs=1e-6)
+    assert float(logged["nc/train_eval/nc4_ncc_mismatch"]) == pytest.approx(
+        float((ncc != linear).double().mean()), abs=1e-6)

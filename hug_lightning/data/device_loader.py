@@ -99,6 +99,13 @@ class DeviceBatchLoader:
         (a new order every epoch)."""
         return self._order()[0] if self.sampler is None else None
 
+    @property
+    def dataset_len(self) -> int:
+        """Samples of the data set the loader draws from, over all processes (what
+        ``len(loader.dataset)`` is for a DataLoader; e.g. the NC eval pass sizes its buffers
+        by it)."""
+        return int(self.images.shape[0])
+
     def _num_samples(self) -> int:
         if self.sampler is None:
             return len(range(self.rank, self.images.shape[0], self.world_size))

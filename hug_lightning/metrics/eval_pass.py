@@ -61,8 +61,8 @@ def keeps_features(trainer: Trainer, collector: NCFeatureStats, loader: Any) -> 
     runs on all of them or on none."""
     if not collector.ncc:
         return False
-    try:
-        n = len(loader.dataset)
+    try:  # a DataLoader's data set, or a loader that states its set's size (device-resident)
+        n = len(loader.dataset) if hasattr(loader, "dataset") else int(loader.dataset_len)
     except (AttributeError, TypeError):  # no length (an iterable data set): size unknown
         n = None
     size = None if n is None else math.ceil(n / max(trainer.world_size, 1)) * collector.dim * 4
