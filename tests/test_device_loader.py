@@ -196,3 +196,24 @@ def test_eval_pass_scores_ncc_exactly_with_device_resident_data(cifar10_folder_r
         float((ncc == labels).double().mean()), abs=1e-6)
     assert float(logged["nc/train_eval/nc4_ncc_mismatch"]) == pytest.approx(
         float((ncc != linear).double().mean()), abs=1e-6)
+
+
+def test_training_images_are_copied_to_the_device_once(cifar10_folder_root):
+    """Found by an audit: every loader gathered and copied its set to the device, and the NC
+    eval pass asks for a new training-eval loader every epoch: a second copy of the training
+    images on the GPU during each pass, made anew each epoch. The training loader and every
+    training-eval loader now share one copy; the batches stay the CPU path's."""
+    args = dict(root=str(cifar10_folder_root), download=False, val_split=0.2, batch_size=16,
+                num_workers=0)
+    dev = _setup(CIFAR10DataModule(**args, device_resident=True))
+    train = dev.train_dataloader()
+    evals = [dev.train_eval_dataloader() for _ in range(3)]  # three epochs' eval passes
+    assert {loader.images.data_ptr() for loader in evals} == {train.images.data_ptr()}
+    assert {loader.labels.data_ptr() for loader in evals} == {train.labels.data_ptr()}
+    cpu = _setup(CIFAR10DataModule(**args))
+    for get in ("train_eval_dataloader", "val_dataloader", "test_dataloader"):
+        want = [b for b in getattr(cpu, get)()]
+        got = [b for b in getattr(dev, get)()]
+        assert len(want) == len(got)
+        for (xc, yc), (xd, yd) in zip(want, got):
+            assert torch.equal(yc, yd) and torch.allclose(xc, xd, atol=1e-6)

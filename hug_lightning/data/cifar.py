@@ -79,6 +79,7 @@ class _CIFARDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
         self.device_resident = bool(device_resident)
+        self._device_copies: list[tuple[Any, ...]] = []  # see _on_device
         if self.device_resident:
             # the device path builds its batches itself (gather, crop, flip, normalize with
             # `mean`/`std`) and never calls the transform hooks: a subclass's own transforms
@@ -190,15 +191,36 @@ class _CIFARDataModule(ClassificationDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        idx = dataset.indices if dataset.indices is not None else slice(None)
+        images, labels = self._on_device(dataset, device)
         sampler = (EpochShardSampler(dataset, world, rank, shuffle=True, seed=global_seed())
                    if train else None)
         return DeviceBatchLoader(
-            dataset.images[idx], dataset.labels[idx],
+            images, labels,
             self.batch_size if train else self.eval_batch_size, self.mean, self.std, device,
             sampler=sampler, augment=train and self.augment, drop_last=train and self.drop_last,
             next_batch_fn=self._next_train_batch if train else None, world_size=world, rank=rank,
         )
+
+    def _on_device(self, dataset: TensorImageDataset, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+        """The set's images and labels on ``device``, copied once per set: the training loader
+        and the NC eval pass's loader (made anew every epoch), both over the training images,
+        share one copy."""
+        def same(a: Tensor | None, b: Tensor | None) -> bool:
+            return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+        for images, indices, dev, copies in self._device_copies:
+            if images is dataset.images and dev == device and same(indices, dataset.indices):
+                return copies
+        idx = dataset.indices if dataset.indices is not None else slice(None)
+        copies = (dataset.images[idx].to(device).contiguous(),
+                  dataset.labels[idx].to(device).long())
+        self._device_copies.append((dataset.images, dataset.indices, device, copies))
+        return copies
+
+    def teardown(self, stage: str) -> None:
+        self._device_copies = []  # the loaders keep what they still use
+        super().teardown(stage)
 
     def train_dataloader(self) -> Any:
         if self.device_resident:
