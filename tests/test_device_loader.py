@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from conftest import tiny_args
 from hug_lightning.cli import main
@@ -217,3 +218,31 @@ def test_training_images_are_copied_to_the_device_once(cifar10_folder_root):
         assert len(want) == len(got)
         for (xc, yc), (xd, yd) in zip(want, got):
             assert torch.equal(yc, yd) and torch.allclose(xc, xd, atol=1e-6)
+
+
+
+class TrainLabels(Callback):
+    """Records the labels of every training batch by (epoch, batch index)."""
+
+    seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        TrainLabels.seen[(trainer.current_epoch, batch_idx)] = batch[1].cpu()
+
+
+@pytest.mark.parametrize("device_resident", ["false", "true"])
+def test_overfit_batches_trains_on_the_same_first_batches(cifar10_folder_root, tmp_path,
+                                                         device_resident):
+    """Found by an audit: Lightning's ``overfit_batches`` turns a DataLoader's shuffling off
+    (and says so), but cannot rebuild the device-resident loader, which drew a new shuffled
+    order every epoch: nothing was overfitted. Both paths must train on the training set's
+    first samples, in order, every epoch."""
+    TrainLabels.seen = {}
+    cli = main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--trainer.overfit_batches",
+                                  "2", "--trainer.max_epochs", "2", "--trainer.callbacks+",
+                                  f"{__name__}.TrainLabels",
+                                  "--data.init_args.device_resident", device_resident)])
+    first = cli.datamodule.train_set.targets[:64]  # 2 batches of 32, the set's own order
+    assert sorted(TrainLabels.seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for epoch in range(2):
+        assert torch.equal(torch.cat([TrainLabels.seen[(epoch, b)] for b in range(2)]), first)

@@ -192,7 +192,10 @@ class _CIFARDataModule(ClassificationDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         images, labels = self._on_device(dataset, device)
-        sampler = (EpochShardSampler(dataset, world, rank, shuffle=True, seed=global_seed())
+        # Lightning's `overfit_batches` turns a DataLoader's shuffling off; this loader is not
+        # one it can rebuild: the same first batches every epoch, as on the CPU path
+        shuffle = not (trainer is not None and trainer.overfit_batches > 0)
+        sampler = (EpochShardSampler(dataset, world, rank, shuffle=shuffle, seed=global_seed())
                    if train else None)
         return DeviceBatchLoader(
             images, labels,
