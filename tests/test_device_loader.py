@@ -246,3 +246,14 @@ def test_overfit_batches_trains_on_the_same_first_batches(cifar10_folder_root, t
     assert sorted(TrainLabels.seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for epoch in range(2):
         assert torch.equal(torch.cat([TrainLabels.seen[(epoch, b)] for b in range(2)]), first)
+
+
+def test_device_resident_on_the_cpu_says_so_once(cifar10_folder_root, caplog):
+    """Found by an audit: on a machine without an accelerator the option silently kept the
+    data in host memory (its README row speaks of the GPU only)."""
+    dm = _setup(CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                                  batch_size=16, num_workers=0, device_resident=True))
+    with caplog.at_level("INFO"):
+        assert dm.train_dataloader().images.device.type == "cpu"
+        dm.val_dataloader(), dm.train_eval_dataloader()
+    assert caplog.text.count("device_resident: the trainer runs on the CPU") == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -191,6 +192,10 @@ class _CIFARDataModule(ClassificationDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if device.type == "cpu" and not self._device_copies:  # once per set-up
+            rank_zero_info("device_resident: the trainer runs on the CPU, so the images stay in "
+                           "host memory and the main process builds each batch (the same "
+                           "batches; num_workers and pin_memory are not used).")
         images, labels = self._on_device(dataset, device)
         # Lightning's `overfit_batches` turns a DataLoader's shuffling off; this loader is not
         # one it can rebuild: the same first batches every epoch, as on the CPU path
