@@ -119,6 +119,15 @@ class LastCheckpoint(ModelCheckpoint):
                            batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.trained_this_fit = True
+        # a max_steps stop inside an epoch: save here, where a resume continues that epoch (at
+        # the epoch-end hooks the epoch is already marked done, and a resume would skip its
+        # rest); the epoch-end save then sees this step saved and is skipped
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        inside = (not progress.is_last_batch
+                  and progress.current.ready < trainer.num_training_batches)
+        if 0 < trainer.max_steps <= trainer.global_step and inside \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:

@@ -72,6 +72,18 @@ def test_mid_epoch_resume_is_exact(small_root, tmp_path, device_resident, schedu
     _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
 
 
+def test_resume_after_a_max_steps_stop_without_step_saves_is_exact(small_root, tmp_path):
+    """Found by an audit: without ``--last.every_n_train_steps``, a fit stopped by max_steps
+    inside an epoch wrote ``last.ckpt`` at the epoch-end hooks, with the epoch marked done:
+    ``--ckpt_path last`` went on with the next epoch, silently skipping the rest of the
+    interrupted one (and its validation). It must end with the uninterrupted run's weights."""
+    extra = ("--data.init_args.device_resident", "true")
+    main(["fit", *_args(small_root, tmp_path / "ref", *extra)])
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--trainer.max_steps", "7")])
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--ckpt_path", "last")])
+    _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
+
+
 def test_mid_epoch_resume_with_another_batch_size_is_an_error(small_root, tmp_path):
     """The rest of the epoch was taken at the new batch size's offset: 24 of 104 samples seen
     twice, silently (found by the reliability audit)."""
