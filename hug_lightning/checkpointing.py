@@ -60,7 +60,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(fs._strip_protocol(str(path)))
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".{target.name}.part")  # one writer: the global rank 0
+        # one writer: the global rank 0. Lightning takes any file whose name holds "hpc_ckpt_"
+        # for an HPC checkpoint (its number: the name's digits), so a part left by a kill
+        # (.hpc_ckpt_2.ckpt.part) made a SLURM restart look for a missing hpc_ckpt_2.ckpt
+        part = target.with_name(f".{target.name}.part".replace("hpc_ckpt_", "hpc-ckpt-"))
         try:
             with open(part, "wb") as f:
                 torch.save(checkpoint, f)

@@ -108,3 +108,32 @@ def test_sigkill_during_saves_never_leaves_a_truncated_checkpoint(tmp_path):
         proc.wait()
         state = torch.load(path, weights_only=True)  # raises on a truncated file
         assert state["w"].numel() == 1_500_000 and state["step"] >= 1
+
+
+def test_a_part_left_by_a_kill_is_not_taken_for_an_hpc_checkpoint(tmp_path, monkeypatch):
+    """SLURM auto-requeue: Lightning saves ``hpc_ckpt_<n>.ckpt`` (through this writer) and, on
+    the restarted job, restores the one with the highest number in any file name holding
+    ``hpc_ckpt_``. The part file of a save cut by SIGKILL (``.hpc_ckpt_2.ckpt.part``) counted
+    as number 2: the restart looked for a missing ``hpc_ckpt_2.ckpt`` and failed."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    connector = trainer._checkpoint_connector
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, connector.hpc_save_path(tmp_path))
+    seen = []
+    real_save = torch.save
+
+    def save_then_inspect(obj, f):  # mid-write: the part file exists, as after a SIGKILL
+        real_save(obj, f)
+        f.flush()
+        seen.append((sorted(p.name for p in tmp_path.iterdir()), connector._hpc_resume_path,
+                     connector.hpc_save_path(tmp_path)))
+
+    monkeypatch.setattr(torch, "save", save_then_inspect)
+    io.save_checkpoint({"step": 2}, tmp_path / "hpc_ckpt_2.ckpt")
+    names, resume, next_save = seen[0]
+    assert len(names) == 2 and names[0].endswith(".part")  # hpc_ckpt_1.ckpt and the part
+    assert resume == str(tmp_path / "hpc_ckpt_1.ckpt") and Path(resume).is_file()
+    assert next_save == str(tmp_path / "hpc_ckpt_2.ckpt")
