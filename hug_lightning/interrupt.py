@@ -20,6 +20,10 @@ batch:
 Then Lightning raises ``SIGTERMException`` on every process at that batch boundary,
 :class:`InterruptCheckpoint` writes ``last.ckpt`` (all processes together) and the command exits
 with status 143 (SIGTERM) or 130 (Ctrl-C). A second Ctrl-C aborts at once without saving.
+SLURM's requeue signal (SIGUSR1, Lightning's auto-requeue) is agreed the same way: Lightning's
+requeue (``hpc_ckpt_<n>.ckpt`` in the root folder, ``scontrol requeue``) runs on every process
+after the same batch, once per fit, and training goes on (Lightning ran it inside the signal
+handler: a collective save wherever each process was, which hung the run).
 A request that arrives during validation is acted on at the next training batch; if the
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
@@ -33,71 +37,20 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hug_lightning.agreed_stop import AgreedStop
+
+__all__ = ["AgreedStop", "InterruptCheckpoint"]
+
 #: "SIGINT" or "SIGTERM" after an interrupted fit in this process (for the exit status)
 LAST_INTERRUPT: str | None = None
-
-_CODES = {"SIGTERM": 1, "SIGINT": 2}  # agreed by max: Ctrl-C wins the exit status
-_NAMES = {code: name for name, code in _CODES.items()}
 
 
 def _no_broadcast() -> None:
     """Stands in for Lightning's per-step SIGTERM broadcast while the agreement runs."""
-
-
-class AgreedStop:
-    """A stop request that every process acts on after the same training batch.
-
-    Call :meth:`start` once when training starts (on every process), :meth:`request` from a
-    signal handler, :meth:`step` at the end of every training batch (on every process, the same
-    number of times) and :meth:`finish` when training ends. ``step`` returns the agreed request
-    ("SIGTERM", "SIGINT" or None): the same value on every process at the same batch.
-    """
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._group: Any = None
-        self._buffer: torch.Tensor | None = None
-        self._work: Any = None
-
-    @property
-    def distributed(self) -> bool:
-        return self._group is not None
-
-    def start(self) -> None:
-        """Set up the sharing (collective: every process calls it at the same point)."""
-        self.finish()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # a CPU group: reading the result never waits for the GPU (NCCL would)
-            self._group = dist.new_group(backend="gloo")
-
-    def request(self, name: str) -> None:
-        """Record a request (safe in a signal handler: no I/O, no collective)."""
-        self.requested = self.requested or name
-
-    def step(self) -> str | None:
-        """The agreed request at this batch boundary (one batch late under DDP)."""
-        if not self.distributed:
-            return self.requested
-        agreed = 0
-        if self._work is not None:
-            self._work.wait()  # started a batch ago: long done
-            agreed = int(self._buffer.item())  # a CPU tensor: no device sync
-        self._buffer = torch.tensor([_CODES.get(self.requested or "", 0)], dtype=torch.int32)
-        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self._group,
-                                     async_op=True)
-        return _NAMES.get(agreed)
-
-    def finish(self) -> None:
-        """Wait for the last sharing started (every process started it) and stop sharing."""
-        if self._work is not None:
-            self._work.wait()
-        self._work = self._buffer = self._group = None
 
 
 class InterruptCheckpoint(Callback):
@@ -105,8 +58,8 @@ class InterruptCheckpoint(Callback):
 
     The stop happens at a training-batch boundary agreed by all processes (see the module
     docstring), so it also works under DDP, whichever process gets the signal. This callback
-    takes over Lightning's SIGTERM handler during ``fit``; SLURM's requeue signal (SIGUSR1) is
-    left to Lightning.
+    takes over Lightning's SIGTERM handler during ``fit``, and runs Lightning's SLURM requeue
+    (SIGUSR1) at an agreed batch boundary instead of inside the signal handler.
 
     Args:
         enabled: Save on interruption (and turn the first Ctrl-C into a graceful stop).
@@ -124,6 +77,8 @@ class InterruptCheckpoint(Callback):
         self._stopping = False  # received_sigterm set: Lightning raises after this batch
         self._saving = False  # the interrupt save is being written
         self._waits_for_validation = 0
+        self._requeue_fn: Any = None  # Lightning's SLURM requeue (save hpc_ckpt, scontrol)
+        self._requeued = False  # once per fit: SLURM signals each task, maybe batches apart
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -145,11 +100,16 @@ class InterruptCheckpoint(Callback):
                               if name == "SIGINT" else "."))
         self.stop.request(name)
 
+    def _on_requeue_signal(self, signum: Any, frame: Any) -> None:
+        if self._trainer is not None and not self._requeued and not self._saving:
+            self.stop.request_requeue()
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
         self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
         self._stopping, self._saving, self._waits_for_validation = False, False, 0
+        self._requeued = False
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method
@@ -157,6 +117,10 @@ class InterruptCheckpoint(Callback):
         self._connector = getattr(trainer, "_signal_connector", None)
         if self._connector is not None:
             self._connector._sigterm_notifier_fn = self._on_signal
+            # its SLURM requeue handler too, which saves (collective) inside the handler
+            self._requeue_fn = getattr(self._connector, "_slurm_sigusr_handler_fn", None)
+            if self._requeue_fn is not None:
+                self._connector._slurm_sigusr_handler_fn = self._on_requeue_signal
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._trainer is None:
@@ -177,6 +141,9 @@ class InterruptCheckpoint(Callback):
         if self._trainer is None:
             return
         agreed = self.stop.step()
+        if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
+            self._requeued = True  # every process at this batch: Lightning's save is collective
+            self._requeue_fn(signal.SIGUSR1, None)
         if agreed and not self.interrupted_by:
             self.interrupted_by = agreed
             if not self.stop.requested:  # another process got the signal
@@ -229,9 +196,11 @@ class InterruptCheckpoint(Callback):
             self._previous_sigint = None
         if self._connector is not None and "_sigterm_notifier_fn" in vars(self._connector):
             del self._connector._sigterm_notifier_fn  # Lightning's own again (validate, test)
+        if self._connector is not None and "_slurm_sigusr_handler_fn" in vars(self._connector):
+            del self._connector._slurm_sigusr_handler_fn
         if self._epoch_loop is not None and "_broadcast_sigterm_tensor" in vars(self._epoch_loop):
             del self._epoch_loop._broadcast_sigterm_tensor
-        self._connector = self._trainer = self._epoch_loop = None
+        self._connector = self._trainer = self._epoch_loop = self._requeue_fn = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()

@@ -65,6 +65,37 @@ def test_two_processes_see_the_same_request_at_the_same_batch(tmp_path):
         assert torch.load(tmp_path / f"rank{rank}.pt") == expected, rank
 
 
+def _requeue_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    stop = AgreedStop()
+    stop.start()
+    seen = []
+    for step in range(8):
+        if (rank, step) in ((1, 2), (0, 3)):  # SLURM signals every task, maybe a batch apart
+            stop.request_requeue()
+        seen.append((stop.step(), stop.requeue))
+    stop.finish()
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_requeue_request_is_agreed_once_at_the_same_batch(tmp_path):
+    """SIGUSR1 (SLURM's requeue) recorded on rank 1 before step 2 and on rank 0 before step 3:
+    one requeue, seen by both ranks at step 3 (a batch late), no stop; rank 0's own request,
+    made before that step, is the same requeue (reset, not acted on again)."""
+    start_workers(_requeue_worker, (str(tmp_path / "init"), str(tmp_path)))
+    expected = [(None, step == 3) for step in range(8)]
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == expected, rank
+    single = AgreedStop()
+    single.start()
+    single.request_requeue()
+    assert single.step() is None and single.requeue  # one process: at once, then reset
+    assert single.step() is None and not single.requeue
+
+
 def test_one_process_acts_on_its_own_request_at_once():
     stop = AgreedStop()
     stop.start()  # no process group: nothing to share

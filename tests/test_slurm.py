@@ -1,0 +1,142 @@
+"""Multi-node DDP as SLURM's ``srun`` starts it, simulated: no SLURM here, so the test starts the
+2 tasks itself with the variables srun gives each task (2 nodes x 1 task, gloo on CPU), and a
+stand-in ``scontrol`` on the PATH records the requeue instead of reaching a real cluster.
+
+Lightning detects SLURM from these variables (``SLURMEnvironment``: ranks from ``SLURM_PROCID``,
+``SLURM_LOCALID``, ``SLURM_NODEID``; ``MASTER_ADDR`` from ``SLURM_NODELIST``, ``MASTER_PORT``
+from the job id) and then installs its auto-requeue handlers, which the run must survive.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SIGNALS = '''
+import os
+import signal
+
+from lightning.pytorch import Callback
+
+
+class SignalAt(Callback):
+    """Send ``name`` to this process on global rank ``rank`` before training step ``step``."""
+
+    def __init__(self, rank: int, step: int, name: str) -> None:
+        self.rank, self.step, self.name, self.sent = rank, step, name, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.sent and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.name))
+'''
+
+SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/scontrol.calls"\n'
+
+
+def _slurm_port() -> tuple[str, int]:
+    """A job id whose port (Lightning: 15000 + its last 4 digits) is free here."""
+    rng = random.Random()
+    for _ in range(200):
+        digits = rng.randrange(10000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 15000 + digits))
+            except OSError:
+                continue
+        return f"4{digits:04d}", 15000 + digits
+    pytest.skip("no free port in 15000-24999")
+
+
+def _ufm(log: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hug_lightning", "fit", "--config", "ufm_hug",
+            "--trainer.logger.init_args.save_dir", str(log), "--trainer.max_epochs", "4",
+            "--data.init_args.samples_per_class", "5", "--data.init_args.steps_per_epoch", "3",
+            "--model.init_args.backbone.init_args.dim", "8", "--nc.enabled", "false",
+            "--trainer.check_val_every_n_epoch", "1", *extra]
+
+
+def _srun(tmp_path: Path, args: list[str]) -> list[subprocess.CompletedProcess]:
+    """``srun --nodes 2 --ntasks-per-node 1 <args>``, run in ``tmp_path``."""
+    job_id, _ = _slurm_port()
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+            "PATH": os.pathsep.join([str(tmp_path / "bin"), os.environ.get("PATH", "")]),
+            "SLURM_JOB_ID": job_id, "SLURM_JOBID": job_id, "SLURM_JOB_NAME": "hug",
+            "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        base.pop(key, None)
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": "0",
+                                   "SLURM_NODEID": str(r)})
+             for r in range(2)]
+    out = []
+    for proc in procs:
+        try:
+            err = proc.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the SLURM tasks hung:\n" + proc.communicate()[1][-3000:])
+        out.append(subprocess.CompletedProcess(args, proc.returncode, "", err))
+    return out
+
+
+@pytest.mark.slow
+def test_srun_two_nodes_requeue_signal_sigterm_and_resume(tmp_path):
+    """2 simulated SLURM tasks, one per node: SIGUSR1 (Lightning's auto-requeue signal) to the
+    second task alone, later SIGTERM to the first alone. Lightning saved the HPC checkpoint
+    inside the signal handler, a collective wherever that task was: the run hung (both tasks
+    waiting in different collectives). Now both write ``hpc_ckpt_1.ckpt`` after the same batch,
+    the first asks ``scontrol`` to requeue the job once, training goes on; the SIGTERM stops both
+    with ``last.ckpt`` and status 143, and ``--ckpt_path last`` ends with the weights of one
+    process trained without interruption on the same global batch."""
+    (tmp_path / "slurm_signals.py").write_text(SIGNALS)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(SCONTROL)
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ref = subprocess.run(_ufm(tmp_path / "ref"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    signals = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank", "1",
+               "--trainer.callbacks.step", "2", "--trainer.callbacks.name", "SIGUSR1",
+               "--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank", "0",
+               "--trainer.callbacks.step", "7", "--trainer.callbacks.name", "SIGTERM"]
+    tasks = _srun(tmp_path, _ufm(tmp_path / "cut", "--trainer.num_nodes", "2", *signals))
+    assert "SLURM auto-requeueing enabled" in tasks[0].stderr  # Lightning saw SLURM
+    assert "distributed_backend=gloo" in tasks[0].stderr
+    assert [t.returncode for t in tasks] == [143, 143], tasks[0].stderr[-3000:]
+    assert "Interrupted at epoch" in tasks[0].stderr
+    calls = (tmp_path / "bin" / "scontrol.calls").read_text().splitlines()
+    job_id = calls[0].split()[-1]
+    assert calls == [f"requeue {job_id}"]  # rank 0 alone, once
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    last_path = next((tmp_path / "cut" / "ufm_hug").glob("version_0/checkpoints/last.ckpt"))
+    last = torch.load(last_path, weights_only=True)
+    assert 2 < hpc["global_step"] < last["global_step"] < 12
+    assert sorted(p.name for p in tmp_path.glob("*ckpt*")) == ["hpc_ckpt_1.ckpt"]
+
+    tasks = _srun(tmp_path, _ufm(tmp_path / "cut", "--trainer.num_nodes", "2",
+                                 "--ckpt_path", "last"))
+    assert [t.returncode for t in tasks] == [0, 0], tasks[0].stderr[-3000:]
+    assert str(last_path) in tasks[0].stderr  # restored from last.ckpt, not the hpc one
+    one = torch.load(next((tmp_path / "ref" / "ufm_hug").glob("version_0/checkpoints/last.ckpt")),
+                     weights_only=True)
+    two = torch.load(last_path, weights_only=True)
+    assert two["global_step"] == one["global_step"] == 12
+    for key in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6)
