@@ -285,6 +285,19 @@ def test_cli_fit_then_test(inet_root, tmp_path, config):
     cli = main(["test", *args, "--ckpt_path", str(last), "--trainer.limit_test_batches", "1.0"])
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
     assert len(cli.datamodule.test_set) == 30
+    if config.endswith("hug"):  # from a copy of val/ alone: validate, and predict with WNIDs
+        shutil.copytree(inet_root / "val", tmp_path / "val_only" / "val")
+        only = _imagenet_args(tmp_path / "val_only", tmp_path, config,
+                              "--data.init_args.val_split", "0")  # validate on val/
+        cli = main(["validate", *only, "--ckpt_path", str(last)])
+        assert "val/acc" in cli.trainer.callback_metrics
+        cli = main(["predict", *only, "--ckpt_path", str(last)])
+        rows = (Path(cli.trainer.log_dir) / "predictions.csv").read_text().splitlines()
+        assert rows[0] == "index,pred,label,pred_name,label_name,path" and len(rows) == 31
+        for row in rows[1:]:
+            _, pred, label, pred_name, label_name, path = row.split(",")
+            assert (pred_name, label_name) == (IMAGENETTE[int(pred)], IMAGENETTE[int(label)])
+            assert label_name == Path(path).parent.name
     if config.endswith("ce"):  # 10 other classes: the num_classes check passed, labels differ
         listing = tmp_path / "other10.txt"
         listing.write_text("\n".join(IMAGENETTE[:8] + EXTRA))
