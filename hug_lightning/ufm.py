@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from hug_lightning.data.loading import (EpochShardSampler, ResumableDataLoader, global_seed,
                                         next_train_batch)
@@ -89,11 +89,21 @@ class FreeFeatures(nn.Module):
         return self.weight[index]
 
 
-class _Repeat(IterableDataset):
-    """Yields the same batch ``steps`` times."""
+class _Repeat:
+    """A loader that yields the same batch ``steps`` times.
 
-    def __init__(self, batch: tuple[Tensor, Tensor], steps: int) -> None:
-        self.batch, self.steps = batch, steps
+    Not a ``DataLoader``: Lightning injects no ``DistributedSampler`` (which would pad and
+    duplicate samples) and does not warn, as it does for an ``IterableDataset`` with a length,
+    about worker processes this loader does not have.
+
+    Args:
+        batch: The batch, ``(index, label)``.
+        steps: Batches per pass.
+        dataset_len: Samples of the whole set over all processes (as ``len(loader.dataset)``).
+    """
+
+    def __init__(self, batch: tuple[Tensor, Tensor], steps: int, dataset_len: int) -> None:
+        self.batch, self.steps, self.dataset_len = batch, steps, dataset_len
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return iter([self.batch] * self.steps)
@@ -145,18 +155,15 @@ class UFMDataModule(LightningDataModule):
         self.labels = index // self.samples_per_class
         self.dataset = TensorDataset(index, self.labels)
 
-    def _full_batches(self, steps: int) -> DataLoader:
-        """``steps`` whole-shard batches: this rank's samples ``rank, rank + W, ...``.
-
-        An iterable data set: no per-sample collation of N items per step, and Lightning
-        injects no ``DistributedSampler`` (which would pad and duplicate samples).
-        """
+    def _full_batches(self, steps: int) -> _Repeat:
+        """``steps`` whole-shard batches: this rank's samples ``rank, rank + W, ...`` (no
+        per-sample collation of N items per step)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         index = torch.arange(rank, self.num_samples, world)
-        return DataLoader(_Repeat((index, self.labels[index]), steps), batch_size=None)
+        return _Repeat((index, self.labels[index]), steps, self.num_samples)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | _Repeat:
         if self.batch_size >= self.num_samples:
             return self._full_batches(self.steps_per_epoch)
         # an order per (seed, epoch), resumable mid-epoch: a generator advanced epoch by epoch
@@ -169,13 +176,13 @@ class UFMDataModule(LightningDataModule):
         loader.seed_option = "--data.init_args.seed"
         return loader
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> _Repeat:
         return self._full_batches(1)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> _Repeat:
         return self._full_batches(1)
 
-    def train_eval_dataloader(self) -> DataLoader:
+    def train_eval_dataloader(self) -> _Repeat:
         return self._full_batches(1)
 
     def predict_dataloader(self) -> DataLoader:
