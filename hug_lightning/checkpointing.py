@@ -34,6 +34,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from hug_lightning.data_error_save import save_after_data_error
 from hug_lightning.interrupt import InterruptCheckpoint
@@ -125,11 +126,26 @@ class LastCheckpoint(ModelCheckpoint):
         # a max_steps stop inside an epoch: save here, where a resume continues that epoch (at
         # the epoch-end hooks the epoch is already marked done, and a resume would skip its
         # rest); the epoch-end save then sees this step saved and is skipped
+        if self._max_steps_stop_inside_epoch(trainer) \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)
+
+    @staticmethod
+    def _max_steps_stop_inside_epoch(trainer: Trainer) -> bool:
+        """``fit`` has reached ``max_steps`` before the last batch of its epoch."""
         progress = trainer.fit_loop.epoch_loop.batch_progress
         inside = (not progress.is_last_batch
                   and progress.current.ready < trainer.num_training_batches)
-        if 0 < trainer.max_steps <= trainer.global_step and inside \
-                and self._last_global_step_saved != trainer.global_step:
+        return (trainer.state.fn == TrainerFn.FITTING and 0 < trainer.max_steps
+                and trainer.max_steps <= trainer.global_step and inside)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # a validation at that max_steps stop (val_check_interval) runs after the save above:
+        # save again, still resumable inside the epoch, so that last.ckpt records what it
+        # changed (the best checkpoint `--ckpt_path best` and the grid runner read from it:
+        # the `checkpoint` group's ModelCheckpoint, which the CLI puts before this one)
+        if not trainer.sanity_checking and self._max_steps_stop_inside_epoch(trainer):
             self._save_now(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,

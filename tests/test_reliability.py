@@ -84,6 +84,25 @@ def test_resume_after_a_max_steps_stop_without_step_saves_is_exact(small_root, t
     _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
 
 
+def test_a_validation_at_a_max_steps_stop_is_in_last_ckpt_and_resume_is_exact(small_root,
+                                                                              tmp_path):
+    """Found by a review: at a max_steps stop inside an epoch ``last.ckpt`` was written at the
+    step's batch end, before the validation that step runs (val_check_interval), and not after:
+    it recorded no best checkpoint though one was written (``test --ckpt_path best`` failed, or
+    took an older one). The resume from it must still end as the uninterrupted run."""
+    extra = ("--data.init_args.device_resident", "true", "--trainer.val_check_interval", "3")
+    main(["fit", *_args(small_root, tmp_path / "ref", *extra)])
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--trainer.max_steps", "3")])
+    ckpt_dir = next((tmp_path / "cut").glob("cifar10_ce/*/checkpoints"))
+    best = [p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt"]
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    recorded = [v["best_model_path"] for k, v in state["callbacks"].items()
+                if k.startswith("ModelCheckpoint")]
+    assert len(best) == 1 and recorded == [str(best[0])]  # the validation at step 3 wrote it
+    main(["fit", *_args(small_root, tmp_path / "cut", *extra, "--ckpt_path", "last")])
+    _assert_same(_final_state(tmp_path / "ref"), _final_state(tmp_path / "cut"))
+
+
 def test_mid_epoch_resume_with_another_batch_size_is_an_error(small_root, tmp_path):
     """The rest of the epoch was taken at the new batch size's offset: 24 of 104 samples seen
     twice, silently (found by the reliability audit)."""
