@@ -22,8 +22,11 @@ Then Lightning raises ``SIGTERMException`` on every process at that batch bounda
 with status 143 (SIGTERM) or 130 (Ctrl-C). A second Ctrl-C aborts at once without saving.
 SLURM's requeue signal (SIGUSR1, Lightning's auto-requeue) is agreed the same way: Lightning's
 requeue (``hpc_ckpt_<n>.ckpt`` in the root folder, ``scontrol requeue``) runs on every process
-after the same batch, once per fit, and training goes on (Lightning ran it inside the signal
-handler: a collective save wherever each process was, which hung the run).
+at the same point, once per fit, and training goes on (Lightning ran it inside the signal
+handler: a collective save wherever each process was, which hung the run). That point is the end
+of the first agreed batch that closes a gradient accumulation window (the checkpoint holds no
+partial gradients), or, when a validation follows that batch, the end of that validation (a
+restart from a checkpoint written before it skips it): a run restored from it is the same run.
 A request that arrives during validation is acted on at the next training batch; if the
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
@@ -79,6 +82,7 @@ class InterruptCheckpoint(Callback):
         self._waits_for_validation = 0
         self._requeue_fn: Any = None  # Lightning's SLURM requeue (save hpc_ckpt, scontrol)
         self._requeued = False  # once per fit: SLURM signals each task, maybe batches apart
+        self._requeue_at: str | None = None  # agreed, waiting for a "batch" or "validation" end
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -109,7 +113,7 @@ class InterruptCheckpoint(Callback):
             return
         self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
         self._stopping, self._saving, self._waits_for_validation = False, False, 0
-        self._requeued = False
+        self._requeued, self._requeue_at = False, None
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method
@@ -142,8 +146,13 @@ class InterruptCheckpoint(Callback):
             return
         agreed = self.stop.step()
         if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
-            self._requeued = True  # every process at this batch: Lightning's save is collective
-            self._requeue_fn(signal.SIGUSR1, None)
+            self._requeued = True  # once: the requeue is acted on at a resumable boundary
+            self._requeue_at = "batch"
+        if self._requeue_at == "batch" and not _accumulating(trainer):
+            if _validation_follows(trainer):
+                self._requeue_at = "validation"  # saved after it: a resume would skip it
+            else:
+                self._requeue_now()
         if agreed and not self.interrupted_by:
             self.interrupted_by = agreed
             if not self.stop.requested:  # another process got the signal
@@ -184,8 +193,16 @@ class InterruptCheckpoint(Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._requeue_at == "validation" and not trainer.sanity_checking:
+            self._requeue_now()
         if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = True  # raised after this validation
+
+    def _requeue_now(self) -> None:
+        """Lightning's requeue (every process at the same point: its save is collective)."""
+        self._requeue_at = None
+        if self._requeue_fn is not None:
+            self._requeue_fn(signal.SIGUSR1, None)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stop.finish()
@@ -238,6 +255,23 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)  # every process: the save is collective
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
+
+
+def _accumulating(trainer: Trainer) -> bool:
+    """Whether this batch is inside a gradient accumulation window (its gradients are in no
+    checkpoint). False with another Lightning version."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return bool(getattr(loop, "_should_accumulate", lambda: False)())
+
+
+def _validation_follows(trainer: Trainer) -> bool:
+    """Whether a validation runs after this training batch (mid-epoch or at the epoch's end):
+    Lightning's restart from a checkpoint saved before it skips it. False with another version."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    try:
+        return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+    except AttributeError:
+        return False
 
 
 def _last_folder(trainer: Trainer) -> str | None:

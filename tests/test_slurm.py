@@ -38,6 +38,18 @@ class SignalAt(Callback):
         if not self.sent and trainer.global_rank == self.rank and trainer.global_step == self.step:
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.name))
+
+
+class ValLog(Callback):
+    """Append ``<global step> <val/loss>`` to ``path`` after every validation of a fit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            with open(self.path, "a") as f:
+                print(trainer.global_step, float(trainer.callback_metrics["val/loss"]), file=f)
 '''
 
 SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/scontrol.calls"\n'
@@ -65,14 +77,22 @@ def _ufm(log: Path, *extra: str) -> list[str]:
             "--trainer.check_val_every_n_epoch", "1", *extra]
 
 
-def _srun(tmp_path: Path, args: list[str]) -> list[subprocess.CompletedProcess]:
-    """``srun --nodes 2 --ntasks-per-node 1 <args>``, run in ``tmp_path``."""
+def _stand_ins(tmp_path: Path) -> None:
+    """``slurm_signals.py`` (the callbacks above) and the stand-in ``bin/scontrol``."""
+    (tmp_path / "slurm_signals.py").write_text(SIGNALS)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(SCONTROL)
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+
+
+def _srun(tmp_path: Path, args: list[str], nodes: int = 2) -> list[subprocess.CompletedProcess]:
+    """``srun --nodes <nodes> --ntasks-per-node 1 <args>``, run in ``tmp_path``."""
     job_id, _ = _slurm_port()
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
             "PATH": os.pathsep.join([str(tmp_path / "bin"), os.environ.get("PATH", "")]),
             "SLURM_JOB_ID": job_id, "SLURM_JOBID": job_id, "SLURM_JOB_NAME": "hug",
-            "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_NTASKS": str(nodes), "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": "1",
             "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost"}
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         base.pop(key, None)
@@ -80,7 +100,7 @@ def _srun(tmp_path: Path, args: list[str]) -> list[subprocess.CompletedProcess]:
                               stderr=subprocess.PIPE, text=True,
                               env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": "0",
                                    "SLURM_NODEID": str(r)})
-             for r in range(2)]
+             for r in range(nodes)]
     out = []
     for proc in procs:
         try:
@@ -102,10 +122,7 @@ def test_srun_two_nodes_requeue_signal_sigterm_and_resume(tmp_path):
     the first asks ``scontrol`` to requeue the job once, training goes on; the SIGTERM stops both
     with ``last.ckpt`` and status 143, and ``--ckpt_path last`` ends with the weights of one
     process trained without interruption on the same global batch."""
-    (tmp_path / "slurm_signals.py").write_text(SIGNALS)
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "scontrol").write_text(SCONTROL)
-    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    _stand_ins(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     ref = subprocess.run(_ufm(tmp_path / "ref"), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
@@ -140,3 +157,54 @@ def test_srun_two_nodes_requeue_signal_sigterm_and_resume(tmp_path):
     for key in ("backbone.weight", "head.proxies"):
         torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.slow
+def test_requeue_waits_for_the_accumulation_window_and_the_validation(tmp_path):
+    """One simulated SLURM task, ``accumulate_grad_batches`` 2, SIGUSR1 before the first batch
+    of a window. The requeue saved ``hpc_ckpt_1.ckpt`` at once, inside the window, whose first
+    gradient no checkpoint holds: the run restored from it (Lightning's own restore, no
+    ``--ckpt_path``) ended with other weights than an uninterrupted one. Now the save waits for
+    the window's end, and, since a validation (here the epoch's) follows that batch and a restart
+    from a checkpoint written before it skips it, for that validation's end: the restored run ends
+    with the uninterrupted run's weights and logs the same validations after the checkpoint."""
+    _stand_ins(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    common = ["--trainer.max_epochs", "2", "--data.init_args.steps_per_epoch", "4",
+              "--trainer.accumulate_grad_batches", "2"]
+
+    def val_log(name: str) -> list[str]:
+        return ["--trainer.callbacks+", "slurm_signals.ValLog", "--trainer.callbacks.path",
+                str(tmp_path / name)]
+
+    ref = subprocess.run(_ufm(tmp_path / "ref", *common, *val_log("ref.val")), cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # global step 1 starts at the epoch's third batch, the first of its second window
+    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
+                 "0", "--trainer.callbacks.step", "1", "--trainer.callbacks.name", "SIGUSR1"]
+    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "SLURM auto-requeueing enabled" in cut.stderr
+    assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *val_log("res.val")), nodes=1)[0]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
+
+    def last(name: str) -> dict:
+        return torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
+
+    one, two = last("ref"), last("res")
+    assert two["global_step"] == one["global_step"] == 4
+    for key in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6)
+    ref_vals = [v.split() for v in (tmp_path / "ref.val").read_text().splitlines()]
+    res_vals = [v.split() for v in (tmp_path / "res.val").read_text().splitlines()]
+    assert [int(s) for s, _ in ref_vals] == [2, 4]
+    after = [(int(s), float(v)) for s, v in ref_vals if int(s) > hpc["global_step"]]
+    assert [int(s) for s, _ in res_vals] == [s for s, _ in after]
+    for (_, v), (_, w) in zip(res_vals, after):
+        assert float(v) == pytest.approx(w, rel=1e-5)
