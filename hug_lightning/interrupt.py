@@ -31,6 +31,8 @@ A request that arrives during validation is acted on at the next training batch;
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
 best-checkpoint decision. A request after the last training batch lets the fit finish normally.
+In ``validate``, ``test`` and ``predict``, SIGUSR1 requeues without a checkpoint
+(:mod:`hug_lightning.slurm_requeue` says why).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning.agreed_stop import AgreedStop
+from hug_lightning.slurm_requeue import accumulating, requeue_job, validation_follows
 
 __all__ = ["AgreedStop", "InterruptCheckpoint"]
 
@@ -62,7 +65,8 @@ class InterruptCheckpoint(Callback):
     The stop happens at a training-batch boundary agreed by all processes (see the module
     docstring), so it also works under DDP, whichever process gets the signal. This callback
     takes over Lightning's SIGTERM handler during ``fit``, and runs Lightning's SLURM requeue
-    (SIGUSR1) at an agreed batch boundary instead of inside the signal handler.
+    (SIGUSR1) at an agreed batch boundary instead of inside the signal handler (outside
+    ``fit``: a requeue without a checkpoint).
 
     Args:
         enabled: Save on interruption (and turn the first Ctrl-C into a graceful stop).
@@ -108,6 +112,19 @@ class InterruptCheckpoint(Callback):
         if self._trainer is not None and not self._requeued and not self._saving:
             self.stop.request_requeue()
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # validate, test, predict: SLURM's requeue without Lightning's checkpoint (see
+        # hug_lightning.slurm_requeue); set before Lightning registers its handlers
+        connector = getattr(trainer, "_signal_connector", None)
+        if self.enabled and stage != "fit" and connector is not None \
+                and hasattr(connector, "_slurm_sigusr_handler_fn"):
+            self._connector = connector
+            connector._slurm_sigusr_handler_fn = lambda signum, frame: requeue_job(trainer)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self._restore()
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
@@ -148,8 +165,8 @@ class InterruptCheckpoint(Callback):
         if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
             self._requeued = True  # once: the requeue is acted on at a resumable boundary
             self._requeue_at = "batch"
-        if self._requeue_at == "batch" and not _accumulating(trainer):
-            if _validation_follows(trainer):
+        if self._requeue_at == "batch" and not accumulating(trainer):
+            if validation_follows(trainer):
                 self._requeue_at = "validation"  # saved after it: a resume would skip it
             else:
                 self._requeue_now()
@@ -255,23 +272,6 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)  # every process: the save is collective
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
-
-
-def _accumulating(trainer: Trainer) -> bool:
-    """Whether this batch is inside a gradient accumulation window (its gradients are in no
-    checkpoint). False with another Lightning version."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    return bool(getattr(loop, "_should_accumulate", lambda: False)())
-
-
-def _validation_follows(trainer: Trainer) -> bool:
-    """Whether a validation runs after this training batch (mid-epoch or at the epoch's end):
-    Lightning's restart from a checkpoint saved before it skips it. False with another version."""
-    fit_loop = getattr(trainer, "fit_loop", None)
-    try:
-        return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
-    except AttributeError:
-        return False
 
 
 def _last_folder(trainer: Trainer) -> str | None:

@@ -40,6 +40,24 @@ class SignalAt(Callback):
             os.kill(os.getpid(), getattr(signal, self.name))
 
 
+class SignalInEval(Callback):
+    """Send ``name`` to this process at the first batch of a validate or predict."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.sent = name, False
+
+    def _send(self, trainer):
+        if not self.sent and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.name))
+
+    def on_validation_batch_start(self, trainer, *args, **kwargs):
+        self._send(trainer)
+
+    def on_predict_batch_start(self, trainer, *args, **kwargs):
+        self._send(trainer)
+
+
 class ValLog(Callback):
     """Append ``<global step> <val/loss>`` to ``path`` after every validation of a fit."""
 
@@ -208,3 +226,21 @@ def test_requeue_waits_for_the_accumulation_window_and_the_validation(tmp_path):
     assert [int(s) for s, _ in res_vals] == [s for s, _ in after]
     for (_, v), (_, w) in zip(res_vals, after):
         assert float(v) == pytest.approx(w, rel=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["validate", pytest.param("predict", marks=pytest.mark.slow)])
+def test_requeue_signal_outside_fit_writes_no_hpc_checkpoint(tmp_path, fn):
+    """SIGUSR1 during a ``validate`` or ``predict`` under (simulated, one task) SLURM. Lightning's
+    handler wrote ``hpc_ckpt_1.ckpt`` (the evaluated weights at global step 0, no optimizer
+    state), which every later ``fit`` under SLURM in that folder restored by itself: a new run
+    silently started from trained weights. Now the job is requeued once and nothing is saved."""
+    _stand_ins(tmp_path)
+    args = [fn if a == "fit" else a for a in _ufm(tmp_path / "log")]  # the fit's model, data
+    args += ["--trainer.callbacks+", "slurm_signals.SignalInEval", "--trainer.callbacks.name",
+             "SIGUSR1"]
+    task = _srun(tmp_path, args, nodes=1)[0]
+    assert task.returncode == 0, task.stderr[-3000:]
+    assert "SLURM auto-requeueing enabled" in task.stderr  # Lightning saw SLURM
+    calls = (tmp_path / "bin" / "scontrol.calls").read_text().splitlines()
+    assert calls == [f"requeue {calls[0].split()[-1]}"]
+    assert not list(tmp_path.rglob("*.ckpt")), list(tmp_path.rglob("*.ckpt"))
