@@ -15,7 +15,8 @@ but in the hooks it calls, defined by ``ClassifierModule``:
 It reads the attributes ``ClassifierModule.__init__`` sets: ``loss_guard``
 (:class:`~hug_lightning.guards.FiniteLossGuard`), ``_norm_snapshot``
 (:class:`~hug_lightning.guards.RunningStatsSnapshot`), ``step_log``
-(:class:`~hug_lightning.step_log.StepLog`), and those of ``configure_metrics``:
+(:class:`~hug_lightning.step_log.StepLog`), ``plateau_steps``
+(:class:`~hug_lightning.plateau_steps.PlateauSteps`), and those of ``configure_metrics``:
 ``train_accuracy`` (:class:`~hug_lightning.train_accuracy.TrainAccuracy`), ``val_acc``,
 ``val_acc_best``, ``test_acc``.
 """
@@ -140,26 +141,35 @@ class ClassifierLoop(LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the epoch's training-accuracy counts, summed over processes (Lightning calls
-        this hook on every rank, so the reduction is collective)."""
+        this hook on every rank, so the reduction is collective), the count of skipped batches
+        and the state of the plateau steps (:mod:`hug_lightning.plateau_steps`)."""
         self.train_accuracy.save(checkpoint, self._trainer)
         checkpoint["skipped_batches"] = self.loss_guard.skipped  # the same on every rank
+        self.plateau_steps.save(checkpoint, self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the training-accuracy counts on rank 0 (they are already the sum over
-        processes; older checkpoints stored them as a module buffer) and the count of skipped
-        non-finite batches, and accept checkpoints written before ``val_acc_best`` was saved."""
+        processes; older checkpoints stored them as a module buffer), the count of skipped
+        non-finite batches and the plateau steps' state, and accept checkpoints written before
+        ``val_acc_best`` was saved."""
         state = checkpoint.get("state_dict", {})
         for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
             state.setdefault(key, value)  # checkpoints from before it was saved
         self.loss_guard.skipped = int(checkpoint.pop("skipped_batches", 0))
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self.train_accuracy.load(checkpoint, rank)
+        self.plateau_steps.load(checkpoint)
 
     def on_train_epoch_end(self) -> None:
         self.loss_guard.flush()
         self.step_log.flush(self.trainer)
         self.log("train/acc", self.train_accuracy.compute_and_reset(self.trainer))
         self.log_dict(self.class_vector_geometry())
+        self.plateau_steps.epoch_end(self)  # last: after the epoch's values, before checkpoints
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        if not self.plateau_steps.taken(scheduler, self.trainer):  # see there
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_train_end(self) -> None:
         self.step_log.flush(self.trainer)

@@ -47,6 +47,7 @@ from hug_lightning.losses.hug import CountSync
 from hug_lightning.metrics.collapse import all_reduce_sync
 from hug_lightning.optim import build_optimizers, run_length
 from hug_lightning.param_groups import check_kinds, parameter_groups
+from hug_lightning.plateau_steps import PlateauSteps
 from hug_lightning.step_log import StepLog
 
 
@@ -68,7 +69,8 @@ class ClassifierModule(ClassifierMetrics):
             ``hug_lightning.optim.OneCycleLR`` and ``WarmupCosineLR`` learn the run length.
         scheduler_interval: Step the scheduler every ``step`` (batch) or every ``epoch``.
         scheduler_monitor: The logged metric a ``ReduceLROnPlateau`` scheduler follows (it is
-            then stepped once per epoch, after validation); ignored by other schedulers.
+            then stepped once per epoch, after validation, before the epoch's checkpoints:
+            :mod:`hug_lightning.plateau_steps`); ignored by other schedulers.
         no_weight_decay: Parameter kinds exempt from weight decay: ``norm`` (normalization
             layers), ``bias``, ``head`` (class vectors / proxies), ``embedding``.
         head_lr_scale: Multiplier of the learning rate of the head's parameters (class
@@ -144,6 +146,7 @@ class ClassifierModule(ClassifierMetrics):
         self.loss_guard = FiniteLossGuard(policy=nonfinite_loss)
         self._norm_snapshot = RunningStatsSnapshot(self)
         self.step_log = StepLog()
+        self.plateau_steps = PlateauSteps()
         self._labels_checked: set[str] = set()
         self.configure_metrics()
 
@@ -228,6 +231,7 @@ class ClassifierModule(ClassifierMetrics):
             bind(self.trainer.datamodule)
 
     def setup(self, stage: str) -> None:
+        self.plateau_steps.reset()  # a new fit (a resume restores its state after this hook)
         if self.trainer.world_size > 1:
             if stage == "fit":
                 check_policy_for_processes(self.loss_guard.policy, self.trainer.world_size)

@@ -1,0 +1,98 @@
+"""``ReduceLROnPlateau`` steps taken before the epoch's checkpoints, so that a resume is exact.
+
+Lightning (2.6) steps a plateau scheduler after every ``on_train_epoch_end`` hook, so the
+checkpoints written in those hooks (``last.ckpt``, a ``ModelCheckpoint`` saving at the epoch
+end) held the scheduler and the learning rates from before that epoch's step, and a fit
+resumed from one counts the epoch as done and never took the step; Lightning also skips the
+step at the end of an epoch that a fit resumed inside (``fit_loop.restarting``: the monitored
+value is not in the checkpoint). Each resume dropped one plateau step.
+
+:class:`PlateauSteps` takes the step itself at the end of the module's ``on_train_epoch_end``,
+once the module and the other callbacks have logged the epoch's values and before the
+checkpoint callbacks (which Lightning calls last), with the value Lightning would pass
+(``trainer.callback_metrics[monitor]``, the same on every process), also in an epoch resumed
+inside; Lightning's own call at that epoch end is then skipped (see :meth:`PlateauSteps.taken`).
+No Lightning import: the trainer and module are used through their attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+#: the checkpoint key of :meth:`PlateauSteps.save`'s state
+KEY = "plateau_steps"
+
+
+class PlateauSteps:
+    """The epoch-end steps of a module's ``ReduceLROnPlateau`` schedulers (``interval:
+    epoch``).
+
+    Attributes:
+        epoch: The last epoch whose steps were taken (``None``: none yet in this fit).
+        values: The monitored values of the checkpoint this fit resumed (each monitor's last
+            logged value when it was written): the value of a monitor not logged again since
+            the restore, which the uninterrupted fit would still read from
+            ``trainer.callback_metrics`` (e.g. a ``ModelCheckpoint`` file written after the
+            last batch's validation: a resume runs only that epoch's end).
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.values: dict[str, float] = {}
+
+    def reset(self) -> None:
+        """Forget both (a new fit; a resume restores them after ``setup``)."""
+        self.epoch, self.values = None, {}
+
+    def epoch_end(self, module: Any) -> None:
+        """Step every plateau scheduler due at this epoch end, as Lightning would, through
+        ``module.lr_scheduler_step``. Nothing when the epoch stopped before its last batch
+        (``max_steps``), in manual optimization, when this epoch's steps were taken already
+        (an epoch end run again after a restore) or when a monitored value is missing
+        (Lightning's own call then raises or warns, as before)."""
+        trainer = module.trainer
+        epoch = trainer.current_epoch
+        if not module.automatic_optimization or self.epoch == epoch \
+                or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            return
+        due = [config for config in self._configs(trainer)
+               if (epoch + 1) % config.frequency == 0]
+        values = [self._value(trainer, config.monitor) for config in due]
+        if any(value is None for value in values):
+            return
+        for config, value in zip(due, values):
+            module.lr_scheduler_step(config.scheduler, value)
+        self.epoch = epoch
+
+    def taken(self, scheduler: Any, trainer: Any) -> bool:
+        """Whether ``scheduler`` is a plateau scheduler whose step at this epoch end was taken
+        by :meth:`epoch_end` (the module's ``lr_scheduler_step`` then skips Lightning's)."""
+        return (self.epoch is not None and self.epoch == trainer.current_epoch
+                and any(c.scheduler is scheduler for c in self._configs(trainer)))
+
+    def _value(self, trainer: Any, monitor: str) -> Any | None:
+        value = trainer.callback_metrics.get(monitor)
+        return value if value is not None else self.values.get(monitor)
+
+    @staticmethod
+    def _configs(trainer: Any) -> list[Any]:
+        return [config for config in getattr(trainer, "lr_scheduler_configs", None) or []
+                if isinstance(config.scheduler, ReduceLROnPlateau) and config.interval == "epoch"]
+
+    def save(self, checkpoint: dict[str, Any], trainer: Any | None) -> None:
+        """Store the epoch whose steps were taken and each plateau monitor's last value (the
+        same on every process, as Lightning's step assumes)."""
+        values = {}
+        for config in self._configs(trainer) if trainer is not None else ():
+            value = self._value(trainer, config.monitor)
+            if value is not None:
+                values[config.monitor] = float(value)
+        checkpoint[KEY] = {"epoch": self.epoch, "values": values}
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Restore them (none from a checkpoint written without them)."""
+        state = checkpoint.pop(KEY, None) or {}
+        self.epoch, self.values = state.get("epoch"), dict(state.get("values") or {})
+
