@@ -168,7 +168,7 @@ class ClassifierLoop(LightningModule):
         self.plateau_steps.epoch_end(self)  # last: after the epoch's values, before checkpoints
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
-        if not self.plateau_steps.taken(scheduler, self.trainer):  # see there
+        if not self.plateau_steps.taken(scheduler, metric, self.trainer):  # see there
             super().lr_scheduler_step(scheduler, metric)
 
     def on_train_end(self) -> None:

@@ -17,6 +17,9 @@ No Lightning import: the trainer and module are used through their attributes.
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from typing import Any
 
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -41,10 +44,11 @@ class PlateauSteps:
     def __init__(self) -> None:
         self.epoch: int | None = None
         self.values: dict[str, float] = {}
+        self._before: dict[int, tuple[float, dict, list[float]]] = {}  # undo, by scheduler id
 
     def reset(self) -> None:
-        """Forget both (a new fit; a resume restores them after ``setup``)."""
-        self.epoch, self.values = None, {}
+        """Forget everything (a new fit; a resume restores the state after ``setup``)."""
+        self.epoch, self.values, self._before = None, {}, {}
 
     def epoch_end(self, module: Any) -> None:
         """Step every plateau scheduler due at this epoch end, as Lightning would, through
@@ -62,15 +66,42 @@ class PlateauSteps:
         values = [self._value(trainer, config.monitor) for config in due]
         if any(value is None for value in values):
             return
+        self._before = {}
         for config, value in zip(due, values):
-            module.lr_scheduler_step(config.scheduler, value)
+            scheduler = config.scheduler
+            self._before[id(scheduler)] = (float(value), copy.deepcopy(scheduler.state_dict()),
+                                           [g["lr"] for g in scheduler.optimizer.param_groups])
+            module.lr_scheduler_step(scheduler, value)
         self.epoch = epoch
 
-    def taken(self, scheduler: Any, trainer: Any) -> bool:
-        """Whether ``scheduler`` is a plateau scheduler whose step at this epoch end was taken
-        by :meth:`epoch_end` (the module's ``lr_scheduler_step`` then skips Lightning's)."""
-        return (self.epoch is not None and self.epoch == trainer.current_epoch
-                and any(c.scheduler is scheduler for c in self._configs(trainer)))
+    def taken(self, scheduler: Any, metric: Any | None, trainer: Any) -> bool:
+        """Whether Lightning's call ``lr_scheduler_step(scheduler, metric)`` is for a plateau
+        step that :meth:`epoch_end` took at this epoch end (the module then skips it).
+
+        When Lightning's value differs from the one used (the monitored value was logged
+        after the module's ``on_train_epoch_end``: by an override after ``super()``, or by a
+        checkpoint callback), that step is undone and Lightning's stands, as without this
+        class; a warning says that the epoch's checkpoints hold the step taken with the
+        earlier value."""
+        if self.epoch is None or self.epoch != trainer.current_epoch \
+                or not any(c.scheduler is scheduler for c in self._configs(trainer)):
+            return False
+        before = self._before.get(id(scheduler))
+        if before is None or metric is None or _same(float(metric), before[0]):
+            return True  # (no record: an epoch end run again after a restore)
+        value, state, lrs = before
+        scheduler.load_state_dict(state)
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        del self._before[id(scheduler)]
+        warnings.warn(
+            f"ReduceLROnPlateau: its monitored value changed after the module's "
+            f"on_train_epoch_end ({value} there, {float(metric)} at Lightning's step), so the "
+            "checkpoints written at this epoch end hold the step taken with the earlier value "
+            "and a fit resumed from them is not exact. Log the monitored value before that "
+            "hook's end (an override: before calling super().on_train_epoch_end()).",
+            stacklevel=2)
+        return False
 
     def _value(self, trainer: Any, monitor: str) -> Any | None:
         value = trainer.callback_metrics.get(monitor)
@@ -95,4 +126,8 @@ class PlateauSteps:
         """Restore them (none from a checkpoint written without them)."""
         state = checkpoint.pop(KEY, None) or {}
         self.epoch, self.values = state.get("epoch"), dict(state.get("values") or {})
+        self._before = {}
 
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))

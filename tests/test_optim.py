@@ -172,6 +172,50 @@ def test_reduce_on_plateau_follows_a_logged_metric(tmp_path):
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.1  # it reduced at least once
 
 
+class _LateMonitor(ClassifierModule):
+    """Logs its plateau monitor, falling every epoch, after the base class's epoch end."""
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.log("late", -float(self.current_epoch))
+
+
+def _plateau_fit(module_class: type, monitor: str) -> ClassifierModule:
+    from lightning.pytorch import Trainer
+
+    from hug_lightning.heads import CrossEntropyHead
+    from hug_lightning.ufm import FreeFeatures, UFMDataModule
+
+    model = module_class(backbone=FreeFeatures(dim=8), head=CrossEntropyHead,
+                         optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                         scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                             o, patience=0), scheduler_monitor=monitor)
+    Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0).fit(model, datamodule=UFMDataModule(num_classes=4,
+                                                                      samples_per_class=4))
+    return model
+
+
+def test_plateau_monitor_logged_after_the_epoch_end_hook_keeps_lightnings_step():
+    """The module takes the plateau step at the end of its on_train_epoch_end (so that the
+    epoch's checkpoints hold it); a value logged later (here after super()) must still be the
+    one used, as Lightning's own step does: a value improving every epoch (mode min, patience
+    0) never reduces, where the previous epoch's value would have reduced at once."""
+    with pytest.warns(UserWarning, match="changed after the module's on_train_epoch_end"):
+        model = _plateau_fit(_LateMonitor, "late")
+    scheduler = model.trainer.lr_scheduler_configs[0].scheduler
+    assert [g["lr"] for g in model.trainer.optimizers[0].param_groups] == [0.1, 0.1]
+    assert scheduler.best == -3.0 and scheduler.num_bad_epochs == 0
+
+
+def test_plateau_monitor_never_logged_is_still_lightnings_error():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="conditioned on metric nope"):
+        _plateau_fit(ClassifierModule, "nope")
+
+
 class _Attention(nn.Module):
     """Layers of torchvision's ViT (MultiheadAttention: ``in_proj_bias``) and norms that are not
     batch, group or layer norms."""
