@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,12 +33,18 @@ def logger_init_args(cfg: Any) -> Any:
 
 
 def check_writable(folder: Path) -> None:
-    """Fail before any work when the log folder cannot be created or written."""
+    """Fail before any work when the log folder cannot be created or written.
+
+    Every process of a run checks, at the same moment; on a file system shared by several nodes
+    two of them can have the same process id (each node's container numbers its own), so the
+    probe has a name no other process can pick (``mkstemp``): a probe named by the pid alone
+    was deleted under the other node, whose run then failed, "cannot write the log folder".
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hug_write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".hug_write_test_", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as err:
         raise LogFolderError(
             f"Cannot write the log folder {folder.resolve()} ({err.strerror or err}). Choose "

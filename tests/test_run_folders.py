@@ -1,11 +1,14 @@
-"""``never_into_a_run_folder``: evaluations leave a training run's version folder alone."""
+"""``never_into_a_run_folder``: evaluations leave a training run's version folder alone;
+``check_writable`` leaves other processes' probes alone."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from lightning.pytorch.utilities import rank_zero_only
 
-from hug_lightning.run_folders import never_into_a_run_folder, run_folder
+from hug_lightning.run_folders import check_writable, never_into_a_run_folder, run_folder
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -23,3 +26,16 @@ def test_an_evaluation_leaves_a_run_folder_and_says_so_once(tmp_path, capsys, mo
     assert (err.count("holds a run") == 1) if rank == 0 else err == ""
     logger["version"] = 3  # an int version names version_3 as well
     assert run_folder(logger) == tmp_path / "exp" / "version_3"
+
+
+def test_the_write_check_leaves_another_nodes_probe_alone(tmp_path):
+    """Two nodes sharing the log folder check it at the same moment, and their processes can
+    have the same id (one container per node). The probe was ``.hug_write_test_<pid>``: this
+    process deleted the other's, whose own delete then failed ("cannot write the log folder";
+    seen with two PID namespaces, each checking 200 times). The other node's probe, in flight here
+    under this process's id, must survive the check, and the check must leave nothing."""
+    other = tmp_path / f".hug_write_test_{os.getpid()}"
+    other.write_text("node 1")
+    check_writable(tmp_path)
+    assert other.read_text() == "node 1"
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
