@@ -26,6 +26,7 @@ from hug_lightning.data.augment import KeyedCropFlip
 from hug_lightning.data.base import ClassificationDataModule, DataNotFoundError
 from hug_lightning.data.cifar_folders import folder_classes, load_folder_split
 from hug_lightning.data.device_loader import DeviceBatchLoader
+from hug_lightning.data.download_lock import download_lock
 from hug_lightning.data.loading import EpochShardSampler, global_seed
 from hug_lightning.data.splits import check_label_range, check_val_split, split_indices
 
@@ -128,8 +129,14 @@ class _CIFARDataModule(ClassificationDataModule):
         return msg
 
     def prepare_data(self) -> None:
-        """Download with torchvision (local rank 0 only) when no accepted layout is present;
-        check the class folders of the folder layout (before the run folder is created)."""
+        """Download with torchvision when no accepted layout is present; check the class
+        folders of the folder layout (before the run folder is created).
+
+        Lightning runs this on the first process of every node (``prepare_data_per_node``), so
+        node-local roots get their own download. Nodes sharing ``root`` download one at a time
+        (:func:`~hug_lightning.data.download_lock.download_lock`): the first fetches, the
+        others wait, then torchvision finds the files there, checksums them and fetches
+        nothing."""
         layout = self.layout()
         if layout == "folder":
             folder_classes(self.root, self.num_classes, self.name)
@@ -142,11 +149,12 @@ class _CIFARDataModule(ClassificationDataModule):
                 f"({self.root.resolve().parent}).")
         if not self.download:
             raise DataNotFoundError(self.missing_message())
-        try:
-            for train in (True, False):
-                self.tv_class(str(self.root), train=train, download=True)
-        except Exception as err:  # network errors come in many types (URLError, OSError, ...)
-            raise DataNotFoundError(self.missing_message(err)) from err
+        with download_lock(self.root):  # another node may be downloading into a shared root
+            try:  # torchvision skips the fetch when the files are there and intact
+                for train in (True, False):
+                    self.tv_class(str(self.root), train=train, download=True)
+            except Exception as err:  # network errors come in many types (URLError, OSError..)
+                raise DataNotFoundError(self.missing_message(err)) from err
 
     # ------------------------------------------------------------------ loading
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
