@@ -15,6 +15,12 @@ processes), resumable mid-epoch, with per-sample augmentation keys. Validation, 
 predict loaders use :class:`ShardedEvalSampler`, which splits the set without padding, so
 every sample is counted exactly once in the metrics even when the set's size does not divide
 by the number of processes.
+
+Several nodes: Lightning calls ``prepare_data`` on the first process of each node
+(``prepare_data_per_node``, left at its default ``True``), so a node-local ``root`` is checked
+(ImageNet) or downloaded (CIFAR) on its own node; nodes sharing a ``root`` download one at a time
+(:mod:`hug_lightning.data.download_lock`). ``setup`` runs on every process and reads its own
+node's ``root``; only global rank 0 writes into the run folder (``class_counts.json``).
 """
 
 from __future__ import annotations
