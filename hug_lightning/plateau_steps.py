@@ -58,11 +58,11 @@ class PlateauSteps:
         (Lightning's own call then raises or warns, as before)."""
         trainer = module.trainer
         epoch = trainer.current_epoch
-        if not module.automatic_optimization or self.epoch == epoch \
-                or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
-            return
         due = [config for config in self._configs(trainer)
                if (epoch + 1) % config.frequency == 0]
+        if not due or not module.automatic_optimization or self.epoch == epoch \
+                or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            return
         values = [self._value(trainer, config.monitor) for config in due]
         if any(value is None for value in values):
             return
