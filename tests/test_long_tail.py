@@ -255,3 +255,50 @@ def test_classes_short_of_images(tmp_path):
     assert scaled == exact_counts(largest_fitting_n_max(available, 10), 10, 10)
     assert scaled[2] <= need - 2 and scaled[0] < 20
     assert shorten(0, 10) == exact_counts(10, 10, 10)  # the head class short: n_max its size
+
+
+@pytest.mark.parametrize("cls, val_split", [(CIFAR10LTDataModule, 0), (CIFAR10DataModule, 0),
+                                            (CIFAR10LTDataModule, 0.2)])
+def test_validate_reads_the_training_images_only_to_hold_some_out(cls, val_split,
+                                                                  cifar10_lt_root, no_checksum,
+                                                                  monkeypatch):
+    """`validate` with val_split 0 scores the test split: it decoded (and, LT, drew from) the
+    whole training set for nothing; with a held-out part it needs them."""
+    dm = cls(root=str(cifar10_lt_root), download=False, val_split=val_split, num_workers=0)
+    reads, load = [], dm.load_split
+    monkeypatch.setattr(dm, "load_split", lambda train: (reads.append(train), load(train))[1])
+    dm.setup("validate")
+    dm.setup("validate")  # built once
+    if val_split:
+        assert reads == [False, True] and dm.val_set is not dm.test_set  # drawn from training
+    else:
+        assert reads == [False] and dm.train_set is None and dm.val_set is dm.test_set
+    dm.setup("fit")  # the training set now, once
+    assert reads == ([False, True] if val_split else [False, False, True])
+    assert dm.train_set is not None and len(dm.train_set) > 0
+
+
+def test_every_fit_of_one_data_module_writes_its_class_counts(cifar10_lt_root, no_checksum,
+                                                             tmp_path):
+    """One LT data module used by two trainers (a sweep in a notebook): the sets are built once,
+    and the second run's folder had no class_counts.json (written only while building)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from hug_lightning.backbones import SmallConvNet
+    from hug_lightning.module import ClassifierModule
+
+    dm = CIFAR10LTDataModule(root=str(cifar10_lt_root), download=False, imbalance_ratio=10,
+                             batch_size=16, num_workers=0, pin_memory=False)
+    folders = []
+    for name in ("first", "second"):
+        trainer = Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                          logger=TensorBoardLogger(tmp_path, name=name), accelerator="cpu",
+                          enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False)
+        trainer.fit(ClassifierModule(backbone=SmallConvNet(width=4), num_classes=10), dm)
+        folders.append(Path(trainer.log_dir))
+    assert folders[0] != folders[1]
+    for folder in folders:
+        saved = json.loads((folder / "class_counts.json").read_text())
+        assert saved["train"] == closed_form(N_MAX, 10, 10) == dm.class_counts["train"]

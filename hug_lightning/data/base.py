@@ -4,7 +4,9 @@ A subclass sets ``self.num_classes`` in ``__init__`` (so LightningCLI can link i
 before anything is loaded) and implements :meth:`build_datasets`, which assigns
 ``self.train_set``, ``self.val_set``, ``self.test_set`` (and optionally ``self.predict_set``,
 ``self.train_eval_set``: the training images with the evaluation transform, and
-``self.class_names``: the name of each label, which ``predict`` writes next to the indices).
+``self.class_names``: the name of each label, which ``predict`` writes next to the indices;
+a subclass that renumbers the labels it read, merging classes, sets them anew, else ``predict``
+writes no names).
 
 Batch size semantics: ``batch_size`` is **per process** (per GPU). Under DDP the global batch
 is ``batch_size * devices * num_nodes``; scale the learning rate accordingly.
@@ -26,7 +28,7 @@ node's ``root``; only global rank 0 writes into the run folder (``class_counts.j
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
@@ -99,19 +101,28 @@ class ClassificationDataModule(LightningDataModule):
         """Assign ``train_set``, ``val_set``, ``test_set`` (and ``predict_set``) for ``stage``."""
         raise NotImplementedError
 
+    def needs_train_set(self, stage: str) -> bool:
+        """Whether ``stage`` reads the training images: not to test or predict, nor to validate
+        in a data module whose ``val_split`` attribute is 0 (it validates on the test split;
+        ``build_datasets`` then leaves the training images unread)."""
+        if stage in ("test", "predict"):
+            return False
+        return stage != "validate" or bool(getattr(self, "val_split", True))
+
     def setup(self, stage: str) -> None:
-        # once per data module, except that a module set up for `test`/`predict` only (no
-        # training set) builds again when it is then used to fit or validate
-        needs_train = stage not in ("test", "predict")
-        if self.train_set is None and (needs_train or self.test_set is None):
-            # under DDP every process builds them; an error met by all is reported once, one
-            # met by some stops the others (see hug_lightning.ddp_errors)
-            # (the trainer's processes: not the default group's, still there after a DDP fit
-            # when one process alone then runs a 1-device trainer: that would wait forever)
-            if self.trainer is not None and self.trainer.world_size > 1:
-                agreed(lambda: self.build_datasets(stage), "setting up the data")
-            else:
-                self.build_datasets(stage)
+        # once per data module, except that a module set up without its training set (to test,
+        # predict, or validate on the test split) builds again when it is then used to fit
+        if self.train_set is None and (self.needs_train_set(stage) or self.test_set is None):
+            self.on_every_process(lambda: self.build_datasets(stage), "setting up the data")
+
+    def on_every_process(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on every process; under DDP an error met by all is reported once, one met
+        by some stops the others (see :func:`hug_lightning.ddp_errors.agreed`)."""
+        # the trainer's processes: not the default group's, still there after a DDP fit when
+        # one process alone then runs a 1-device trainer (that would wait forever)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return agreed(fn, what)
+        return fn()
 
     # -------------------------------------------------------------- loaders
     def _loader_kwargs(self) -> dict[str, Any]:

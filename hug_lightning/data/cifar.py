@@ -251,7 +251,9 @@ class _CIFARDataModule(ClassificationDataModule):
     def build_datasets(self, stage: str) -> None:
         test_images, test_labels = self.load_split(train=False)
         self.test_set = TensorImageDataset(test_images, test_labels, self.eval_transform())
-        if stage in ("test", "predict"):
+        if not self.val_split:
+            self.val_set = self.test_set
+        if not self.needs_train_set(stage):
             return
         images, labels = self.load_split(train=True)
         full = TensorImageDataset(images, labels)

@@ -211,8 +211,7 @@ class ImageNetSubsetDataModule(ClassificationDataModule):
 
     def splits(self, stage: str | None) -> tuple[str, ...]:
         """The folders ``stage`` reads: val/ alone to test, predict, validate with val_split 0."""
-        alone = stage in ("test", "predict") or (stage == "validate" and not self.val_split)
-        return ("val",) if alone else ("train", "val")
+        return ("train", "val") if self.needs_train_set(stage or "fit") else ("val",)
 
     def prepare_data(self) -> None:  # verify only: never downloads
         self.check_layout(self.splits(getattr(getattr(self.trainer, "state", None), "fn", None)))

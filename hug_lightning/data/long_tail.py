@@ -12,7 +12,8 @@ the whole profile down. Which images a class keeps is drawn with ``seed`` (the s
 and run; LDAM's own NumPy draw picks other images, with the same counts). The test set stays
 balanced.
 
-Validation: ``val_split=0`` (default, as in LDAM) validates on the balanced test set. A
+Validation: ``val_split=0`` (default, as in LDAM) validates on the balanced test set (and
+``validate`` then reads no training image). A
 positive ``val_split`` holds out a class-stratified part of the long-tailed training set (each
 class gives ``round(val_split * n_c)``, rounding half to even, and keeps at least one training
 image), so that validation set is long-tailed too, and a tail class gives none when
@@ -20,7 +21,8 @@ image), so that validation set is long-tailed too, and a tail class gives none w
 it.
 
 The class counts are logged, kept in ``class_counts`` and written as ``class_counts.json``
-into the trainer's log folder (rank 0) and as TensorBoard text ``data/class_counts``.
+into the log folder of every trainer that sets the module up (rank 0; the sets themselves are
+built once) and as TensorBoard text ``data/class_counts``.
 
 Checkpoints record the training selection (its counts, options and a digest of the image
 indices): ``fit --ckpt_path`` on another selection (another ratio, profile, seed or
@@ -143,7 +145,9 @@ class _LongTailCIFAR(_CIFARDataModule):
         test_images, test_labels = self.load_split(train=False)
         self.test_set = TensorImageDataset(test_images, test_labels, self.eval_transform())
         counts: dict[str, Any] = {"test": self._bincount(test_labels)}
-        if stage not in ("test", "predict"):
+        if not self.val_split:  # the balanced test set (also to validate without training images)
+            self.val_set = self.test_set
+        if self.needs_train_set(stage):
             images, labels = self.load_split(train=True)
             available = self._bincount(labels)
             if min(available) == 0:  # no ratio helps: say which classes have no image
@@ -192,13 +196,18 @@ class _LongTailCIFAR(_CIFARDataModule):
                         else "")
             rank_zero_info(f"{self.name} (ratio {self.imbalance_ratio:g}, {self.imbalance_type}): "
                            f"{sum(train)} training images, per class {train}{held_out}")
-        self.save_class_counts()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # builds the sets once (again only for a stage that needs more)
+        # into the log folder of every trainer that uses this module, not only the first's
+        self.on_every_process(self.save_class_counts, "writing class_counts.json")
 
     def _bincount(self, labels: Tensor) -> list[int]:
         return torch.bincount(labels, minlength=self.num_classes).tolist()
 
     def save_class_counts(self) -> Path | None:
         """Write ``class_counts.json`` into the trainer's log folder (rank 0, with a logger)."""
+        self._replaced_counts = None  # of this trainer's folder only, not an earlier run's
         trainer = self.trainer
         if trainer is None or not trainer.loggers:
             return None
