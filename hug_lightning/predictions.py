@@ -68,9 +68,20 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _class_names(trainer: Trainer, table: dict[str, Any]) -> list[str] | None:
-        """The data module's ``class_names`` when they cover every label written, else None."""
-        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        """The data module's ``class_names`` when they cover every label written, else None;
+        also None (with a warning) when there are not ``num_classes`` of them: a subclass that
+        renumbers the labels (merged classes) keeps the names of the labels it read."""
+        datamodule = getattr(trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
         if not names:
+            return None
+        k = getattr(datamodule, "num_classes", None)
+        if isinstance(k, int) and len(names) != k:
+            rank_zero_warn(
+                f"predict: {type(datamodule).__name__}.class_names has {len(names)} names for "
+                f"its {k} classes, so predictions.csv has no pred_name / label_name columns; a "
+                "data module that renumbers its labels sets class_names (one per new label) in "
+                "build_datasets.")
             return None
         written = [table[k] for k in ("pred", "label") if k in table]
         inside = all(0 <= int(t.min()) and int(t.max()) < len(names) for t in written)

@@ -400,6 +400,24 @@ def test_prediction_writer_names_the_classes_it_can(tmp_path):
         assert (tmp_path / "predictions.csv").read_text().splitlines()[0] == "index,pred,label"
 
 
+def test_prediction_writer_writes_no_names_of_renumbered_labels(tmp_path):
+    """A data module merging CIFAR-10 into vehicles (0) and animals (1) keeps the ten names its
+    load read unless it sets its own: label 1 is not 'automobile', so no names, and a warning."""
+    ten = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+    out = {"pred": torch.tensor([1, 0]), "label": torch.tensor([1, 1])}
+    datamodule = SimpleNamespace(num_classes=2, class_names=ten)
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              global_rank=0, world_size=1, datamodule=datamodule)
+    with pytest.warns(UserWarning, match="10 names for its 2 classes"):
+        PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[0, 1]]])
+    assert (tmp_path / "predictions.csv").read_text().splitlines() == [
+        "index,pred,label", "0,1,1", "1,0,1"]
+    datamodule.class_names = ["vehicle", "animal"]  # set anew: written
+    PredictionWriter().write_on_epoch_end(trainer, None, [out], [[[0, 1]]])
+    assert (tmp_path / "predictions.csv").read_text().splitlines()[1] == "0,1,1,animal,animal"
+
+
 # --------------------------------------------------------------------------- UFM
 def test_ufm_labels_features_and_shards():
     dm = UFMDataModule(num_classes=3, samples_per_class=2)
