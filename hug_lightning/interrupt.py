@@ -26,7 +26,12 @@ at the same point, once per fit, and training goes on (Lightning ran it inside t
 handler: a collective save wherever each process was, which hung the run). That point is the end
 of the first agreed batch that closes a gradient accumulation window (the checkpoint holds no
 partial gradients), or, when a validation follows that batch, the end of that validation (a
-restart from a checkpoint written before it skips it): a run restored from it is the same run.
+restart from a checkpoint written before it skips it); when that batch is its epoch's last and no
+validation follows, the same point among the next epoch's batches (Lightning's restart from a
+checkpoint written after an epoch's last batch skips that epoch's end hooks: training accuracy,
+plateau step), so a run restored from it is the same run; except with epochs of one batch and
+no validation, where the save after the next epoch's batch still skips that epoch's end. A
+request at the fit's last batch, no validation following, requeues nothing (the fit ends).
 A request that arrives during validation is acted on at the next training batch; if the
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
@@ -47,7 +52,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning.agreed_stop import AgreedStop
-from hug_lightning.slurm_requeue import accumulating, requeue_job, validation_follows
+from hug_lightning.slurm_requeue import (accumulating, epoch_ends, requeue_job,
+                                         validation_follows)
 
 __all__ = ["AgreedStop", "InterruptCheckpoint"]
 
@@ -86,7 +92,7 @@ class InterruptCheckpoint(Callback):
         self._waits_for_validation = 0
         self._requeue_fn: Any = None  # Lightning's SLURM requeue (save hpc_ckpt, scontrol)
         self._requeued = False  # once per fit: SLURM signals each task, maybe batches apart
-        self._requeue_at: str | None = None  # agreed, waiting for a "batch" or "validation" end
+        self._requeue_at: str | None = None  # agreed, waiting: "batch", "next_epoch", "validation"
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -165,9 +171,13 @@ class InterruptCheckpoint(Callback):
         if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
             self._requeued = True  # once: the requeue is acted on at a resumable boundary
             self._requeue_at = "batch"
-        if self._requeue_at == "batch" and not accumulating(trainer):
+        if self._requeue_at in ("batch", "next_epoch") and not accumulating(trainer):
             if validation_follows(trainer):
                 self._requeue_at = "validation"  # saved after it: a resume would skip it
+            elif self._requeue_at == "batch" and epoch_ends(trainer):
+                # a restore from here skips the epoch's end hooks (train/acc, the plateau
+                # step, ...): the next epoch's batches instead, once (see the module docstring)
+                self._requeue_at = "next_epoch"
             else:
                 self._requeue_now()
         if agreed and not self.interrupted_by:

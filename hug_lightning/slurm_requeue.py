@@ -40,6 +40,14 @@ def validation_follows(trainer: Trainer) -> bool:
         return False
 
 
+def epoch_ends(trainer: Trainer) -> bool:
+    """Whether this training batch is its epoch's last: Lightning's restart from a checkpoint
+    written after it counts the epoch as done and skips its end hooks. False with another
+    Lightning version."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return bool(getattr(loop, "_num_ready_batches_reached", lambda: False)())
+
+
 def requeue_job(trainer: Trainer) -> None:
     """``scontrol requeue <job id>`` from the main process, as Lightning's handler does, but
     without its checkpoint (safe in a signal handler: no collective)."""

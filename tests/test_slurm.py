@@ -26,6 +26,7 @@ import os
 import signal
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class SignalAt(Callback):
@@ -68,6 +69,18 @@ class ValLog(Callback):
         if not trainer.sanity_checking:
             with open(self.path, "a") as f:
                 print(trainer.global_step, float(trainer.callback_metrics["val/loss"]), file=f)
+
+
+class EpochLog(Checkpoint):  # a Checkpoint: Lightning calls it after the module's epoch end
+    """Append ``<epoch> <global step> <train/acc>`` to ``path`` at every training epoch end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        with open(self.path, "a") as f:
+            print(trainer.current_epoch, trainer.global_step,
+                  float(trainer.callback_metrics["train/acc"]), file=f)
 '''
 
 SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/scontrol.calls"\n'
@@ -226,6 +239,55 @@ def test_requeue_waits_for_the_accumulation_window_and_the_validation(tmp_path):
     assert [int(s) for s, _ in res_vals] == [s for s, _ in after]
     for (_, v), (_, w) in zip(res_vals, after):
         assert float(v) == pytest.approx(w, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_requeue_at_an_epochs_last_batch_waits_for_the_next_epoch(tmp_path):
+    """Found in review: one simulated SLURM task, SIGUSR1 before the last batch of an epoch that
+    no validation follows (``check_val_every_n_epoch`` 2). The requeue saved ``hpc_ckpt_1.ckpt``
+    after that batch, before the epoch's end hooks, and Lightning's restore counts such an epoch
+    as done: the restored run never ran epoch 0's end (its training accuracy, plateau step,
+    ...), and epoch 1's ``train/acc`` mixed both epochs' counts (0.3425, uninterrupted 0.52).
+    Now the save waits for the next epoch's first batch: the restored run runs the epoch ends
+    of the uninterrupted run after the checkpoint, with its values, and ends with its weights."""
+    _stand_ins(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    common = ["--trainer.max_epochs", "2", "--data.init_args.steps_per_epoch", "4",
+              "--trainer.check_val_every_n_epoch", "2"]
+
+    def epoch_log(name: str) -> list[str]:
+        return ["--trainer.callbacks+", "slurm_signals.EpochLog", "--trainer.callbacks.path",
+                str(tmp_path / name)]
+
+    ref = subprocess.run(_ufm(tmp_path / "ref", *common, *epoch_log("ref.ep")), cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # global step 3 starts epoch 0's last batch
+    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
+                 "0", "--trainer.callbacks.step", "3", "--trainer.callbacks.name", "SIGUSR1"]
+    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *epoch_log("res.ep")), nodes=1)[0]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
+
+    def ends(name: str) -> list[tuple[int, int, float]]:
+        return [(int(e), int(s), float(a)) for e, s, a in
+                (line.split() for line in (tmp_path / name).read_text().splitlines())]
+
+    ref_ends = ends("ref.ep")
+    assert [(e, s) for e, s, _ in ref_ends] == [(0, 4), (1, 8)]
+    after = [end for end in ref_ends if end[1] > hpc["global_step"]]
+    assert after and ends("res.ep") == after  # accuracies of whole batches: exact
+    one, two = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
+                for name in ("ref", "res"))
+    assert two["global_step"] == one["global_step"] == 8
+    for key in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("fn", ["validate", pytest.param("predict", marks=pytest.mark.slow)])
