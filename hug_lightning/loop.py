@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from hug_lightning.hp_tab import HP_METRICS, data_hparams
+from hug_lightning.max_steps_resume import resume_as_epoch_training
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
 # the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
@@ -151,7 +152,10 @@ class ClassifierLoop(LightningModule):
         """Restore the training-accuracy counts on rank 0 (they are already the sum over
         processes; older checkpoints stored them as a module buffer), the count of skipped
         non-finite batches and the plateau steps' state, and accept checkpoints written before
-        ``val_acc_best`` was saved."""
+        ``val_acc_best`` was saved. A fit with ``max_steps`` resumes from an epoch's end as
+        one without it (:mod:`hug_lightning.max_steps_resume`)."""
+        if self._trainer is not None:
+            resume_as_epoch_training(self._trainer)  # before Lightning restores its loops
         state = checkpoint.get("state_dict", {})
         for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
             state.setdefault(key, value)  # checkpoints from before it was saved

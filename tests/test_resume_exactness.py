@@ -64,18 +64,31 @@ def _assert_one_run(ref: Path, cut: Path) -> None:
     assert "train/loss" in logged[0] and logged[0] == logged[1]
 
 
-@pytest.mark.parametrize("mid_epoch", [False, True])
-def test_ufm_mini_batch_resume_is_exact(tmp_path, mid_epoch):
+@pytest.mark.parametrize("mid_epoch, max_steps", [(False, []), (True, []),
+                                                   (False, ["--trainer.max_steps", "1000"]),
+                                                   (True, ["--trainer.max_steps", "1000"])])
+def test_ufm_mini_batch_resume_is_exact(tmp_path, mid_epoch, max_steps):
     """Found by an audit: the mini-batch UFM shuffled with one generator made per fit and
     advanced by each epoch, so a resumed fit replayed epoch 0's order in epoch k (and a
-    mid-epoch resume restarted the epoch with another order)."""
-    main(_ufm(tmp_path / "ref"))
+    mid-epoch resume restarted the epoch with another order). With ``max_steps`` set (not
+    reached), Lightning took the resume from an epoch's end for a restart inside it: 11 steps
+    instead of 15, the epoch's end run twice (see hug_lightning.max_steps_resume)."""
+    main(_ufm(tmp_path / "ref", *max_steps))
     if mid_epoch:  # interrupted at step 7 (inside epoch 1)
         with pytest.raises(SIGTERMException):
-            main(_ufm(tmp_path / "cut", *_TERM_AT_7))
+            main(_ufm(tmp_path / "cut", *max_steps, *_TERM_AT_7))
     else:  # fit 1 epoch, then resume to 3
-        main(_ufm(tmp_path / "cut", "--trainer.max_epochs", "1"))
-    main(_ufm(tmp_path / "cut", "--ckpt_path", "last"))
+        main(_ufm(tmp_path / "cut", *max_steps, "--trainer.max_epochs", "1"))
+    main(_ufm(tmp_path / "cut", *max_steps, "--ckpt_path", "last"))
+    _assert_one_run(tmp_path / "ref", tmp_path / "cut")
+
+
+def test_ufm_resume_of_a_fit_bounded_by_max_steps_alone_is_exact(tmp_path):
+    """``max_epochs -1 --trainer.max_steps 15``: cut at the end of epoch 1 (step 5), resumed."""
+    steps = ("--trainer.max_epochs", "-1", "--trainer.max_steps", "15")
+    main(_ufm(tmp_path / "ref", *steps))
+    main(_ufm(tmp_path / "cut", "--trainer.max_epochs", "1", "--trainer.max_steps", "15"))
+    main(_ufm(tmp_path / "cut", *steps, "--ckpt_path", "last"))
     _assert_one_run(tmp_path / "ref", tmp_path / "cut")
 
 
