@@ -190,6 +190,45 @@ def test_srun_two_nodes_requeue_signal_sigterm_and_resume(tmp_path):
                                    atol=1e-6)
 
 
+def _requeue_and_restore(tmp_path: Path, common: list[str], log_callback: str, ext: str,
+                         step: int, final_step: int) -> dict:
+    """An uninterrupted 2-epoch UFM fit (``ref``), one (``cut``, one simulated SLURM task) that
+    gets SIGUSR1 before global step ``step`` and asks for one requeue, and one restored by
+    Lightning from the ``hpc_ckpt_1.ckpt`` it wrote (``res``); ``log_callback`` of
+    ``slurm_signals`` writes ``ref.<ext>`` and ``res.<ext>``. Checks that ``res`` ends with the
+    weights of ``ref`` at ``final_step`` and returns the hpc checkpoint."""
+    _stand_ins(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    common = ["--trainer.max_epochs", "2", *common]
+
+    def log(name: str) -> list[str]:
+        return ["--trainer.callbacks+", f"slurm_signals.{log_callback}",
+                "--trainer.callbacks.path", str(tmp_path / f"{name}.{ext}")]
+
+    ref = subprocess.run(_ufm(tmp_path / "ref", *common, *log("ref")), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
+                 "0", "--trainer.callbacks.step", str(step), "--trainer.callbacks.name",
+                 "SIGUSR1"]
+    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "SLURM auto-requeueing enabled" in cut.stderr
+    assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *log("res")), nodes=1)[0]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
+    one, two = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
+                for name in ("ref", "res"))
+    assert two["global_step"] == one["global_step"] == final_step
+    for key in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6)
+    return hpc
+
+
 @pytest.mark.slow
 def test_requeue_waits_for_the_accumulation_window_and_the_validation(tmp_path):
     """One simulated SLURM task, ``accumulate_grad_batches`` 2, SIGUSR1 before the first batch
@@ -199,39 +238,10 @@ def test_requeue_waits_for_the_accumulation_window_and_the_validation(tmp_path):
     the window's end, and, since a validation (here the epoch's) follows that batch and a restart
     from a checkpoint written before it skips it, for that validation's end: the restored run ends
     with the uninterrupted run's weights and logs the same validations after the checkpoint."""
-    _stand_ins(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    common = ["--trainer.max_epochs", "2", "--data.init_args.steps_per_epoch", "4",
-              "--trainer.accumulate_grad_batches", "2"]
-
-    def val_log(name: str) -> list[str]:
-        return ["--trainer.callbacks+", "slurm_signals.ValLog", "--trainer.callbacks.path",
-                str(tmp_path / name)]
-
-    ref = subprocess.run(_ufm(tmp_path / "ref", *common, *val_log("ref.val")), cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     # global step 1 starts at the epoch's third batch, the first of its second window
-    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
-                 "0", "--trainer.callbacks.step", "1", "--trainer.callbacks.name", "SIGUSR1"]
-    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
-    assert cut.returncode == 0, cut.stderr[-3000:]
-    assert "SLURM auto-requeueing enabled" in cut.stderr
-    assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
-    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
-    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *val_log("res.val")), nodes=1)[0]
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
-
-    def last(name: str) -> dict:
-        return torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
-
-    one, two = last("ref"), last("res")
-    assert two["global_step"] == one["global_step"] == 4
-    for key in ("backbone.weight", "head.proxies"):
-        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
-                                   atol=1e-6)
+    hpc = _requeue_and_restore(tmp_path, ["--data.init_args.steps_per_epoch", "4",
+                                          "--trainer.accumulate_grad_batches", "2"],
+                               "ValLog", "val", step=1, final_step=4)
     ref_vals = [v.split() for v in (tmp_path / "ref.val").read_text().splitlines()]
     res_vals = [v.split() for v in (tmp_path / "res.val").read_text().splitlines()]
     assert [int(s) for s, _ in ref_vals] == [2, 4]
@@ -250,29 +260,10 @@ def test_requeue_at_an_epochs_last_batch_waits_for_the_next_epoch(tmp_path):
     ...), and epoch 1's ``train/acc`` mixed both epochs' counts (0.3425, uninterrupted 0.52).
     Now the save waits for the next epoch's first batch: the restored run runs the epoch ends
     of the uninterrupted run after the checkpoint, with its values, and ends with its weights."""
-    _stand_ins(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    common = ["--trainer.max_epochs", "2", "--data.init_args.steps_per_epoch", "4",
-              "--trainer.check_val_every_n_epoch", "2"]
-
-    def epoch_log(name: str) -> list[str]:
-        return ["--trainer.callbacks+", "slurm_signals.EpochLog", "--trainer.callbacks.path",
-                str(tmp_path / name)]
-
-    ref = subprocess.run(_ufm(tmp_path / "ref", *common, *epoch_log("ref.ep")), cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     # global step 3 starts epoch 0's last batch
-    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
-                 "0", "--trainer.callbacks.step", "3", "--trainer.callbacks.name", "SIGUSR1"]
-    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
-    assert cut.returncode == 0, cut.stderr[-3000:]
-    assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
-    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
-    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *epoch_log("res.ep")), nodes=1)[0]
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
+    hpc = _requeue_and_restore(tmp_path, ["--data.init_args.steps_per_epoch", "4",
+                                          "--trainer.check_val_every_n_epoch", "2"],
+                               "EpochLog", "ep", step=3, final_step=8)
 
     def ends(name: str) -> list[tuple[int, int, float]]:
         return [(int(e), int(s), float(a)) for e, s, a in
@@ -282,12 +273,6 @@ def test_requeue_at_an_epochs_last_batch_waits_for_the_next_epoch(tmp_path):
     assert [(e, s) for e, s, _ in ref_ends] == [(0, 4), (1, 8)]
     after = [end for end in ref_ends if end[1] > hpc["global_step"]]
     assert after and ends("res.ep") == after  # accuracies of whole batches: exact
-    one, two = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
-                for name in ("ref", "res"))
-    assert two["global_step"] == one["global_step"] == 8
-    for key in ("backbone.weight", "head.proxies"):
-        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], rtol=1e-5,
-                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("fn", ["validate", pytest.param("predict", marks=pytest.mark.slow)])
