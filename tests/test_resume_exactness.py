@@ -83,11 +83,15 @@ def test_ufm_mini_batch_resume_is_exact(tmp_path, mid_epoch, max_steps):
     _assert_one_run(tmp_path / "ref", tmp_path / "cut")
 
 
-def test_ufm_resume_of_a_fit_bounded_by_max_steps_alone_is_exact(tmp_path):
-    """``max_epochs -1 --trainer.max_steps 15``: cut at the end of epoch 1 (step 5), resumed."""
+@pytest.mark.parametrize("cut", [["--trainer.max_epochs", "1", "--trainer.max_steps", "15"],
+                                 ["--trainer.max_epochs", "-1", "--trainer.max_steps", "5"]])
+def test_ufm_resume_of_a_fit_bounded_by_max_steps_alone_is_exact(tmp_path, cut):
+    """``max_epochs -1 --trainer.max_steps 15``, cut at the end of epoch 1 (step 5) by
+    ``max_epochs`` or by ``max_steps`` (Lightning issue #19617: the resume ran the epoch's end
+    again after one more batch, and every later epoch a batch off), resumed."""
     steps = ("--trainer.max_epochs", "-1", "--trainer.max_steps", "15")
     main(_ufm(tmp_path / "ref", *steps))
-    main(_ufm(tmp_path / "cut", "--trainer.max_epochs", "1", "--trainer.max_steps", "15"))
+    main(_ufm(tmp_path / "cut", *cut))
     main(_ufm(tmp_path / "cut", *steps, "--ckpt_path", "last"))
     _assert_one_run(tmp_path / "ref", tmp_path / "cut")
 
