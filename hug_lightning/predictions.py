@@ -75,11 +75,11 @@ class PredictionWriter(BasePredictionWriter):
         names = getattr(datamodule, "class_names", None)
         if not names:
             return None
-        k = getattr(datamodule, "num_classes", None)
-        if isinstance(k, int) and len(names) != k:
+        num_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(num_classes, int) and len(names) != num_classes:
             rank_zero_warn(
                 f"predict: {type(datamodule).__name__}.class_names has {len(names)} names for "
-                f"its {k} classes, so predictions.csv has no pred_name / label_name columns; a "
+                f"its {num_classes} classes, so predictions.csv has no pred_name / label_name columns; a "
                 "data module that renumbers its labels sets class_names (one per new label) in "
                 "build_datasets.")
             return None

@@ -113,9 +113,9 @@ class ClassificationDataModule(LightningDataModule):
         # once per data module, except that a module set up without its training set (to test,
         # predict, or validate on the test split) builds again when it is then used to fit
         if self.train_set is None and (self.needs_train_set(stage) or self.test_set is None):
-            self.on_every_process(lambda: self.build_datasets(stage), "setting up the data")
+            self.run_agreed(lambda: self.build_datasets(stage), "setting up the data")
 
-    def on_every_process(self, fn: Callable[[], Any], what: str) -> Any:
+    def run_agreed(self, fn: Callable[[], Any], what: str) -> Any:
         """``fn()`` on every process; under DDP an error met by all is reported once, one met
         by some stops the others (see :func:`hug_lightning.ddp_errors.agreed`)."""
         # the trainer's processes: not the default group's, still there after a DDP fit when

@@ -200,7 +200,7 @@ class _LongTailCIFAR(_CIFARDataModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)  # builds the sets once (again only for a stage that needs more)
         # into the log folder of every trainer that uses this module, not only the first's
-        self.on_every_process(self.save_class_counts, "writing class_counts.json")
+        self.run_agreed(self.save_class_counts, "writing class_counts.json")
 
     def _bincount(self, labels: Tensor) -> list[int]:
         return torch.bincount(labels, minlength=self.num_classes).tolist()
