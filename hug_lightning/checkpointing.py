@@ -14,6 +14,8 @@ ends ``fit`` mid-epoch.
   a DataLoader worker) between two training batches of a single-process fit: ``last.ckpt`` at
   the last batch trained, and the error's message says so (see
   :mod:`hug_lightning.data_error_save`: not under DDP, where the save could hang).
+* With ``StochasticWeightAveraging`` on a model without BatchNorm (the UFM), ``last.ckpt`` is
+  written again at the end of the fit, with the averaged weights Lightning copies in then.
 * ``hug-lightning fit --config <same config> --ckpt_path last`` resumes the newest
   ``last.ckpt`` of that experiment in its own log folder (see :func:`find_last_checkpoint`).
 
@@ -31,7 +33,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -181,6 +183,25 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:
             self._save_now(trainer)  # the final weights (the last step may not be a multiple)
+        elif swa_copied_at_train_end(trainer):
+            self._save_now(trainer)  # the averaged weights, not the last epoch's
+
+
+def swa_copied_at_train_end(trainer: Trainer) -> bool:
+    """``StochasticWeightAveraging`` has copied its averaged weights into the model in its
+    ``on_train_end`` (this callback's runs after it: Lightning puts checkpoint callbacks last),
+    after the last epoch's checkpoints: its own condition, for a fit that ran to its last
+    epoch. Not after the extra epoch it adds to a model with BatchNorm (the average is copied at
+    its start, to recompute the BatchNorm statistics, and its checkpoints hold it)."""
+    for swa in trainer.callbacks:
+        if not isinstance(swa, StochasticWeightAveraging) or swa._average_model is None \
+                or swa._model_contains_batch_norm is None:  # its on_fit_start did not run
+            continue
+        last = trainer.current_epoch - 1
+        if swa._model_contains_batch_norm and swa._max_epochs != -1 and last == swa.swa_end + 1:
+            return False
+        return last == swa.swa_end or swa._max_epochs == -1
+    return False
 
 
 def recorded_best_checkpoint(last: Path) -> Path | None:

@@ -225,7 +225,8 @@ class ClassifierModule(ClassifierMetrics):
 
     # ----------------------------------------------------------------- Lightning, the loop's hooks
     def configure_model(self) -> None:
-        # sized here (not in setup): weight averaging calls this before copying the model
+        # sized here (not in setup): WeightAveraging calls this before copying the model (and
+        # UFMDataModule.setup, before the callbacks' setup, where SWA copies it without this)
         bind = getattr(self.backbone, "bind_data", None)  # e.g. the UFM's free features
         if callable(bind) and self._trainer is not None and self.trainer.datamodule is not None:
             bind(self.trainer.datamodule)

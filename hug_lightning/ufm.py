@@ -9,8 +9,9 @@ weight decay 5e-4).
 
 * :class:`UFMDataModule` yields batches of ``(sample index, label)``;
 * :class:`FreeFeatures` is the "backbone": a ``(N, d)`` parameter indexed by the batch. Its
-  number of rows is taken from the data module when training starts (``bind_data``) or from
-  a checkpoint's state, so the configuration states the sizes once, in ``data``.
+  number of rows is taken from the data module when training starts (``bind_data``, from the
+  data module's ``setup``, before the callbacks' own: weight averaging copies the model there)
+  or from a checkpoint's state, so the configuration states the sizes once, in ``data``.
 """
 
 from __future__ import annotations
@@ -154,6 +155,15 @@ class UFMDataModule(LightningDataModule):
         index = torch.arange(self.num_samples)
         self.labels = index // self.samples_per_class
         self.dataset = TensorDataset(index, self.labels)
+
+    def setup(self, stage: str) -> None:
+        """Size the module's free features (``bind_data``) now: Lightning runs this hook before
+        the callbacks' ``setup``, where ``StochasticWeightAveraging`` copies the model without
+        calling ``configure_model`` (which sizes them too, idempotently)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        bind = getattr(getattr(model, "backbone", None), "bind_data", None)
+        if callable(bind):
+            bind(self)
 
     def _full_batches(self, steps: int) -> _Repeat:
         """``steps`` whole-shard batches: this rank's samples ``rank, rank + W, ...`` (no
