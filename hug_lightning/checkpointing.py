@@ -169,6 +169,12 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        self._save_epoch_end_in_step_mode(trainer)
+        for callback in trainer.callbacks:  # SLURM's requeue save after an epoch's validation:
+            if isinstance(callback, InterruptCheckpoint):  # after the best-model decision on it
+                callback.after_checkpoints(trainer)
+
+    def _save_epoch_end_in_step_mode(self, trainer: Trainer) -> None:
         if not self._every_n_train_steps:
             return
         # step mode: the epoch end as well, even when the step trigger saved this global step

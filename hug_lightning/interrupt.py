@@ -26,12 +26,17 @@ at the same point, once per fit, and training goes on (Lightning ran it inside t
 handler: a collective save wherever each process was, which hung the run). That point is the end
 of the first agreed batch that closes a gradient accumulation window (the checkpoint holds no
 partial gradients), or, when a validation follows that batch, the end of that validation (a
-restart from a checkpoint written before it skips it); when that batch is its epoch's last and no
+restart from a checkpoint written before it skips it), after every callback's (the best-model
+decision on it is in the save), and for the epoch's own validation the epoch's end, after
+``LastCheckpoint``'s (ModelCheckpoint decides there); a validation of 0 batches (Lightning skips
+it) counts as none; when that batch is its epoch's last and no
 validation follows, the same point among the next epoch's batches (Lightning's restart from a
 checkpoint written after an epoch's last batch skips that epoch's end hooks: training accuracy,
 plateau step), so a run restored from it is the same run; except with epochs of one batch and
-no validation, where the save after the next epoch's batch still skips that epoch's end. A
-request at the fit's last batch, no validation following, requeues nothing (the fit ends).
+no validation, where the save after the next epoch's batch still skips that epoch's end.
+``scontrol requeue`` follows the save once training goes on (the next epoch's or batch's start,
+or a SIGTERM stop); a fit that ends at that point (its last batch, ``max_steps``, an early stop)
+is not requeued and the hpc checkpoint is removed, as if no signal had come.
 A request that arrives during validation is acted on at the next training batch; if the
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
@@ -53,7 +58,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning.agreed_stop import AgreedStop
 from hug_lightning.slurm_requeue import (accumulating, epoch_ends, requeue_job,
-                                         validation_follows)
+                                         save_hpc_checkpoint, validation_follows)
 
 __all__ = ["AgreedStop", "InterruptCheckpoint"]
 
@@ -92,7 +97,10 @@ class InterruptCheckpoint(Callback):
         self._waits_for_validation = 0
         self._requeue_fn: Any = None  # Lightning's SLURM requeue (save hpc_ckpt, scontrol)
         self._requeued = False  # once per fit: SLURM signals each task, maybe batches apart
-        self._requeue_at: str | None = None  # agreed, waiting: "batch", "next_epoch", "validation"
+        # agreed, waiting: "batch", "next_epoch", "validation", "epoch_end"
+        self._requeue_at: str | None = None
+        self._hpc_saved: str | None = None  # written; scontrol once training goes on past it
+        self._strategy: Any = None  # its on_validation_end runs the save after a validation
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -136,7 +144,7 @@ class InterruptCheckpoint(Callback):
             return
         self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
         self._stopping, self._saving, self._waits_for_validation = False, False, 0
-        self._requeued, self._requeue_at = False, None
+        self._requeued, self._requeue_at, self._hpc_saved = False, None, None
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method
@@ -161,7 +169,36 @@ class InterruptCheckpoint(Callback):
         if hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = _no_broadcast
             self._epoch_loop = loop
+        # the save after a validation: after every callback's on_validation_end (the checkpoint
+        # callbacks run last: the best-model decision for that validation is in the save) and
+        # the module's; the strategy's hook comes after both
+        strategy = getattr(trainer, "strategy", None)
+        if self._requeue_fn is not None and callable(getattr(strategy, "on_validation_end", None)):
+            own = strategy.on_validation_end
+
+            def on_validation_end() -> None:
+                own()
+                self._after_validation(trainer)
+
+            strategy.on_validation_end = on_validation_end
+            self._strategy = strategy
         self.stop.start()
+
+    # a saved hpc checkpoint is followed by scontrol once training goes on (a fit that ends
+    # there, at max_epochs, max_steps or an early stop, is not requeued: see on_train_end)
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._requeue_at in ("validation", "epoch_end"):  # skipped (no batches), or no
+            self._requeue_at = "next_epoch"  # LastCheckpoint hook: the same point, next epoch
+        self._requeue_if_saved(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._requeue_if_saved(trainer)
+
+    def _requeue_if_saved(self, trainer: Trainer) -> None:
+        if self._hpc_saved is not None:
+            saved, self._hpc_saved = self._hpc_saved, None
+            requeue_job(trainer, saved)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -170,6 +207,8 @@ class InterruptCheckpoint(Callback):
         agreed = self.stop.step()
         if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
             self._requeued = True  # once: the requeue is acted on at a resumable boundary
+            self._requeue_at = "batch"
+        elif self._requeue_at == "validation":  # the mid-epoch one had no batches: skipped
             self._requeue_at = "batch"
         if self._requeue_at in ("batch", "next_epoch") and not accumulating(trainer):
             if validation_follows(trainer):
@@ -220,19 +259,42 @@ class InterruptCheckpoint(Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._requeue_at == "validation" and not trainer.sanity_checking:
-            self._requeue_now()
+        if self._strategy is None:  # not hooked after the checkpoint callbacks: here
+            self._after_validation(trainer)
         if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = True  # raised after this validation
 
+    def _after_validation(self, trainer: Trainer) -> None:
+        if self._requeue_at == "validation" and not trainer.sanity_checking:
+            if epoch_ends(trainer) and _last_checkpoint_hook(trainer):
+                # the epoch's: ModelCheckpoint decides on it at the epoch's end (Lightning's
+                # default with a validation every epoch), so the save follows that decision,
+                # where last.ckpt is written (resumed exactly)
+                self._requeue_at = "epoch_end"
+            else:
+                self._requeue_now()
+
+    def after_checkpoints(self, trainer: Trainer) -> None:
+        """The save waiting for the epoch's end: called by :class:`LastCheckpoint` at its epoch
+        end, after every other checkpoint callback's (it is the last one)."""
+        if self._requeue_at == "epoch_end" and self._trainer is not None:
+            self._requeue_now()
+
     def _requeue_now(self) -> None:
-        """Lightning's requeue (every process at the same point: its save is collective)."""
+        """Lightning's requeue save (every process at the same point: it is collective); its
+        ``scontrol requeue`` follows when training goes on."""
         self._requeue_at = None
-        if self._requeue_fn is not None:
-            self._requeue_fn(signal.SIGUSR1, None)
+        if self._requeue_fn is not None and self._trainer is not None:
+            self._hpc_saved = save_hpc_checkpoint(self._trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stop.finish()
+        if self._hpc_saved is not None:  # the fit ended at that point: as without the signal
+            saved, self._hpc_saved = Path(self._hpc_saved), None
+            if trainer.is_global_zero:  # its only writer
+                saved.unlink(missing_ok=True)
+            rank_zero_info(f"Auto-requeue signal at the fit's end: not requeued, {saved.name} "
+                           "removed (the fit is done; last.ckpt holds it).")
 
     def _restore(self) -> None:
         if self._previous_sigint is not None:
@@ -244,7 +306,10 @@ class InterruptCheckpoint(Callback):
             del self._connector._slurm_sigusr_handler_fn
         if self._epoch_loop is not None and "_broadcast_sigterm_tensor" in vars(self._epoch_loop):
             del self._epoch_loop._broadcast_sigterm_tensor
+        if self._strategy is not None and "on_validation_end" in vars(self._strategy):
+            del self._strategy.on_validation_end
         self._connector = self._trainer = self._epoch_loop = self._requeue_fn = None
+        self._strategy = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
@@ -252,6 +317,8 @@ class InterruptCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
         try:
+            if isinstance(exception, SIGTERMException):  # stopped, not done: requeue as asked
+                self._requeue_if_saved(trainer)
             if self.enabled and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
                 self._saving = True  # the handlers stay ours until the save is written
                 self._save_on_interrupt(trainer, exception)
@@ -282,6 +349,15 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)  # every process: the save is collective
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
+
+
+def _last_checkpoint_hook(trainer: Trainer) -> bool:
+    """Whether the trainer's last checkpoint callback is a ``LastCheckpoint`` (which calls
+    :meth:`InterruptCheckpoint.after_checkpoints` at the epoch's end)."""
+    from hug_lightning.checkpointing import LastCheckpoint  # which imports this module
+
+    return bool(trainer.checkpoint_callbacks) \
+        and isinstance(trainer.checkpoint_callbacks[-1], LastCheckpoint)
 
 
 def _last_folder(trainer: Trainer) -> str | None:

@@ -32,9 +32,14 @@ def accumulating(trainer: Trainer) -> bool:
 def validation_follows(trainer: Trainer) -> bool:
     """Whether a validation runs after this training batch (mid-epoch or at the epoch's end):
     Lightning's restart from a checkpoint written before it skips it. False with another
-    Lightning version."""
+    Lightning version, and for a validation known to have no batches (Lightning skips it, and
+    ``on_validation_end`` with it); one not yet set up counts as following."""
     fit_loop = getattr(trainer, "fit_loop", None)
     try:
+        val_loop = fit_loop.epoch_loop.val_loop
+        if val_loop._combined_loader is not None and not val_loop._should_reload_val_dl \
+                and val_loop.skip:  # 0 batches: Lightning skips it, with all its hooks
+            return False
         return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
     except AttributeError:
         return False
@@ -48,14 +53,25 @@ def epoch_ends(trainer: Trainer) -> bool:
     return bool(getattr(loop, "_num_ready_batches_reached", lambda: False)())
 
 
-def requeue_job(trainer: Trainer) -> None:
-    """``scontrol requeue <job id>`` from the main process, as Lightning's handler does, but
-    without its checkpoint (safe in a signal handler: no collective)."""
+def save_hpc_checkpoint(trainer: Trainer) -> str:
+    """Lightning's requeue save: its loggers finalized, then ``hpc_ckpt_<n>.ckpt`` in the root
+    folder (collective: every process calls it at the same point). Returns its path."""
+    for logger in trainer.loggers:  # as Lightning's handler: all metrics written
+        logger.finalize("finished")
+    path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def requeue_job(trainer: Trainer, saved: str | None = None) -> None:
+    """``scontrol requeue <job id>`` from the main process, as Lightning's handler does (safe in a
+    signal handler: no collective). ``saved``: the hpc checkpoint written for it, if any."""
     if not trainer.is_global_zero:
         return
     fn = getattr(trainer.state.fn, "value", trainer.state.fn)
-    rank_zero_info(f"Handling auto-requeue signal in {fn}: requeuing without a checkpoint (the "
-                   "requeued job runs it again from its start).")
+    rank_zero_info(f"Handling auto-requeue signal in {fn}: " + (
+        f"requeuing after saving {saved}." if saved else
+        "requeuing without a checkpoint (the requeued job runs it again from its start)."))
     array_job_id = os.getenv("SLURM_ARRAY_JOB_ID")
     job_id = (f"{array_job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job_id is not None
               else os.environ["SLURM_JOB_ID"])

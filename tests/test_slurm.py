@@ -25,6 +25,7 @@ SIGNALS = '''
 import os
 import signal
 
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import Checkpoint
 
@@ -81,6 +82,13 @@ class EpochLog(Checkpoint):  # a Checkpoint: Lightning calls it after the module
         with open(self.path, "a") as f:
             print(trainer.current_epoch, trainer.global_step,
                   float(trainer.callback_metrics["train/acc"]), file=f)
+
+
+class EmptyVal(Callback):
+    """Give the fit a validation set of 0 batches (Lightning skips such a validation)."""
+
+    def setup(self, trainer, pl_module, stage):
+        trainer.datamodule.val_dataloader = lambda: torch.utils.data.DataLoader([])
 '''
 
 SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/scontrol.calls"\n'
@@ -191,12 +199,13 @@ def test_srun_two_nodes_requeue_signal_sigterm_and_resume(tmp_path):
 
 
 def _requeue_and_restore(tmp_path: Path, common: list[str], log_callback: str, ext: str,
-                         step: int, final_step: int) -> dict:
+                         step: int, final_step: int, resumed: tuple[str, ...] = ()) -> dict:
     """An uninterrupted 2-epoch UFM fit (``ref``), one (``cut``, one simulated SLURM task) that
     gets SIGUSR1 before global step ``step`` and asks for one requeue, and one restored by
     Lightning from the ``hpc_ckpt_1.ckpt`` it wrote (``res``); ``log_callback`` of
     ``slurm_signals`` writes ``ref.<ext>`` and ``res.<ext>``. Checks that ``res`` ends with the
-    weights of ``ref`` at ``final_step`` and returns the hpc checkpoint."""
+    weights of ``ref`` at ``final_step`` and returns the hpc checkpoint. ``resumed``: more
+    arguments of ``cut`` and ``res`` (the requeued job's command is the same)."""
     _stand_ins(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
@@ -212,12 +221,12 @@ def _requeue_and_restore(tmp_path: Path, common: list[str], log_callback: str, e
     signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
                  "0", "--trainer.callbacks.step", str(step), "--trainer.callbacks.name",
                  "SIGUSR1"]
-    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *signal_at), nodes=1)[0]
+    cut = _srun(tmp_path, _ufm(tmp_path / "cut", *common, *resumed, *signal_at), nodes=1)[0]
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert "SLURM auto-requeueing enabled" in cut.stderr
     assert len((tmp_path / "bin" / "scontrol.calls").read_text().splitlines()) == 1
     hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
-    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *log("res")), nodes=1)[0]
+    res = _srun(tmp_path, _ufm(tmp_path / "res", *common, *resumed, *log("res")), nodes=1)[0]
     assert res.returncode == 0, res.stderr[-3000:]
     assert "hpc_ckpt_1.ckpt" in res.stderr  # Lightning restored it by itself
     one, two = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
@@ -273,6 +282,82 @@ def test_requeue_at_an_epochs_last_batch_waits_for_the_next_epoch(tmp_path):
     assert [(e, s) for e, s, _ in ref_ends] == [(0, 4), (1, 8)]
     after = [end for end in ref_ends if end[1] > hpc["global_step"]]
     assert after and ends("res.ep") == after  # accuracies of whole batches: exact
+
+
+@pytest.mark.slow
+def test_requeue_before_a_validation_of_no_batches_saves_at_the_next_point(tmp_path):
+    """Reported: one simulated SLURM task, a validation set of 0 batches, SIGUSR1 before an
+    epoch's last batch. The save waited for the end of the epoch's validation, which Lightning
+    skips (no batches, no hooks): no ``hpc_ckpt_1.ckpt`` and no requeue for the rest of the fit,
+    so SLURM's kill lost the work. Now a skipped validation counts as none: the save comes at the
+    next epoch's first batch (as after an epoch's last batch that no validation follows), and the
+    run restored from it has the uninterrupted run's epoch ends and weights."""
+    # global step 3 starts epoch 0's last batch
+    hpc = _requeue_and_restore(tmp_path, ["--data.init_args.steps_per_epoch", "4",
+                                          "--trainer.callbacks+", "slurm_signals.EmptyVal"],
+                               "EpochLog", "ep", step=3, final_step=8)
+    assert hpc["global_step"] == 5
+    ref, res = ((tmp_path / f"{name}.ep").read_text().splitlines() for name in ("ref", "res"))
+    assert [line.split()[:2] for line in ref] == [["0", "4"], ["1", "8"]]
+    assert res == ref[1:]  # accuracies of whole batches: exact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step, extra", [
+    (7, []),  # the fit's last batch (max_epochs 2), its validation follows
+    (3, ["--trainer.max_epochs", "4", "--trainer.callbacks+", "EarlyStopping",
+         "--trainer.callbacks.monitor", "val/acc", "--trainer.callbacks.mode", "max",
+         "--trainer.callbacks.stopping_threshold", "0.0"]),  # an early stop at epoch 0's end
+], ids=["max_epochs", "early_stop"])
+def test_requeue_signal_as_the_fit_ends_requeues_nothing(tmp_path, step, extra):
+    """Found checking the above: SIGUSR1 before the batch whose validation ends the fit (its
+    last batch; or an early stop, decided at that epoch's end after the save). The requeue ran
+    after that validation: a finished run requeued, and the requeued job's ``--ckpt_path last``
+    resumed the early-stopped run for another epoch. Now ``scontrol requeue`` waits for training
+    to go on past the save; a fit that ends there ends as without the signal: no requeue, no
+    hpc checkpoint left (a later ``fit`` in the folder would restore it by itself)."""
+    _stand_ins(tmp_path)
+    signal_at = ["--trainer.callbacks+", "slurm_signals.SignalAt", "--trainer.callbacks.rank",
+                 "0", "--trainer.callbacks.step", str(step), "--trainer.callbacks.name",
+                 "SIGUSR1"]
+    cut = _srun(tmp_path, _ufm(tmp_path / "cut", "--trainer.max_epochs", "2",
+                               "--data.init_args.steps_per_epoch", "4", *extra, *signal_at),
+                nodes=1)[0]
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "SLURM auto-requeueing enabled" in cut.stderr
+    assert "Auto-requeue signal at the fit's end: not requeued" in cut.stderr
+    assert not (tmp_path / "bin" / "scontrol.calls").exists()
+    assert not list(tmp_path.glob("hpc_ckpt_*")), list(tmp_path.glob("hpc_ckpt_*"))
+    last = torch.load(next((tmp_path / "cut").rglob("last.ckpt")), weights_only=True)
+    assert last["global_step"] == (4 if extra else 8)
+
+
+def _best(run: Path) -> tuple[str, float]:
+    """The best file's name and score that ``run``'s ``last.ckpt`` records."""
+    state = torch.load(next(run.rglob("last.ckpt")), weights_only=True)["callbacks"]
+    best = next(v for k, v in state.items() if k.startswith("ModelCheckpoint"))
+    return Path(best["best_model_path"]).name, float(best["best_model_score"])
+
+
+@pytest.mark.slow
+def test_requeue_after_a_validation_keeps_its_best_checkpoint_decision(tmp_path):
+    """Reported: the hpc checkpoint written after a validation came before ModelCheckpoint's
+    decision on it (checkpoint callbacks run last), so a run restored from it (here into the
+    same checkpoint folder, ``--checkpoint.dirpath``) did not know that validation's best file:
+    it kept another one as best, next to the first. Now the save follows every callback's
+    ``on_validation_end``: the restored run ends with the best file and score of an
+    uninterrupted run, and the same files."""
+    ckpts = tmp_path / "ckpts"
+    # the lowest val/acc is the best: the first validation's (0.48, 0.78, 0.84), whose end the
+    # save follows
+    _requeue_and_restore(tmp_path, ["--data.init_args.steps_per_epoch", "4",
+                                    "--trainer.max_epochs", "3", "--checkpoint.mode", "min"],
+                         "ValLog", "val", step=3, final_step=12,
+                         resumed=("--checkpoint.dirpath", str(ckpts)))
+    ref = tmp_path / "ref"
+    assert _best(tmp_path / "res") == _best(ref)
+    ref_files = sorted(p.name for p in ref.rglob("epoch*.ckpt"))
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ref_files
 
 
 @pytest.mark.parametrize("fn", ["validate", pytest.param("predict", marks=pytest.mark.slow)])
