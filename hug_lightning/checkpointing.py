@@ -40,6 +40,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from hug_lightning.data_error_save import save_after_data_error
 from hug_lightning.interrupt import InterruptCheckpoint
+from hug_lightning.recorded_best import recorded_best_checkpoint  # which "best" (re-exported)
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "LastCheckpoint",
            "find_last_checkpoint", "recorded_best_checkpoint"]
@@ -208,21 +209,6 @@ def swa_copied_at_train_end(trainer: Trainer) -> bool:
             return False
         return last == swa.swa_end or swa._max_epochs == -1
     return False
-
-
-def recorded_best_checkpoint(last: Path) -> Path | None:
-    """The best file the ``ModelCheckpoint`` state inside ``last.ckpt`` records, if it still
-    exists (as recorded, or next to ``last.ckpt`` for a moved run); None otherwise."""
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing, or not loadable weights-only
-        return None
-    for key, value in (state.get("callbacks") or {}).items():
-        path = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
-        for candidate in (Path(path), last.parent / Path(path).name) if path else ():
-            if candidate.is_file():
-                return candidate
-    return None
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str,

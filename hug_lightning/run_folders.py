@@ -19,8 +19,10 @@ from typing import Any, Iterator
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from hug_lightning.checkpointing import find_last_checkpoint, recorded_best_checkpoint
+from hug_lightning.checkpointing import find_last_checkpoint
 from hug_lightning.cli_errors import ConfigError, LogFolderError, RunNotFoundError
+from hug_lightning.recorded_best import (AmbiguousBestError, checkpoint_state_key,
+                                         choose_recorded_best)
 
 
 def logger_init_args(cfg: Any) -> Any:
@@ -89,16 +91,25 @@ def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
     ``last`` silently evaluates the untrained model and ``best`` fails with a misleading
     message. ``best`` is the best checkpoint recorded in that run's newest checkpoint (its
     ``last.ckpt``, or with ``--last.enabled false`` the newest file ``ModelCheckpoint`` wrote:
-    each records the best one so far).
+    each records the best one so far), that of the ``checkpoint`` group as configured here
+    (other ``ModelCheckpoint`` callbacks in ``trainer.callbacks`` do not count; see
+    :func:`~hug_lightning.recorded_best.choose_recorded_best` for a run without its file).
     """
     found = find_last(logger, which, "*.ckpt" if which == "best" else "last.ckpt")
     if which == "best":
-        best = recorded_best_checkpoint(found)
-        if best is None:
+        key = checkpoint_state_key(cfg.get("checkpoint"))
+        try:
+            chosen = choose_recorded_best(found, key)
+        except AmbiguousBestError as err:
+            raise AmbiguousBestError(f"--ckpt_path best: {err}") from None
+        if chosen is None:
             raise RunNotFoundError(
                 f"--ckpt_path best: {found} records no best checkpoint (or its file is "
                 "gone); give the checkpoint file instead.")
-        found = best
+        found, chosen_key = chosen
+        if chosen_key != key and rank_zero_only.rank == 0:
+            print(f"--ckpt_path best: {found} (no best file of the `checkpoint` group's "
+                  f"{key}; the only other monitored one: {chosen_key}).", file=sys.stderr)
     cfg["ckpt_path"] = str(found)
 
 

@@ -47,7 +47,10 @@ def _say(message: str) -> None:
 
 
 def best_checkpoint(ckpt_dir: Path) -> Path:
-    """Best checkpoint of a finished fit: the ``ModelCheckpoint`` state saved in ``last.ckpt``.
+    """Best checkpoint of a finished fit: the one the shipped ``checkpoint`` group's state in
+    ``last.ckpt`` records (:func:`~hug_lightning.recorded_best.choose_recorded_best`: not that
+    of another ``ModelCheckpoint`` the entry adds; several monitored ones and no shipped one's
+    file: :class:`~hug_lightning.recorded_best.AmbiguousBestError`).
 
     Falls back to the only other ``.ckpt`` file, else to ``last.ckpt`` (no validation ran).
     """
