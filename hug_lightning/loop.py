@@ -274,17 +274,19 @@ class ClassifierLoop(LightningModule):
 
     # ----------------------------------------------------------------- TensorBoard's HPARAMS
     def _declare_hp_metrics(self) -> None:
-        """Declare the tab's metrics (NaN at step 0) once per log folder: again, after the
-        run's later values (a resume in place, a test after a fit in one trainer), the NaN
-        would be the last value, which the tab shows."""
-        logger = self.logger
-        if not isinstance(logger, TensorBoardLogger) \
-                or getattr(self, "_hp_declared_in", None) == logger.log_dir:
-            return
-        self._hp_declared_in = logger.log_dir
-        if not resumed_in_place(self.trainer):  # there, the first fit declared them
-            datamodule = getattr(self.trainer, "datamodule", None)
-            logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)}, HP_METRICS)
+        """Declare the tab's metrics (NaN at step 0) once per log folder, in every TensorBoard
+        logger (not only the first of ``trainer.logger: [CSVLogger, TensorBoardLogger]``):
+        again, after the run's later values (a resume in place, a test after a fit in one
+        trainer), the NaN would be the last value, which the tab shows."""
+        self._hp_declared_in = declared = getattr(self, "_hp_declared_in", set())
+        for logger in self.trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger) or logger.log_dir in declared:
+                continue
+            declared.add(logger.log_dir)
+            if not resumed_in_place(self.trainer):  # there, the first fit declared them
+                datamodule = getattr(self.trainer, "datamodule", None)
+                logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)},
+                                       HP_METRICS)
 
     def on_fit_start(self) -> None:
         self.step_log.clear()  # anything left by a fit that died

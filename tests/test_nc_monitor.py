@@ -224,6 +224,7 @@ def test_figures_use_computed_means_before_the_first_eval_pass(monkeypatch):
     from hug_lightning.metrics import NCFeatureStats
     from hug_lightning.metrics import callback as cb
     module = _fake_module(3, 4)
+    module.trainer.loggers = [object()]  # one logger (the figures are drawn for each)
     monitor = cb.NeuralCollapseMonitor(eval_pass=True, eval_pass_every=2, figures_every=1)
     monitor.collectors = {s: NCFeatureStats(3, 4) for s in ("train", "train_eval")}
     monitor.collectors["train"].update(torch.randn(9, 4), torch.arange(9) % 3)

@@ -185,6 +185,8 @@ class NeuralCollapseMonitor(StageCollectors):
         if source is None or not trainer.is_global_zero:
             return
         norms = torch.cat(self._val_norms) if self._val_norms else None
-        log_figures(trainer.logger, step := epoch_log_step(trainer), source.means(),
-                    self._classifier(pl_module)[0], norms)
-        self._val_sample.log(trainer.logger, step)
+        step, means, class_vectors = epoch_log_step(trainer), source.means(), \
+            self._classifier(pl_module)[0]
+        for logger in trainer.loggers:  # every TensorBoard one (`trainer.logger` is the first)
+            log_figures(logger, step, means, class_vectors, norms)
+            self._val_sample.log(logger, step)
