@@ -20,23 +20,10 @@ batch:
 Then Lightning raises ``SIGTERMException`` on every process at that batch boundary,
 :class:`InterruptCheckpoint` writes ``last.ckpt`` (all processes together) and the command exits
 with status 143 (SIGTERM) or 130 (Ctrl-C). A second Ctrl-C aborts at once without saving.
-SLURM's requeue signal (SIGUSR1, Lightning's auto-requeue) is agreed the same way: Lightning's
-requeue (``hpc_ckpt_<n>.ckpt`` in the root folder, ``scontrol requeue``) runs on every process
-at the same point, once per fit, and training goes on (Lightning ran it inside the signal
-handler: a collective save wherever each process was, which hung the run). That point is the end
-of the first agreed batch that closes a gradient accumulation window (the checkpoint holds no
-partial gradients), or, when a validation follows that batch, the end of that validation (a
-restart from a checkpoint written before it skips it), after every callback's (the best-model
-decision on it is in the save), and for the epoch's own validation the epoch's end, after
-``LastCheckpoint``'s (ModelCheckpoint decides there); a validation of 0 batches (Lightning skips
-it) counts as none; when that batch is its epoch's last and no
-validation follows, the same point among the next epoch's batches (Lightning's restart from a
-checkpoint written after an epoch's last batch skips that epoch's end hooks: training accuracy,
-plateau step), so a run restored from it is the same run; except with epochs of one batch and
-no validation, where the save after the next epoch's batch still skips that epoch's end.
-``scontrol requeue`` follows the save once training goes on (the next epoch's or batch's start,
-or a SIGTERM stop); a fit that ends at that point (its last batch, ``max_steps``, an early stop)
-is not requeued and the hpc checkpoint is removed, as if no signal had come.
+SLURM's requeue signal (SIGUSR1, Lightning's auto-requeue) is agreed the same way, and its
+save runs on every process at the same point, once per fit (where and when:
+:mod:`hug_lightning.slurm_requeue`, whose :class:`~hug_lightning.slurm_requeue.RequeueSchedule`
+this callback owns).
 A request that arrives during validation is acted on at the next training batch; if the
 stopping batch is followed by a validation (the epoch's last batch, or a ``val_check_interval``
 one), that validation runs to its end first, so no epoch loses its ``val/*`` values or its
@@ -57,8 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hug_lightning.agreed_stop import AgreedStop
-from hug_lightning.slurm_requeue import (accumulating, epoch_ends, requeue_job,
-                                         save_hpc_checkpoint, validation_follows)
+from hug_lightning.slurm_requeue import RequeueSchedule, requeue_job
 
 __all__ = ["AgreedStop", "InterruptCheckpoint"]
 
@@ -95,12 +81,7 @@ class InterruptCheckpoint(Callback):
         self._stopping = False  # received_sigterm set: Lightning raises after this batch
         self._saving = False  # the interrupt save is being written
         self._waits_for_validation = 0
-        self._requeue_fn: Any = None  # Lightning's SLURM requeue (save hpc_ckpt, scontrol)
-        self._requeued = False  # once per fit: SLURM signals each task, maybe batches apart
-        # agreed, waiting: "batch", "next_epoch", "validation", "epoch_end"
-        self._requeue_at: str | None = None
-        self._hpc_saved: str | None = None  # written; scontrol once training goes on past it
-        self._strategy: Any = None  # its on_validation_end runs the save after a validation
+        self.requeue = RequeueSchedule()  # SLURM's requeue save and its scontrol, in fit
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -123,7 +104,7 @@ class InterruptCheckpoint(Callback):
         self.stop.request(name)
 
     def _on_requeue_signal(self, signum: Any, frame: Any) -> None:
-        if self._trainer is not None and not self._requeued and not self._saving:
+        if self._trainer is not None and not self.requeue.agreed and not self._saving:
             self.stop.request_requeue()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -144,17 +125,16 @@ class InterruptCheckpoint(Callback):
             return
         self.stop, self.interrupted_by, self._aborted = AgreedStop(), None, False  # a new fit
         self._stopping, self._saving, self._waits_for_validation = False, False, 0
-        self._requeued, self._requeue_at, self._hpc_saved = False, None, None
         self._trainer = trainer
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
         # Lightning registers its SIGTERM handler after on_fit_start, built from this method
         # (which broadcasts from inside the handler): ours records the request instead
         self._connector = getattr(trainer, "_signal_connector", None)
+        # its SLURM requeue handler too, which saves (collective) inside the handler
+        self.requeue.start(trainer, getattr(self._connector, "_slurm_sigusr_handler_fn", None))
         if self._connector is not None:
             self._connector._sigterm_notifier_fn = self._on_signal
-            # its SLURM requeue handler too, which saves (collective) inside the handler
-            self._requeue_fn = getattr(self._connector, "_slurm_sigusr_handler_fn", None)
-            if self._requeue_fn is not None:
+            if self.requeue.handler is not None:
                 self._connector._slurm_sigusr_handler_fn = self._on_requeue_signal
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -169,56 +149,22 @@ class InterruptCheckpoint(Callback):
         if hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = _no_broadcast
             self._epoch_loop = loop
-        # the save after a validation: after every callback's on_validation_end (the checkpoint
-        # callbacks run last: the best-model decision for that validation is in the save) and
-        # the module's; the strategy's hook comes after both
-        strategy = getattr(trainer, "strategy", None)
-        if self._requeue_fn is not None and callable(getattr(strategy, "on_validation_end", None)):
-            own = strategy.on_validation_end
-
-            def on_validation_end() -> None:
-                own()
-                self._after_validation(trainer)
-
-            strategy.on_validation_end = on_validation_end
-            self._strategy = strategy
+        self.requeue.hook_validation_end(trainer)  # the save after a validation
         self.stop.start()
 
-    # a saved hpc checkpoint is followed by scontrol once training goes on (a fit that ends
-    # there, at max_epochs, max_steps or an early stop, is not requeued: see on_train_end)
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._requeue_at in ("validation", "epoch_end"):  # skipped (no batches), or no
-            self._requeue_at = "next_epoch"  # LastCheckpoint hook: the same point, next epoch
-        self._requeue_if_saved(trainer)
+        self.requeue.epoch_start(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._requeue_if_saved(trainer)
-
-    def _requeue_if_saved(self, trainer: Trainer) -> None:
-        if self._hpc_saved is not None:
-            saved, self._hpc_saved = self._hpc_saved, None
-            requeue_job(trainer, saved)
+        self.requeue.requeue_if_saved(trainer)  # training goes on past the save: scontrol
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self._trainer is None:
             return
         agreed = self.stop.step()
-        if self.stop.requeue and not self._requeued and self._requeue_fn is not None:
-            self._requeued = True  # once: the requeue is acted on at a resumable boundary
-            self._requeue_at = "batch"
-        elif self._requeue_at == "validation":  # the mid-epoch one had no batches: skipped
-            self._requeue_at = "batch"
-        if self._requeue_at in ("batch", "next_epoch") and not accumulating(trainer):
-            if validation_follows(trainer):
-                self._requeue_at = "validation"  # saved after it: a resume would skip it
-            elif self._requeue_at == "batch" and epoch_ends(trainer):
-                # a restore from here skips the epoch's end hooks (train/acc, the plateau
-                # step, ...): the next epoch's batches instead, once (see the module docstring)
-                self._requeue_at = "next_epoch"
-            else:
-                self._requeue_now()
+        self.requeue.after_batch(trainer, self.stop.requeue)
         if agreed and not self.interrupted_by:
             self.interrupted_by = agreed
             if not self.stop.requested:  # another process got the signal
@@ -259,42 +205,22 @@ class InterruptCheckpoint(Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._strategy is None:  # not hooked after the checkpoint callbacks: here
-            self._after_validation(trainer)
+        self.requeue.validation_end(trainer)
         if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = True  # raised after this validation
 
-    def _after_validation(self, trainer: Trainer) -> None:
-        if self._requeue_at == "validation" and not trainer.sanity_checking:
-            if epoch_ends(trainer) and _last_checkpoint_hook(trainer):
-                # the epoch's: ModelCheckpoint decides on it at the epoch's end (Lightning's
-                # default with a validation every epoch), so the save follows that decision,
-                # where last.ckpt is written (resumed exactly)
-                self._requeue_at = "epoch_end"
-            else:
-                self._requeue_now()
-
     def after_checkpoints(self, trainer: Trainer) -> None:
-        """The save waiting for the epoch's end: called by :class:`LastCheckpoint` at its epoch
-        end, after every other checkpoint callback's (it is the last one)."""
-        if self._requeue_at == "epoch_end" and self._trainer is not None:
-            self._requeue_now()
+        """The requeue save waiting for the epoch's end: called by :class:`LastCheckpoint` at its
+        epoch end, after every other checkpoint callback's (it is the last one).
 
-    def _requeue_now(self) -> None:
-        """Lightning's requeue save (every process at the same point: it is collective); its
-        ``scontrol requeue`` follows when training goes on."""
-        self._requeue_at = None
-        if self._requeue_fn is not None and self._trainer is not None:
-            self._hpc_saved = save_hpc_checkpoint(self._trainer)
+        Args:
+            trainer: The trainer.
+        """
+        self.requeue.after_checkpoints()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stop.finish()
-        if self._hpc_saved is not None:  # the fit ended at that point: as without the signal
-            saved, self._hpc_saved = Path(self._hpc_saved), None
-            if trainer.is_global_zero:  # its only writer
-                saved.unlink(missing_ok=True)
-            rank_zero_info(f"Auto-requeue signal at the fit's end: not requeued, {saved.name} "
-                           "removed (the fit is done; last.ckpt holds it).")
+        self.requeue.train_end(trainer)  # ended at the save point: no requeue
 
     def _restore(self) -> None:
         if self._previous_sigint is not None:
@@ -306,10 +232,8 @@ class InterruptCheckpoint(Callback):
             del self._connector._slurm_sigusr_handler_fn
         if self._epoch_loop is not None and "_broadcast_sigterm_tensor" in vars(self._epoch_loop):
             del self._epoch_loop._broadcast_sigterm_tensor
-        if self._strategy is not None and "on_validation_end" in vars(self._strategy):
-            del self._strategy.on_validation_end
-        self._connector = self._trainer = self._epoch_loop = self._requeue_fn = None
-        self._strategy = None
+        self.requeue.detach()
+        self._connector = self._trainer = self._epoch_loop = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
@@ -318,7 +242,7 @@ class InterruptCheckpoint(Callback):
                      exception: BaseException) -> None:
         try:
             if isinstance(exception, SIGTERMException):  # stopped, not done: requeue as asked
-                self._requeue_if_saved(trainer)
+                self.requeue.requeue_if_saved(trainer)
             if self.enabled and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
                 self._saving = True  # the handlers stay ours until the save is written
                 self._save_on_interrupt(trainer, exception)
@@ -349,15 +273,6 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)  # every process: the save is collective
         rank_zero_info(f"Interrupted at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: saved {path}. Resume with --ckpt_path last.")
-
-
-def _last_checkpoint_hook(trainer: Trainer) -> bool:
-    """Whether the trainer's last checkpoint callback is a ``LastCheckpoint`` (which calls
-    :meth:`InterruptCheckpoint.after_checkpoints` at the epoch's end)."""
-    from hug_lightning.checkpointing import LastCheckpoint  # which imports this module
-
-    return bool(trainer.checkpoint_callbacks) \
-        and isinstance(trainer.checkpoint_callbacks[-1], LastCheckpoint)
 
 
 def _last_folder(trainer: Trainer) -> str | None:
