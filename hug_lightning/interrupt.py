@@ -81,7 +81,7 @@ class InterruptCheckpoint(Callback):
         self._stopping = False  # received_sigterm set: Lightning raises after this batch
         self._saving = False  # the interrupt save is being written
         self._waits_for_validation = 0
-        self.requeue = RequeueSchedule()  # SLURM's requeue save and its scontrol, in fit
+        self.requeue_schedule = RequeueSchedule()  # SLURM's requeue save and its scontrol, in fit
 
     # -- signal handlers: record only ------------------------------------------------------
 
@@ -104,7 +104,7 @@ class InterruptCheckpoint(Callback):
         self.stop.request(name)
 
     def _on_requeue_signal(self, signum: Any, frame: Any) -> None:
-        if self._trainer is not None and not self.requeue.agreed and not self._saving:
+        if self._trainer is not None and not self.requeue_schedule.agreed and not self._saving:
             self.stop.request_requeue()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -131,10 +131,11 @@ class InterruptCheckpoint(Callback):
         # (which broadcasts from inside the handler): ours records the request instead
         self._connector = getattr(trainer, "_signal_connector", None)
         # its SLURM requeue handler too, which saves (collective) inside the handler
-        self.requeue.start(trainer, getattr(self._connector, "_slurm_sigusr_handler_fn", None))
+        handler = getattr(self._connector, "_slurm_sigusr_handler_fn", None)
+        self.requeue_schedule.start(trainer, handler)
         if self._connector is not None:
             self._connector._sigterm_notifier_fn = self._on_signal
-            if self.requeue.handler is not None:
+            if self.requeue_schedule.handler is not None:
                 self._connector._slurm_sigusr_handler_fn = self._on_requeue_signal
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -149,22 +150,22 @@ class InterruptCheckpoint(Callback):
         if hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = _no_broadcast
             self._epoch_loop = loop
-        self.requeue.hook_validation_end(trainer)  # the save after a validation
+        self.requeue_schedule.hook_validation_end(trainer)  # the save after a validation
         self.stop.start()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.requeue.epoch_start(trainer)
+        self.requeue_schedule.epoch_start(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self.requeue.requeue_if_saved(trainer)  # training goes on past the save: scontrol
+        self.requeue_schedule.requeue_if_saved(trainer)  # training goes on past the save: scontrol
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self._trainer is None:
             return
         agreed = self.stop.step()
-        self.requeue.after_batch(trainer, self.stop.requeue)
+        self.requeue_schedule.after_batch(trainer, self.stop.requeue)
         if agreed and not self.interrupted_by:
             self.interrupted_by = agreed
             if not self.stop.requested:  # another process got the signal
@@ -205,7 +206,7 @@ class InterruptCheckpoint(Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.requeue.validation_end(trainer)
+        self.requeue_schedule.validation_end(trainer)
         if self._stopping and self._trainer is not None:
             trainer._signal_connector.received_sigterm = True  # raised after this validation
 
@@ -216,11 +217,11 @@ class InterruptCheckpoint(Callback):
         Args:
             trainer: The trainer.
         """
-        self.requeue.after_checkpoints()
+        self.requeue_schedule.after_checkpoints()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stop.finish()
-        self.requeue.train_end(trainer)  # ended at the save point: no requeue
+        self.requeue_schedule.train_end(trainer)  # ended at the save point: no requeue
 
     def _restore(self) -> None:
         if self._previous_sigint is not None:
@@ -232,7 +233,7 @@ class InterruptCheckpoint(Callback):
             del self._connector._slurm_sigusr_handler_fn
         if self._epoch_loop is not None and "_broadcast_sigterm_tensor" in vars(self._epoch_loop):
             del self._epoch_loop._broadcast_sigterm_tensor
-        self.requeue.detach()
+        self.requeue_schedule.detach()
         self._connector = self._trainer = self._epoch_loop = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -242,7 +243,7 @@ class InterruptCheckpoint(Callback):
                      exception: BaseException) -> None:
         try:
             if isinstance(exception, SIGTERMException):  # stopped, not done: requeue as asked
-                self.requeue.requeue_if_saved(trainer)
+                self.requeue_schedule.requeue_if_saved(trainer)
             if self.enabled and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
                 self._saving = True  # the handlers stay ours until the save is written
                 self._save_on_interrupt(trainer, exception)

@@ -79,9 +79,9 @@ class PredictionWriter(BasePredictionWriter):
         if isinstance(num_classes, int) and len(names) != num_classes:
             rank_zero_warn(
                 f"predict: {type(datamodule).__name__}.class_names has {len(names)} names for "
-                f"its {num_classes} classes, so predictions.csv has no pred_name / label_name columns; a "
-                "data module that renumbers its labels sets class_names (one per new label) in "
-                "build_datasets.")
+                f"its {num_classes} classes, so predictions.csv has no pred_name / label_name "
+                "columns; a data module that renumbers its labels sets class_names (one per new "
+                "label) in build_datasets.")
             return None
         written = [table[k] for k in ("pred", "label") if k in table]
         inside = all(0 <= int(t.min()) and int(t.max()) < len(names) for t in written)
