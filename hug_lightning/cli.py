@@ -50,6 +50,7 @@ from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundEr
 from hug_lightning.config_files import (CommandParser, free_config_name, packaged_config,
                                         resolve_config_args, resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
+from hug_lightning.csv_history import keep_csv_history
 from hug_lightning.data.base import BadDataError, DataNotFoundError
 from hug_lightning.ddp_errors import PEER_MESSAGE, peer_failure, report, stop_children
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
@@ -61,8 +62,9 @@ from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
-                                       logger_init_args, never_into_a_run_folder,
-                                       resolve_evaluated, resolve_last, run_folder)
+                                       logger_init_args, loggers_init_args,
+                                       never_into_a_run_folder, resolve_evaluated, resolve_last,
+                                       run_folder, share_version)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -109,7 +111,9 @@ class HUGLightningCLI(LightningCLI):
         if "callbacks" not in kwargs and config.get("enable_progress_bar") is not False and \
                 not any(isinstance(c, ProgressBar) for c in [*given, *extra]):
             kwargs["callbacks"] = [*given, ThrottledProgressBar()]
-        return super().instantiate_trainer(**kwargs, **ones)
+        trainer = super().instantiate_trainer(**kwargs, **ones)
+        share_version(trainer.loggers)  # a list's loggers of one experiment: one folder
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Lightning (>= 2.6) rebuilds the model from the checkpoint's hyperparameters when
@@ -125,6 +129,8 @@ class HUGLightningCLI(LightningCLI):
         guard = getattr(self.model, "loss_guard", None)
         if subcommand == "fit" and isinstance(guard, FiniteLossGuard):  # before the DDP
             check_policy_for_processes(guard.policy, self.trainer.world_size)  # launch: once
+        if subcommand == "fit" and getattr(self, "_resumes_in_place", False):
+            keep_csv_history(self.trainer.loggers)  # Lightning's CSVLogger deletes it
         try:
             with evaluation_warnings(subcommand):
                 super()._run_subcommand(subcommand)
@@ -161,22 +167,25 @@ class HUGLightningCLI(LightningCLI):
         # as 1.0 again, so instantiate_trainer passes the same keys as 1
         self._integer_ones = (restore_integer_ones(written, cfg["trainer"])
                               if cfg.get("trainer") is not None else [])
-        logger = logger_init_args(cfg)
-        if logger is not None:
-            check_writable(Path(str(logger.get("save_dir") or ".")))
+        logger, loggers = logger_init_args(cfg), loggers_init_args(cfg)
+        for save_dir in dict.fromkeys(str(each.get("save_dir") or ".") for each in loggers
+                                      if each is not None):
+            check_writable(Path(save_dir))  # each logger's: a list may log to several
         subcommand = self.config.get("subcommand")
+        self._resumes_in_place = False
         if subcommand == "fit":
             if cfg.get("ckpt_path") == "last":
                 resolve_last(cfg, logger)
             folder = run_folder(logger) if cfg.get("ckpt_path") and logger is not None else None
             if folder is not None:  # a resume into the run's own folder keeps its config
+                self._resumes_in_place = True
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": resumed_config_name(folder)}
         elif subcommand in ("validate", "test", "predict"):
             if cfg.get("ckpt_path") in ("last", "best"):
                 resolve_evaluated(cfg, logger, str(cfg.get("ckpt_path")))
             if logger is not None:
-                never_into_a_run_folder(logger, subcommand)
+                never_into_a_run_folder(logger, subcommand, loggers[1:])
         if subcommand and logger is None:  # no version folder: the config goes to the
             # trainer's root (the working folder by default), maybe next to the user's own
             root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or "."))

@@ -62,13 +62,22 @@ def unpack_batch_of(module: Any, batch: Any, needs: str | None = None) -> tuple[
     return images, labels
 
 
-def resumed_in_place(trainer: Any) -> bool:
-    """Whether ``trainer`` resumes a checkpoint of its own log folder (``--ckpt_path last``)."""
-    ckpt, logger = getattr(trainer, "ckpt_path", None), getattr(trainer, "logger", None)
-    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
-    if not ckpt or not log_dir:
+def resumed_in_place(trainer: Any, logger: Any = None) -> bool:
+    """Whether ``trainer`` resumes a checkpoint of its own log folder (``--ckpt_path last``),
+    the first logger's (where Lightning writes the checkpoints); with ``logger``, one of a list,
+    also whether that logger logs into a folder of the run it logged into before: on a resume
+    the CLI gives every logger the run's version, a folder that is new to a logger added since
+    (or of another ``save_dir``/``name`` whose numbers went their own way). Its TensorBoard
+    events from before tell (this fit's writer has one file, an earlier one another)."""
+    loggers = getattr(trainer, "loggers", None) or []
+    ckpt, first = getattr(trainer, "ckpt_path", None), loggers[0] if loggers else None
+    log_dir = getattr(first, "log_dir", None) if first is not None else None
+    if not ckpt or not log_dir or Path(log_dir).resolve() not in Path(str(ckpt)).resolve().parents:
         return False
-    return Path(log_dir).resolve() in Path(str(ckpt)).resolve().parents
+    if logger is None or logger is first:
+        return True
+    own = getattr(logger, "log_dir", None)
+    return own is not None and len(list(Path(own).glob("events.out.tfevents.*"))) > 1
 
 
 class ClassifierLoop(LightningModule):
@@ -283,7 +292,7 @@ class ClassifierLoop(LightningModule):
             if not isinstance(logger, TensorBoardLogger) or logger.log_dir in declared:
                 continue
             declared.add(logger.log_dir)
-            if not resumed_in_place(self.trainer):  # there, the first fit declared them
+            if not resumed_in_place(self.trainer, logger):  # there, the first fit declared them
                 datamodule = getattr(self.trainer, "datamodule", None)
                 logger.log_hyperparams({**self.hparams, **data_hparams(datamodule)},
                                        HP_METRICS)

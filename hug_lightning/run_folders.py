@@ -1,7 +1,8 @@
 """Run folders of the CLI: where a command logs, and which checkpoint ``last``/``best`` means.
 
-A run is ``<save_dir>/<name>/<version>/`` (TensorBoard or CSV logger). ``fit --ckpt_path last``
-resumes the newest ``last.ckpt`` of the experiment in its own folder; ``validate|test|predict
+A run is ``<save_dir>/<name>/<version>/`` (TensorBoard or CSV logger; of a list of loggers,
+the first one's, where Lightning writes the checkpoints, the others sharing its version).
+``fit --ckpt_path last`` resumes the newest ``last.ckpt`` of the experiment in its own folder; ``validate|test|predict
 --ckpt_path last|best`` evaluate the newest run's last or best checkpoint in a new folder, never
 writing into the training run's. Missing or unreadable checkpoints are one clear error.
 """
@@ -25,13 +26,46 @@ from hug_lightning.recorded_best import (AmbiguousBestError, checkpoint_state_ke
                                          choose_recorded_best)
 
 
-def logger_init_args(cfg: Any) -> Any:
-    """The ``init_args`` of a single configured logger with a ``save_dir``, else None."""
+def loggers_init_args(cfg: Any) -> list[Any]:
+    """The ``init_args`` of every configured logger with a ``save_dir`` (``trainer.logger``: one
+    logger or a list), in the configured order."""
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    init = getattr(logger, "init_args", None) if logger is not None else None
-    if init is None and isinstance(logger, dict):
-        init = logger.get("init_args")
-    return init if init is not None and "save_dir" in init else None
+    found = []
+    for each in logger if isinstance(logger, list) else [logger]:
+        init = getattr(each, "init_args", None) if each is not None else None
+        if init is None and isinstance(each, dict):
+            init = each.get("init_args")
+        found.append(init if init is not None and "save_dir" in init else None)
+    return found
+
+
+def logger_init_args(cfg: Any) -> Any:
+    """The ``init_args`` of the logger whose folder is the run's, else None: the first one of a
+    list (Lightning's checkpoints go to ``trainer.loggers[0]``'s version folder), when it has a
+    ``save_dir`` (a TensorBoard or CSV logger)."""
+    found = loggers_init_args(cfg)
+    return found[0] if found else None
+
+
+def share_version(loggers: list[Any]) -> None:
+    """Give the instantiated loggers that write to the first one's experiment (same
+    ``save_dir`` and ``name``) and were given no ``version`` the first one's version folder.
+
+    Each took the next free number in turn, so a TensorBoard and a CSV logger of one run wrote
+    ``version_0`` and ``version_1``. Set on the loggers, not in the config: the saved
+    ``config.yaml`` says ``version: null`` as with one logger, so running it again starts a new
+    run rather than writing into this one.
+    """
+    run, *others = loggers or [None]
+    for each in others if _experiment(run) is not None else ():
+        if getattr(each, "_version", False) is None and _experiment(each) == _experiment(run):
+            each._version = run.version  # TensorBoard's and CSV's own field for it
+
+
+def _experiment(logger: Any) -> tuple[str, str] | None:
+    """``(save_dir, name)`` of an instantiated logger, None without a ``save_dir``."""
+    save_dir = getattr(logger, "save_dir", None)
+    return None if save_dir is None else (os.path.normpath(str(save_dir)), str(logger.name))
 
 
 def check_writable(folder: Path) -> None:
@@ -78,10 +112,19 @@ def find_last(logger: Any, flag: str, filename: str = "last.ckpt") -> Path:
 
 
 def resolve_last(cfg: Any, logger: Any) -> None:
-    """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place."""
+    """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place.
+
+    Every logger keeps writing into its own folder of that run: the run's version (its folder's
+    name, ``version_3``) is set on each logger of the list, so one with another ``save_dir`` or
+    ``name`` resumes in ``version_3`` of its own experiment, the folder a fit that wrote with the
+    same loggers from the start gave it (not its newest one, which may be another run's; a new
+    folder where it has none).
+    """
     found = find_last(logger, "last")
     cfg["ckpt_path"] = str(found)
-    logger["version"] = found.parent.parent.name  # keep logging into the same run folder
+    for each in loggers_init_args(cfg):
+        if each is not None:  # keep logging into the same run folder
+            each["version"] = found.parent.parent.name
 
 
 def resolve_evaluated(cfg: Any, logger: Any, which: str) -> None:
@@ -141,13 +184,16 @@ def run_folder(logger: Any) -> Path | None:
                 version if isinstance(version, str) else f"version_{version}")
 
 
-def never_into_a_run_folder(logger: Any, subcommand: str) -> None:
+def never_into_a_run_folder(logger: Any, subcommand: str, others: list[Any] = ()) -> None:
     """``validate|test|predict`` log into a new version folder, never a training run's: the
     config saved by a resumed fit names its version, and reusing it would overwrite that run's
-    ``config.yaml`` with the evaluation's."""
+    ``config.yaml`` with the evaluation's. ``others``, the list's other loggers, leave the run's
+    version as well (a CSV logger would replace the run's ``metrics.csv``)."""
     folder = run_folder(logger)
     if folder is not None and (folder / "config.yaml").is_file():
-        logger["version"] = None
+        for each in (logger, *others):
+            if each is not None:
+                each["version"] = None
         if rank_zero_only.rank == 0:  # once, not once per DDP process
             print(f"{subcommand}: {folder} holds a run; logging into a new version folder.",
                   file=sys.stderr)

@@ -1,6 +1,7 @@
 """``trainer.logger`` as a list (``[CSVLogger, TensorBoardLogger]``): what only TensorBoard
 takes (the NC figures, histograms and Projector embedding, the HPARAMS tab) reaches every
-TensorBoard logger, whatever its place in the list, and the scalars reach every logger.
+TensorBoard logger, whatever its place in the list, and the scalars reach every logger. The
+CLI's run folders (``--ckpt_path last|best``, the write check) take a list as well.
 
 The figures and the tab went to ``trainer.logger``, the first logger only: with the CSV logger
 first, the TensorBoard run had no image, histogram, embedding or hyperparameters at all.
@@ -12,9 +13,11 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from hug_lightning.cli import main
+from hug_lightning.cli_errors import LogFolderError
 
 CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "csv"}}
 TB = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -62,3 +65,62 @@ def test_figures_and_hparams_reach_tensorboard_in_either_place(tmp_path):
         with open(save_dir / "csv" / "version_0" / "metrics.csv") as f:  # scalars: every one
             columns = next(csv.reader(f))
         assert "val/acc" in columns and "nc/train_eval/nc1_pinv" in columns, order
+
+
+def _run(subcommand: str, save_dir: Path, loggers: list[dict], *extra: str):
+    """``subcommand`` of the UFM (validation every epoch) logging to ``loggers`` under
+    ``save_dir``; returns the CLI."""
+    loggers = [{**logger, "init_args": {**logger["init_args"],
+                                        "save_dir": str(save_dir / logger["init_args"].pop(
+                                            "save_dir", ""))}}
+               for logger in json.loads(json.dumps(loggers))]
+    return main([subcommand, "--config", "ufm_hug", "--trainer.logger", json.dumps(loggers),
+                 "--trainer.check_val_every_n_epoch", "1", "--nc.figures_every", "0",
+                 "--data.init_args.num_classes", "4", "--data.init_args.samples_per_class", "8",
+                 "--data.init_args.steps_per_epoch", "2",
+                 "--model.init_args.backbone.init_args.dim", "8", *extra])
+
+
+def _epochs(metrics: Path) -> list[int]:
+    """The epochs of a CSV logger's validation rows (``val/acc`` logged)."""
+    with open(metrics) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f) if row.get("val/acc")]
+
+
+@pytest.mark.parametrize("csv_place", ["same", "own"])
+def test_a_list_of_loggers_resumes_in_place_and_evaluates_in_new_folders(tmp_path, csv_place):
+    """``trainer.logger: [TensorBoardLogger, CSVLogger]``: ``--ckpt_path last|best`` stopped
+    with "needs a TensorBoard/CSV logger"; with one experiment the CSV logger wrote the next
+    version (``version_1``) beside TensorBoard's. The run is the first logger's folder (its
+    checkpoints); every logger resumes into its own folder of the run (the run's version, also
+    under another save_dir/name), the CSV rows before the resume kept; an evaluation logs into
+    a new version for every logger."""
+    tb = {**TB, "init_args": {**TB["init_args"], "name": "exp"}}
+    other = {"name": "exp"} if csv_place == "same" else {"name": "csv", "save_dir": "csvroot"}
+    loggers = [tb, {**CSV, "init_args": other}]
+    run = tmp_path / "exp" / "version_0"
+    csv_run = run if csv_place == "same" else tmp_path / "csvroot" / "csv" / "version_0"
+    first = _run("fit", tmp_path, loggers, "--trainer.max_epochs", "1")
+    assert [Path(logger.log_dir) for logger in first.trainer.loggers] == [run, csv_run]
+    assert _epochs(csv_run / "metrics.csv") == [0]
+    cli = _run("fit", tmp_path, loggers, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert cli.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert [Path(logger.log_dir) for logger in cli.trainer.loggers] == [run, csv_run]
+    assert (run / "config.yaml").is_file() and (run / "config.resume-1.yaml").is_file()
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # both fits' TensorBoard events
+    assert _epochs(csv_run / "metrics.csv") == [0, 1]  # the first fit's row kept, one added
+    best = cli.trainer.checkpoint_callback.best_model_path
+    kept = (csv_run / "metrics.csv").read_bytes()
+    cli = _run("test", tmp_path, loggers, "--ckpt_path", "best")
+    assert cli.trainer.ckpt_path == best and Path(best).parent.parent == run
+    new = [run.with_name("version_1"), csv_run.with_name("version_1")]
+    assert [Path(logger.log_dir) for logger in cli.trainer.loggers] == new
+    assert (new[1] / "metrics.csv").is_file() and (csv_run / "metrics.csv").read_bytes() == kept
+
+
+def test_the_write_check_covers_every_loggers_folder(tmp_path):
+    """The check ran for a single logger only: a list's unwritable save_dir failed later."""
+    (tmp_path / "a_file").write_text("")
+    loggers = [TB, {**CSV, "init_args": {"name": "csv", "save_dir": "a_file/logs"}}]
+    with pytest.raises(LogFolderError, match="a_file/logs"):
+        _run("fit", tmp_path, loggers, "--trainer.max_epochs", "1")
