@@ -72,7 +72,8 @@ def resumed_in_place(trainer: Any, logger: Any = None) -> bool:
     loggers = getattr(trainer, "loggers", None) or []
     ckpt, first = getattr(trainer, "ckpt_path", None), loggers[0] if loggers else None
     log_dir = getattr(first, "log_dir", None) if first is not None else None
-    if not ckpt or not log_dir or Path(log_dir).resolve() not in Path(str(ckpt)).resolve().parents:
+    if not ckpt or not log_dir \
+            or Path(log_dir).resolve() not in Path(str(ckpt)).resolve().parents:
         return False
     if logger is None or logger is first:
         return True

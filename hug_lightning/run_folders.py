@@ -2,9 +2,10 @@
 
 A run is ``<save_dir>/<name>/<version>/`` (TensorBoard or CSV logger; of a list of loggers,
 the first one's, where Lightning writes the checkpoints, the others sharing its version).
-``fit --ckpt_path last`` resumes the newest ``last.ckpt`` of the experiment in its own folder; ``validate|test|predict
---ckpt_path last|best`` evaluate the newest run's last or best checkpoint in a new folder, never
-writing into the training run's. Missing or unreadable checkpoints are one clear error.
+``fit --ckpt_path last`` resumes the newest ``last.ckpt`` of the experiment in its own folder;
+``validate|test|predict --ckpt_path last|best`` evaluate the newest run's last or best checkpoint
+in a new folder, never writing into the training run's. Missing or unreadable checkpoints are
+one clear error.
 """
 
 from __future__ import annotations
