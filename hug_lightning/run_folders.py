@@ -11,6 +11,7 @@ one clear error.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lightning.fabric.loggers import CSVLogger as FabricCSVLogger
+from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from hug_lightning.checkpointing import find_last_checkpoint
@@ -28,16 +31,33 @@ from hug_lightning.recorded_best import (AmbiguousBestError, checkpoint_state_ke
 
 
 def loggers_init_args(cfg: Any) -> list[Any]:
-    """The ``init_args`` of every configured logger with a ``save_dir`` (``trainer.logger``: one
-    logger or a list), in the configured order."""
+    """The ``init_args`` of every configured logger (``trainer.logger``: one logger or a list),
+    in the configured order; None for one that writes no ``<save_dir>/<name>/<version>`` folder
+    (:func:`_folder_logger`), whose options the run folders leave alone."""
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
     found = []
     for each in logger if isinstance(logger, list) else [logger]:
         init = getattr(each, "init_args", None) if each is not None else None
         if init is None and isinstance(each, dict):
             init = each.get("init_args")
-        found.append(init if init is not None and "save_dir" in init else None)
+        found.append(init if init is not None and _folder_logger(each, init) else None)
     return found
+
+
+def _folder_logger(logger: Any, init: Any) -> bool:
+    """Whether a configured logger is a TensorBoard or CSV logger (or a subclass): a ``version``
+    folder under ``<save_dir>/<name>``. Others with a ``save_dir`` (MLflow's, W&B's, a user's)
+    do not count: a ``version`` set on them is an option they reject or a run id. A class that
+    cannot be imported here counts when it takes ``save_dir``, ``name`` and ``version``."""
+    class_path = getattr(logger, "class_path", None)
+    if class_path is None and isinstance(logger, dict):
+        class_path = logger.get("class_path")
+    module, _, attr = str(class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return all(key in init for key in ("save_dir", "name", "version"))
+    return isinstance(cls, type) and issubclass(cls, (FabricCSVLogger, FabricTensorBoardLogger))
 
 
 def logger_init_args(cfg: Any) -> Any:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import Logger
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from hug_lightning.cli import main
@@ -124,3 +125,38 @@ def test_the_write_check_covers_every_loggers_folder(tmp_path):
     loggers = [TB, {**CSV, "init_args": {"name": "csv", "save_dir": "a_file/logs"}}]
     with pytest.raises(LogFolderError, match="a_file/logs"):
         _run("fit", tmp_path, loggers, "--trainer.max_epochs", "1")
+
+
+class SaveDirLogger(Logger):
+    """A logger with a ``save_dir`` and no ``version`` option (as MLflow's): not a run folder."""
+
+    def __init__(self, save_dir: str = "./other") -> None:
+        super().__init__()
+        self._save_dir = save_dir
+
+    name = property(lambda self: "other")
+    version = property(lambda self: "run")
+    save_dir = property(lambda self: self._save_dir)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:  # noqa: ANN001
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:  # noqa: ANN001
+        pass
+
+
+def test_a_logger_without_version_folders_is_left_alone(tmp_path):
+    """``--ckpt_path last`` set ``version`` on every logger with a ``save_dir``: one that takes
+    no such option failed the parse ("Option 'version' is not accepted", exit 2), and a
+    ``version`` would be W&B's run id."""
+    other = {"class_path": f"{__name__}.SaveDirLogger", "init_args": {"save_dir": "other"}}
+    tb = {**TB, "init_args": {**TB["init_args"], "name": "exp"}}
+    run = tmp_path / "exp" / "version_0"
+    _run("fit", tmp_path, [tb, other], "--trainer.max_epochs", "1", "--nc.enabled", "false")
+    cli = _run("fit", tmp_path, [tb, other], "--trainer.max_epochs", "2", "--nc.enabled",
+               "false", "--ckpt_path", "last")
+    assert cli.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert [type(logger) for logger in cli.trainer.loggers][1] is SaveDirLogger
+    assert Path(cli.trainer.loggers[0].log_dir) == run
+    cli = main(["validate", "--config", str(run / "config.resume-1.yaml"), "--ckpt_path", "last"])
+    assert Path(cli.trainer.loggers[0].log_dir) == run.with_name("version_1")
