@@ -4,12 +4,14 @@ The model saves its init arguments (``save_hyperparameters``); the data modules 
 tab had no batch size, dataset or split to compare runs by. :func:`data_hparams` adds the data
 module's class and the plain-valued init options it keeps as attributes, under ``data``
 (``data/batch_size``, ``data/seed``, ... in the tab). The NC monitor's last training
-``nc1_pinv`` is declared as the metric ``hp/nc1_pinv`` next to the accuracies.
+``nc1_pinv`` is declared as the metric ``hp/nc1_pinv`` next to the accuracies, once per log
+folder: not again in a fit resumed into its run's folder (:func:`resumed_in_place`).
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -60,4 +62,23 @@ def data_hparams(datamodule: Any) -> dict[str, Any]:
     return {"data": out}
 
 
-__all__ = ["HP_METRICS", "data_hparams", "is_plain"]
+def resumed_in_place(trainer: Any, logger: Any = None) -> bool:
+    """Whether ``trainer`` resumes a checkpoint of its own log folder (``--ckpt_path last``),
+    the first logger's (where Lightning writes the checkpoints); with ``logger``, one of a list,
+    also whether that logger logs into a folder of the run it logged into before: on a resume
+    the CLI gives every logger the run's version, a folder that is new to a logger added since
+    (or of another ``save_dir``/``name`` whose numbers went their own way). Its TensorBoard
+    events from before tell (this fit's writer has one file, an earlier one another)."""
+    loggers = getattr(trainer, "loggers", None) or []
+    ckpt, first = getattr(trainer, "ckpt_path", None), loggers[0] if loggers else None
+    log_dir = getattr(first, "log_dir", None) if first is not None else None
+    if not ckpt or not log_dir \
+            or Path(log_dir).resolve() not in Path(str(ckpt)).resolve().parents:
+        return False
+    if logger is None or logger is first:
+        return True
+    own = getattr(logger, "log_dir", None)
+    return own is not None and len(list(Path(own).glob("events.out.tfevents.*"))) > 1
+
+
+__all__ = ["HP_METRICS", "data_hparams", "is_plain", "resumed_in_place"]

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from hug_lightning.hp_tab import HP_METRICS, data_hparams
+from hug_lightning.hp_tab import HP_METRICS, data_hparams, resumed_in_place
 from hug_lightning.max_steps_resume import resume_as_epoch_training
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
@@ -60,25 +59,6 @@ def unpack_batch_of(module: Any, batch: Any, needs: str | None = None) -> tuple[
         raise ValueError(f"{needs} needs labels, and {type(module).__name__}.unpack_batch gave "
                          "none for this batch (override unpack_batch to read them).")
     return images, labels
-
-
-def resumed_in_place(trainer: Any, logger: Any = None) -> bool:
-    """Whether ``trainer`` resumes a checkpoint of its own log folder (``--ckpt_path last``),
-    the first logger's (where Lightning writes the checkpoints); with ``logger``, one of a list,
-    also whether that logger logs into a folder of the run it logged into before: on a resume
-    the CLI gives every logger the run's version, a folder that is new to a logger added since
-    (or of another ``save_dir``/``name`` whose numbers went their own way). Its TensorBoard
-    events from before tell (this fit's writer has one file, an earlier one another)."""
-    loggers = getattr(trainer, "loggers", None) or []
-    ckpt, first = getattr(trainer, "ckpt_path", None), loggers[0] if loggers else None
-    log_dir = getattr(first, "log_dir", None) if first is not None else None
-    if not ckpt or not log_dir \
-            or Path(log_dir).resolve() not in Path(str(ckpt)).resolve().parents:
-        return False
-    if logger is None or logger is first:
-        return True
-    own = getattr(logger, "log_dir", None)
-    return own is not None and len(list(Path(own).glob("events.out.tfevents.*"))) > 1
 
 
 class ClassifierLoop(LightningModule):
