@@ -229,10 +229,12 @@ class RequeueSchedule:
                            "removed (the fit is done; last.ckpt holds it).")
 
     def detach(self) -> None:
-        """Give the strategy's ``on_validation_end`` back; no requeue save until :meth:`start`."""
+        """Give the strategy's ``on_validation_end`` back; no requeue save until :meth:`start`
+        (nothing of this fit's left: a later fit that does not start it acts on none)."""
         if self._strategy is not None and "on_validation_end" in vars(self._strategy):
             del self._strategy.on_validation_end
         self.handler = self._trainer = self._strategy = None
+        self.agreed, self.at, self.saved = False, None, None
 
 
 def _last_checkpoint_hook(trainer: Trainer) -> bool:
