@@ -62,9 +62,8 @@ from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
-                                       logger_init_args, loggers_init_args,
-                                       never_into_a_run_folder, resolve_evaluated, resolve_last,
-                                       run_folder, share_version)
+                                       loggers_init_args, never_into_a_run_folder,
+                                       resolve_evaluated, resolve_last, run_folder, share_version)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -167,7 +166,8 @@ class HUGLightningCLI(LightningCLI):
         # as 1.0 again, so instantiate_trainer passes the same keys as 1
         self._integer_ones = (restore_integer_ones(written, cfg["trainer"])
                               if cfg.get("trainer") is not None else [])
-        logger, loggers = logger_init_args(cfg), loggers_init_args(cfg)
+        loggers = loggers_init_args(cfg)
+        logger = loggers[0] if loggers else None  # the run's: Lightning checkpoints into it
         for save_dir in dict.fromkeys(str(each.get("save_dir") or ".") for each in loggers
                                       if each is not None):
             check_writable(Path(save_dir))  # each logger's: a list may log to several
@@ -175,7 +175,7 @@ class HUGLightningCLI(LightningCLI):
         self._resumes_in_place = False
         if subcommand == "fit":
             if cfg.get("ckpt_path") == "last":
-                resolve_last(cfg, logger)
+                resolve_last(cfg, loggers)
             folder = run_folder(logger) if cfg.get("ckpt_path") and logger is not None else None
             if folder is not None:  # a resume into the run's own folder keeps its config
                 self._resumes_in_place = True

@@ -33,7 +33,8 @@ from hug_lightning.recorded_best import (AmbiguousBestError, checkpoint_state_ke
 def loggers_init_args(cfg: Any) -> list[Any]:
     """The ``init_args`` of every configured logger (``trainer.logger``: one logger or a list),
     in the configured order; None for one that writes no ``<save_dir>/<name>/<version>`` folder
-    (:func:`_folder_logger`), whose options the run folders leave alone."""
+    (:func:`_folder_logger`), whose options the run folders leave alone. The first one's folder
+    is the run's: Lightning writes the checkpoints into ``trainer.loggers[0]``'s."""
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
     found = []
     for each in logger if isinstance(logger, list) else [logger]:
@@ -58,14 +59,6 @@ def _folder_logger(logger: Any, init: Any) -> bool:
     except (ImportError, AttributeError, ValueError):
         return all(key in init for key in ("save_dir", "name", "version"))
     return isinstance(cls, type) and issubclass(cls, (FabricCSVLogger, FabricTensorBoardLogger))
-
-
-def logger_init_args(cfg: Any) -> Any:
-    """The ``init_args`` of the logger whose folder is the run's, else None: the first one of a
-    list (Lightning's checkpoints go to ``trainer.loggers[0]``'s version folder), when it has a
-    ``save_dir`` (a TensorBoard or CSV logger)."""
-    found = loggers_init_args(cfg)
-    return found[0] if found else None
 
 
 def share_version(loggers: list[Any]) -> None:
@@ -132,7 +125,7 @@ def find_last(logger: Any, flag: str, filename: str = "last.ckpt") -> Path:
     return found
 
 
-def resolve_last(cfg: Any, logger: Any) -> None:
+def resolve_last(cfg: Any, loggers: list[Any]) -> None:
     """``fit --ckpt_path last``: the newest last.ckpt of this experiment, resumed in place.
 
     Every logger keeps writing into its own folder of that run: the run's version (its folder's
@@ -141,9 +134,9 @@ def resolve_last(cfg: Any, logger: Any) -> None:
     same loggers from the start gave it (not its newest one, which may be another run's; a new
     folder where it has none).
     """
-    found = find_last(logger, "last")
+    found = find_last(loggers[0] if loggers else None, "last")
     cfg["ckpt_path"] = str(found)
-    for each in loggers_init_args(cfg):
+    for each in loggers:  # the configured ones (loggers_init_args), the run's first
         if each is not None:  # keep logging into the same run folder
             each["version"] = found.parent.parent.name
 
