@@ -26,6 +26,7 @@ before calling ``super().__init__()``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Literal, Sequence
 
@@ -222,6 +223,24 @@ class ClassifierModule(ClassifierMetrics):
             "features": features,  # with its graph: a subclass may add a term on it to the loss
             "labels": y,
         }
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClassifierModule:
+        """A copy of the module that shares its optimizer and scheduler factories (and, as any
+        LightningModule's copy, has no trainer).
+
+        Weight averaging copies the module (``StochasticWeightAveraging`` in its ``setup``,
+        ``WeightAveraging`` through ``AveragedModel``). A plain deep copy also copied what the
+        factories reach: the CLI's factories hold the CLI, hence the trainer, the data module
+        (its data), the loggers and the launcher. On rank 0 of a DDP fit started by Lightning's
+        own launcher that launcher holds the other ranks' processes, which cannot be copied: the
+        fit failed with ``TypeError: cannot pickle '_thread.lock' object``.
+        """
+        for factory in (self.optimizer_factory, self.scheduler_factory):
+            memo.setdefault(id(factory), factory)  # stateless callables: shared
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     # ----------------------------------------------------------------- Lightning, the loop's hooks
     def configure_model(self) -> None:

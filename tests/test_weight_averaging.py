@@ -1,21 +1,26 @@
 """Lightning's weight averaging callbacks in ``trainer.callbacks``: ``StochasticWeightAveraging``
 (SWA) and ``WeightAveraging``, on the UFM (free features sized from the data) and on a CIFAR
-run with BatchNorm, checked against means of the saved per-epoch (or per-step) weights."""
+run with BatchNorm, checked against means of the saved per-epoch (or per-step) weights; SWA
+also on 2 DDP processes, against one."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import REPO, tiny_args
 from hug_lightning.cli import main
+from hug_lightning.experiments.results import read_scalars
 
 # averages at the start of epochs swa_epoch_start - 1 .. max_epochs - 1 (0-based) the weights
 # trained until then: those saved after epochs 0, 1 and 2 of 4 (the last epoch's are not in it)
@@ -133,3 +138,49 @@ def test_swa_with_batch_norm_on_cifar(cifar10_tv_root, no_checksum, tmp_path, de
     validated = main(["validate", *args, "--ckpt_path", str(Path(cli.trainer.log_dir)
                                                          / "checkpoints" / "last.ckpt")])
     assert float(validated.trainer.callback_metrics["val/loss"]) == pytest.approx(fitted)
+
+
+def test_a_copy_of_the_module_leaves_the_cli_behind(tmp_path):
+    """The copy weight averaging makes of the module followed the CLI's optimizer factory (a
+    partial holding the CLI) to the CLI, the trainer and the data module, and copied them all;
+    now the factories are shared and nothing else is reached."""
+    cli = main(["fit", *_ufm(tmp_path, "--trainer.max_epochs", "1")])
+    memo: dict = {}
+    copied = copy.deepcopy(cli.model, memo)
+    reached = [type(v).__name__ for v in memo.values()
+               if isinstance(v, (LightningCLI, Trainer, LightningDataModule))]
+    assert reached == []
+    assert copied.optimizer_factory is cli.model.optimizer_factory
+    for name, value in cli.model.state_dict().items():
+        assert torch.equal(copied.state_dict()[name], value), name
+    assert copied.backbone.weight.data_ptr() != cli.model.backbone.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_swa_on_two_ddp_processes_equals_one(tmp_path):
+    """Found by an audit: a 2-process DDP fit (Lightning's launcher) with SWA (or
+    ``WeightAveraging``) failed in SWA's ``setup`` on rank 0 with ``cannot pickle
+    '_thread.lock' object``: copying the module copied the CLI, whose launcher holds the other
+    rank's process. Now rank 0's ``last.ckpt`` holds the mean of the per-epoch weights, the
+    same as one process's (full-batch UFM, class counts synced: measured bit-identical), and
+    ``validate --ckpt_path last`` on 2 processes scores that average."""
+    one = main(["fit", *_ufm(tmp_path / "one", *SWA)])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+    for command in (["fit", *SWA], ["validate", "--ckpt_path", "last"]):
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", command[0],
+                               *_ufm(tmp_path / "two", *command[1:], *ddp)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "two" / "ufm_hug"
+    epochs, last = _checkpoints(runs / "version_0")
+    averaged = one.model.state_dict()
+    for name in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(last[name], _mean([epochs[e] for e in AVERAGED_EPOCHS], name))
+        torch.testing.assert_close(last[name], averaged[name], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(epochs[3][name], last[name])
+    model = one.model.eval()
+    with torch.no_grad():  # the HUG loss of the average on the 40 samples (4 per class)
+        want = model.head.loss(model.backbone.weight, torch.arange(40) // 4)[0]
+    validated = read_scalars(runs / "version_1")["val/loss"]
+    assert validated[-1][1] == pytest.approx(float(want), rel=1e-5)
