@@ -61,6 +61,7 @@ from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
+from hug_lightning.recorded_best import checkpoint_group_first
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
                                        loggers_init_args, never_into_a_run_folder,
                                        resolve_evaluated, resolve_last, run_folder, share_version)
@@ -111,6 +112,9 @@ class HUGLightningCLI(LightningCLI):
                 not any(isinstance(c, ProgressBar) for c in [*given, *extra]):
             kwargs["callbacks"] = [*given, ThrottledProgressBar()]
         trainer = super().instantiate_trainer(**kwargs, **ones)
+        # trainer.checkpoint_callback (in-process ckpt_path="best") is the group's, as on the CLI
+        trainer.callbacks = checkpoint_group_first(
+            trainer.callbacks, self._get(self.config_init, "checkpoint", default=None))
         share_version(trainer.loggers)  # a list's loggers of one experiment: one folder
         return trainer
 

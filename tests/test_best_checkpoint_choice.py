@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.cli import main
 from hug_lightning.experiments import runner
 from hug_lightning.recorded_best import (AmbiguousBestError, checkpoint_state_key,
@@ -90,20 +91,53 @@ def test_several_monitored_and_none_the_groups_is_an_error_naming_them(tmp_path)
     assert str(last.parent / "loss.ckpt") in message and str(last.parent / "t5.ckpt") in message
 
 
-def test_cli_best_with_callbacks_of_the_users_own(tmp_path):
-    """End to end: a fit with a ModelCheckpoint on val/loss and one every step before the
-    shipped one; ``test --ckpt_path best`` in a new CLI evaluates the shipped one's best."""
+def _fit_args(tmp_path: Path) -> list[str]:
+    """A tiny UFM fit with a ModelCheckpoint on val/loss and one every step of the user's."""
     mine = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"monitor": "val/loss", "mode": "min", "filename": "loss-{epoch}"}},
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"every_n_train_steps": 1, "filename": "step-{step}"}}]
-    args = ["--config", "ufm_ce", "--trainer.logger.init_args.save_dir", str(tmp_path),
+    return ["--config", "ufm_ce", "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1",
             "--data.init_args.num_classes", "4", "--data.init_args.samples_per_class", "8",
             "--data.init_args.steps_per_epoch", "2", "--model.init_args.backbone.init_args.dim",
             "8", "--nc.enabled", "false", "--trainer.callbacks", json.dumps(mine)]
+
+
+def test_cli_best_with_callbacks_of_the_users_own(tmp_path):
+    """End to end: a fit with a ModelCheckpoint on val/loss and one every step before the
+    shipped one; ``test --ckpt_path best`` in a new CLI evaluates the shipped one's best."""
+    args = _fit_args(tmp_path)
     cli = main(["fit", *args])
     shipped = [c for c in cli.trainer.checkpoint_callbacks if c.monitor == "val/acc"]
-    assert len(shipped) == 1 and cli.trainer.checkpoint_callback is not shipped[0]  # theirs
+    assert len(shipped) == 1
     cli = main(["test", *args, "--ckpt_path", "best"])
     assert cli.trainer.ckpt_path == shipped[0].best_model_path
+
+
+def test_in_process_best_is_the_groups(tmp_path):
+    """Found by an audit: in a notebook, ``cli.trainer.test(ckpt_path="best")`` after
+    ``main(["fit", ...])`` loaded Lightning's first ModelCheckpoint's file, the user's (on
+    val/loss), not the group's best on val/acc that ``--ckpt_path best`` evaluates."""
+    cli = main(["fit", *_fit_args(tmp_path)])
+    last = next(tmp_path.glob("*/version_0/checkpoints/last.ckpt"))
+    recorded = torch.load(last, weights_only=True)["callbacks"][SHIPPED]["best_model_path"]
+    mine = [c.best_model_path for c in cli.trainer.checkpoint_callbacks if c.monitor is None
+            or c.monitor == "val/loss"]
+    assert Path(recorded).is_file() and recorded not in mine  # another file than the user's
+    assert cli.trainer.checkpoint_callback.best_model_path == recorded
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    assert cli.trainer.ckpt_path == recorded
+    assert isinstance(cli.trainer.checkpoint_callbacks[-1], LastCheckpoint)  # still the last
+
+
+def test_in_process_best_without_the_groups_file_is_the_clis_too(tmp_path):
+    """The group keeps no file (``--checkpoint.save_top_k 0``): it is not put first, and the
+    in-process "best" is the file ``test --ckpt_path best`` takes (the only other monitored
+    one), not Lightning's error that no best model was saved."""
+    args = [*_fit_args(tmp_path), "--checkpoint.save_top_k", "0"]
+    cli = main(["fit", *args])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    in_process = cli.trainer.ckpt_path
+    assert Path(in_process).name.startswith("loss-")  # the user's on val/loss
+    assert main(["test", *args, "--ckpt_path", "best"]).trainer.ckpt_path == in_process
