@@ -8,6 +8,12 @@ redraws faster than anyone can read. :class:`ThrottledProgressBar` shows the sam
 same values, redrawn at most ten times a second (tqdm's own default interval), and always after
 the last batch of a loop. ``hug-lightning`` uses it unless the configuration names a progress
 bar of its own (``trainer.callbacks``) or turns the bar off (``trainer.enable_progress_bar``).
+
+Lightning's bar closes its bars only at a loop's normal end. A run that ends with an exception
+(an error, Ctrl-C, SIGTERM) left them open: the traceback began on the bar's line, and in a
+notebook or any process that goes on, the open bar was drawn again when it was garbage
+collected, a stray ``Epoch 0:  86%| 6/7`` in a later cell's output. This one closes them in
+``on_exception``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ class ThrottledProgressBar(TQDMProgressBar):
         self.min_interval_s = float(min_interval_s)
         self._last_draw: dict[str, float] = {}
         self._clock = time.monotonic
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: ANN001
+        """Close every bar of the loop the exception ended (as its normal end would: the
+        training bar's line is left, ended, before the traceback)."""
+        super().on_exception(trainer, pl_module, exception)
+        for stage in ("train", "val", "test", "predict"):
+            bar = getattr(self, f"_{stage}_progress_bar", None)
+            if bar is not None:
+                bar.close()  # a second close does nothing
 
     def _due(self, stage: str, batch_idx: int, bar: Any) -> bool:
         """Whether this batch's redraw of ``bar`` happens (the last batch always does). Only a

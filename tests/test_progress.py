@@ -118,3 +118,43 @@ def test_the_command_uses_the_throttled_bar_unless_told_otherwise(
         assert cli.trainer.progress_bar_callback is bars[0]
     if expected is TQDMProgressBar:
         assert bars[0].refresh_rate == 5
+
+
+class FailsAt(ClassifierModule):
+    """Raises in the training step of batch ``FAILS_AT`` (0-based) of the first epoch."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == FAILS_AT:
+            raise RuntimeError("failed on purpose")
+        return super().training_step(batch, batch_idx)
+
+
+FAILS_AT = 6
+
+
+@pytest.mark.parametrize("bar_class", [ThrottledProgressBar, TQDMProgressBar])
+def test_a_fit_ended_by_an_exception_closes_its_bars(tmp_path, capsys, bar_class):
+    """Found by an audit: a stray ``Epoch 0:  86%| 6/7`` after a test run's summary. Lightning's
+    bar (the reference here) closes its bars only at a loop's normal end, so a fit ended by an
+    exception left its training bar open, drawn again when collected, and the traceback began
+    on its line. Ours closes it there: its line (6 of 7 batches) ends before the traceback."""
+    import tqdm
+
+    data = TensorDataset(torch.randn(8 * (FAILS_AT + 1), 3, 8, 8), torch.arange(8 * 7) % 3)
+    bar = bar_class(min_interval_s=0) if bar_class is ThrottledProgressBar else bar_class()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, callbacks=[bar], logger=False,
+                      enable_checkpointing=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    module = FailsAt(backbone=SmallConvNet(width=4), head=CrossEntropyHead, num_classes=3)
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        trainer.fit(module, DataLoader(data, batch_size=8))
+    train = bar.train_progress_bar
+    assert (train.n, train.total) == (FAILS_AT, FAILS_AT + 1)
+    closed = train not in tqdm.tqdm._instances
+    out = capsys.readouterr().out
+    if bar_class is TQDMProgressBar:  # the defect, in Lightning's own bar
+        assert not closed and not out.endswith("\n")
+        train.close()
+        return
+    assert closed and train.disable
+    assert out.endswith("\n") and f"{FAILS_AT}/{FAILS_AT + 1}" in out.splitlines()[-1]
