@@ -224,6 +224,11 @@ class InterruptCheckpoint(Callback):
         self.requeue_schedule.train_end(trainer)  # ended at the save point: no requeue
 
     def _restore(self) -> None:
+        originals = getattr(self._connector, "_original_handlers", None)
+        if isinstance(originals, dict) and originals.get(signal.SIGINT) == self._on_signal:
+            # a fit ended by an exception: Lightning's teardown, after on_exception, puts back
+            # the handlers it found after on_fit_start (ours): the previous one instead
+            originals[signal.SIGINT] = self._previous_sigint
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
