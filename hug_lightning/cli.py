@@ -62,6 +62,7 @@ from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.recorded_best import checkpoint_group_first
+from hug_lightning.resumed_logs import ResumedLogCut
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
                                        loggers_init_args, never_into_a_run_folder,
                                        resolve_evaluated, resolve_last, run_folder, share_version)
@@ -134,6 +135,7 @@ class HUGLightningCLI(LightningCLI):
             check_policy_for_processes(guard.policy, self.trainer.world_size)  # launch: once
         if subcommand == "fit" and getattr(self, "_resumes_in_place", False):
             keep_csv_history(self.trainer.loggers)  # Lightning's CSVLogger deletes it
+            self.trainer.callbacks.insert(0, ResumedLogCut())  # what a killed fit logged later
         try:
             with evaluation_warnings(subcommand):
                 super()._run_subcommand(subcommand)
