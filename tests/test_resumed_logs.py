@@ -16,8 +16,10 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,20 +70,21 @@ def _callback(name: str, **init: int) -> tuple[str, str]:
         {"class_path": f"tests_resumed_logs_callbacks.{name}", "init_args": init}))
 
 
-def _fit(log: Path, *extra: str) -> None:
+def _fit(log: Path, *extra: str) -> Any:
     """The mini-batch UFM (5 steps per epoch, 3 epochs, validation and figures every epoch)
     logging to TensorBoard and CSV in one folder, ``<log>/exp/version_0``; Lightning's
-    learning-rate monitor logs when a batch starts."""
+    learning-rate monitor logs when a batch starts. Returns the CLI object."""
     loggers = [{"class_path": f"lightning.pytorch.loggers.{kind}Logger",
                 "init_args": {"save_dir": str(log), "name": "exp", **options}}
                for kind, options in (("TensorBoard", {"default_hp_metric": False}), ("CSV", {}))]
-    main(["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
-          "--trainer.logger", json.dumps(loggers),
-          "--model.init_args.backbone.init_args.dim", "8",
-          "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "8",
-          "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1",
-          "--trainer.log_every_n_steps", "1", "--nc.figures_every", "1",
-          "--trainer.callbacks+", "lightning.pytorch.callbacks.LearningRateMonitor", *extra])
+    return main(["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+                 "--trainer.logger", json.dumps(loggers),
+                 "--model.init_args.backbone.init_args.dim", "8",
+                 "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "8",
+                 "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1",
+                 "--trainer.log_every_n_steps", "1", "--nc.figures_every", "1",
+                 "--trainer.callbacks+", "lightning.pytorch.callbacks.LearningRateMonitor",
+                 *extra])
 
 
 def _shown(run: Path) -> dict[str, Counter]:
@@ -135,11 +138,36 @@ def test_a_resume_after_a_kill_logs_as_the_uninterrupted_run(tmp_path, cut):
     reference, resumed = _shown(ref / "exp" / "version_0"), _shown(run)
     assert _written(run) > _written(ref / "exp" / "version_0")  # the killed run's logs are there
     assert resumed["scalars"] == reference["scalars"]
-    if cut != "mid_epoch_validations":  # figures there: the README's Known limits
-        assert resumed["images"] == reference["images"] != Counter()
-        assert resumed["histograms"] == reference["histograms"]
+    # the figures of the mid-epoch validations of the resumed epoch too (they draw the training
+    # class means the checkpoint holds; they were missing, its training means not saved)
+    assert resumed["images"] == reference["images"] != Counter()
+    assert resumed["histograms"] == reference["histograms"]
     kept = (run / "metrics.csv").read_bytes()
     assert kept == (ref / "exp" / "version_0" / "metrics.csv").read_bytes()
+
+
+def test_training_means_are_checkpointed_and_older_checkpoints_load(tmp_path):
+    """The figures of a validation inside the epoch a fit resumes in draw the training class
+    means of the last compute (not states): missing after a resume, the checkpoint did not hold
+    them. Saved now for the training collectors (raw and spherical, as computed); a checkpoint
+    without them (older) still loads, with no means until the epoch's end computes them."""
+    cli = _fit(tmp_path, "--trainer.max_epochs", "2", "--nc.train", "true")
+    monitor = next(cb for cb in cli.trainer.callbacks
+                   if type(cb).__name__ == "NeuralCollapseMonitor")
+    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = next(v for k, v in ckpt["callbacks"].items() if "NeuralCollapseMonitor" in k)
+    assert set(saved["means"]) == {"train", "train_eval"}  # not val's: nothing reads them later
+    for legacy in (False, True):
+        state = {k: v for k, v in saved.items() if not (legacy and k == "means")}
+        fresh = type(monitor)(train=True, eval_pass=True)
+        fresh.load_state_dict(state)
+        fresh.setup(cli.trainer, cli.model, "fit")
+        for name in ("train", "train_eval"):
+            col, ran = fresh.collectors[name], monitor.collectors[name]
+            assert col.has_means() is not legacy, (name, legacy)
+            if not legacy:
+                for spherical in (False, True):
+                    assert torch.equal(col.means(spherical), ran.means(spherical)), name
 
 
 def _purges(folder: Path) -> int:

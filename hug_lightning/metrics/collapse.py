@@ -233,5 +233,15 @@ class NCFeatureStats(PivotReference, SumStateMetric):
             raise RuntimeError("call compute() first (and spherical=True needs spherical states)")
         return self._means[key].clone()
 
+    def computed_means(self) -> dict[str, Tensor]:
+        """The class means of the last ``compute`` (``"raw"``, and ``"sph"`` with spherical
+        states; empty before any), on the CPU: for a checkpoint (they are not states)."""
+        return {key: value.detach().cpu().clone() for key, value in self._means.items()}
+
+    def restore_means(self, saved: dict[str, Tensor]) -> None:
+        """Put back the means of :meth:`computed_means` (from a checkpoint): :meth:`means` and
+        :meth:`has_means` then answer as after that ``compute``."""
+        self._means = {key: value.clone() for key, value in saved.items()}
+
 
 NCCollector = NCFeatureStats

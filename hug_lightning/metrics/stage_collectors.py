@@ -4,7 +4,7 @@ Everything the monitor does with its :class:`~hug_lightning.metrics.collapse.NCF
 collectors (one per stage: ``train``, ``train_eval``, ``val``) apart from Lightning's hooks:
 batch updates (training batches buffered, ``buffer_batches`` per update), the epoch-end
 compute, logging and hand-over of the class means, and the checkpoint state (sums added over
-processes).
+processes; the training collectors' latest class means).
 """
 
 from __future__ import annotations
@@ -52,8 +52,12 @@ class StageCollectors(Callback):
                 for key in col._reductions:  # the SUM states (pivots are the same on all ranks)
                     state[key] = all_reduce_sync(getattr(col, key))[0]
             collectors[name] = state
+        # the training collectors' latest class means (not states; the same on every rank):
+        # a validation inside the epoch a fit resumes in draws its figures from them
+        means = {name: col.computed_means() for name, col in self.collectors.items()
+                 if name != "val" and col.has_means()}
         return {"collectors": collectors, "train_done_epoch": self._train_done_epoch,
-                "summed_over_ranks": summed}
+                "summed_over_ranks": summed, "means": means}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.collectors:  # restored before setup: apply once the collectors exist
@@ -67,6 +71,11 @@ class StageCollectors(Callback):
                     sd = {k: (torch.zeros_like(v) if k in col._reductions else v)
                           for k, v in sd.items()}
                 col.load_state_dict(sd)
+        # a checkpoint written before the means were saved has none: the figures of the
+        # validations before this epoch's end are then left out, as they were
+        for name, saved in state_dict.get("means", {}).items():
+            if name in self.collectors:
+                self.collectors[name].restore_means(saved)
         self._train_done_epoch = state_dict.get("train_done_epoch", -1)
         self._pending_state = None
 
