@@ -41,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hug_lightning.data_error_save import save_after_data_error
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.recorded_best import recorded_best_checkpoint  # which "best" (re-exported)
+from hug_lightning.slurm_requeue import epoch_ends
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "LastCheckpoint",
            "find_last_checkpoint", "recorded_best_checkpoint"]
@@ -96,9 +97,10 @@ class LastCheckpoint(ModelCheckpoint):
     :mod:`hug_lightning.data_error_save`).
 
     Args:
-        every_n_train_steps: Also save every this many optimizer steps (0: epoch ends only).
-            Epoch ends and the end of training are saved as well, so the file always ends
-            with the final weights.
+        every_n_train_steps: Also save every this many optimizer steps (0: epoch ends only),
+            except at an epoch's last batch (a resume from there skipped the epoch's end:
+            :mod:`hug_lightning.epoch_end_restart`). Epoch ends and the end of training are
+            saved as well, so the file always ends with the final weights.
         every_n_epochs: Save every this many epochs (when ``every_n_train_steps`` is 0).
         enabled: Keep ``last.ckpt`` at all.
     """
@@ -124,7 +126,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # not the step save at an epoch's last batch: Lightning resumes such a file as a done
+        # epoch and skips its end (hug_lightning.epoch_end_restart); the epoch-end save follows
+        if not (self._every_n_train_steps and epoch_ends(trainer)):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.trained_this_fit = True
         # a max_steps stop inside an epoch: save here, where a resume continues that epoch (at
         # the epoch-end hooks the epoch is already marked done, and a resume would skip its

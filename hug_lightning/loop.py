@@ -29,9 +29,11 @@ from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from hug_lightning.hp_tab import HP_METRICS, data_hparams, resumed_in_place
+from hug_lightning.epoch_end_restart import epoch_end_skipped_message, restart_skips_epoch_end
 from hug_lightning.max_steps_resume import resume_as_epoch_training
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
@@ -164,6 +166,13 @@ class ClassifierLoop(LightningModule):
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
         if not self.plateau_steps.taken(scheduler, metric, self.trainer):  # see there
             super().lr_scheduler_step(scheduler, metric)
+
+    def on_train_start(self) -> None:
+        # resumed from a file written after an epoch's last batch: Lightning skips that epoch's
+        # end, where the counts restart (see hug_lightning.epoch_end_restart)
+        if restart_skips_epoch_end(self.trainer):
+            rank_zero_warn(epoch_end_skipped_message(self.trainer))
+            self.train_accuracy.counts.zero_()
 
     def on_train_end(self) -> None:
         self.step_log.flush(self.trainer)

@@ -31,10 +31,10 @@ from hug_lightning.cli import main
 
 class KeepLast(Callback):
     """Copy the run's ``last.ckpt`` to ``keep.ckpt`` beside the experiment when the batch of
-    global step ``step`` (or the epoch ``epoch``) starts."""
+    global step ``step`` (or the epoch ``epoch``, or a validation at ``val_step``) starts."""
 
-    def __init__(self, step: int = -1, epoch: int = -1) -> None:
-        self.step, self.epoch = step, epoch
+    def __init__(self, step: int = -1, epoch: int = -1, val_step: int = -1) -> None:
+        self.step, self.epoch, self.val_step = step, epoch, val_step
 
     def _keep(self, trainer) -> None:  # noqa: ANN001
         run = Path(trainer.loggers[0].log_dir)
@@ -46,6 +46,10 @@ class KeepLast(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.step:
+            self._keep(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.global_step == self.val_step and not trainer.sanity_checking:
             self._keep(trainer)
 
 
@@ -114,6 +118,10 @@ _CUTS = {  # the fit's options, and where its last.ckpt is kept (the kill comes 
     "every_3_steps": (("--last.every_n_train_steps", "3"), {"step": 7}),  # at step 6
     "mid_epoch_validations": (("--last.every_n_train_steps", "2",  # at step 6, validations
                                "--trainer.val_check_interval", "0.4"), {"step": 7}),  # at 6, 8
+    # killed in epoch 1's validation: its step-10 save (the epoch's last batch) came before it,
+    # and a resume from there skipped epoch 1's end (train/acc of epoch 2 counted both epochs);
+    # LastCheckpoint writes none there now, and last.ckpt is epoch 0's end
+    "every_5_steps_epoch_ends": (("--last.every_n_train_steps", "5"), {"val_step": 10}),
 }
 
 
@@ -168,6 +176,25 @@ def test_training_means_are_checkpointed_and_older_checkpoints_load(tmp_path):
             if not legacy:
                 for spherical in (False, True):
                     assert torch.equal(col.means(spherical), ran.means(spherical)), name
+
+
+def test_a_resume_from_a_step_save_at_an_epoch_end_warns_and_counts_the_next_epoch(tmp_path):
+    """Another ModelCheckpoint's step save at an epoch's last batch (before that epoch's end):
+    Lightning resumes it with the next epoch and skips the epoch's end, where the training
+    accuracy counts restart; the next epoch's ``train/acc`` counted both epochs (0.525 at step
+    14, uninterrupted 0.75). Now it is the uninterrupted run's, and a warning says what else
+    is lost (hug_lightning.epoch_end_restart)."""
+    steps = ("--trainer.callbacks+", json.dumps({
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "steps"), "every_n_train_steps": 5,
+                      "save_top_k": -1, "filename": "{step}"}}))
+    _fit(tmp_path / "ref", *steps)
+    saved = tmp_path / "steps" / "step=10.ckpt"  # after epoch 1's last batch
+    with pytest.warns(UserWarning, match="after epoch 1's last training batch, before its end"):
+        _fit(tmp_path / "cut", *steps, "--ckpt_path", str(saved))
+    accuracy = [{(step, value) for tag, step, value in _shown(log / "exp" / "version_0")["scalars"]
+                 if tag == "train/acc"} for log in (tmp_path / "ref", tmp_path / "cut")]
+    assert accuracy[1] == {(step, value) for step, value in accuracy[0] if step >= 10} != set()
 
 
 def _purges(folder: Path) -> int:
