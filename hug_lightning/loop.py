@@ -32,8 +32,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from hug_lightning.hp_tab import HP_METRICS, data_hparams, resumed_in_place
 from hug_lightning.epoch_end_restart import epoch_end_skipped_message, restart_skips_epoch_end
+from hug_lightning.hp_tab import HP_METRICS, data_hparams, resumed_in_place
 from hug_lightning.max_steps_resume import resume_as_epoch_training
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or

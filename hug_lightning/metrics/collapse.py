@@ -240,8 +240,8 @@ class NCFeatureStats(PivotReference, SumStateMetric):
 
     def restore_means(self, saved: dict[str, Tensor]) -> None:
         """Put back the means of :meth:`computed_means` (from a checkpoint): :meth:`means` and
-        :meth:`has_means` then answer as after that ``compute``."""
-        self._means = {key: value.clone() for key, value in saved.items()}
+        :meth:`has_means` then answer as after that ``compute`` (on this collector's device)."""
+        self._means = {key: value.to(self.device, copy=True) for key, value in saved.items()}
 
 
 NCCollector = NCFeatureStats
