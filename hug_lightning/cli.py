@@ -20,7 +20,8 @@ What it adds to a plain ``LightningCLI``:
   ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
   ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
   (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``) and ``predictions``
-  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder);
+  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder); a model's
+  ``configure_callbacks`` adds to them (:mod:`hug_lightning.model_callbacks`);
 * ``--trainer.limit_train_batches 1`` (and the other batch limits) means one batch, as written
   (jsonargparse read it as ``1.0``, all batches: :mod:`hug_lightning.batch_limits`);
 * an unwritable log folder is an error before any work;
@@ -57,6 +58,7 @@ from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_policy_for_processes
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from hug_lightning.model_callbacks import keep_template_callbacks
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
@@ -114,8 +116,9 @@ class HUGLightningCLI(LightningCLI):
             kwargs["callbacks"] = [*given, ThrottledProgressBar()]
         trainer = super().instantiate_trainer(**kwargs, **ones)
         # trainer.checkpoint_callback (in-process ckpt_path="best") is the group's, as on the CLI
-        trainer.callbacks = checkpoint_group_first(
-            trainer.callbacks, self._get(self.config_init, "checkpoint", default=None))
+        group = self._get(self.config_init, "checkpoint", default=None)
+        trainer.callbacks = checkpoint_group_first(trainer.callbacks, group)
+        keep_template_callbacks(trainer, group)  # a model's configure_callbacks adds to them
         share_version(trainer.loggers)  # a list's loggers of one experiment: one folder
         return trainer
 
