@@ -58,12 +58,11 @@ from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_policy_for_processes
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
-from hug_lightning.model_callbacks import keep_template_callbacks
+from hug_lightning.model_callbacks import checkpoint_order, keep_template_callbacks
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
 from hug_lightning.progress import ThrottledProgressBar
-from hug_lightning.recorded_best import checkpoint_group_first
 from hug_lightning.resumed_logs import ResumedLogCut
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
                                        loggers_init_args, never_into_a_run_folder,
@@ -117,7 +116,7 @@ class HUGLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, **ones)
         # trainer.checkpoint_callback (in-process ckpt_path="best") is the group's, as on the CLI
         group = self._get(self.config_init, "checkpoint", default=None)
-        trainer.callbacks = checkpoint_group_first(trainer.callbacks, group)
+        trainer.callbacks = checkpoint_order(trainer.callbacks, group)
         keep_template_callbacks(trainer, group)  # a model's configure_callbacks adds to them
         share_version(trainer.loggers)  # a list's loggers of one experiment: one folder
         return trainer

@@ -26,9 +26,9 @@ callbacks in ``trainer.callbacks`` do:
 * a ``ModelCheckpoint`` of the model's runs next to the ``checkpoint`` group's, which stays
   "best" (one with the group's state key, i.e. the same monitor, mode and intervals, replaces
   it, as Lightning would: two would share one state in the checkpoint);
-* the group's is the first checkpoint callback (when it keeps a file, as
-  :func:`~hug_lightning.recorded_best.checkpoint_group_first` does), ``LastCheckpoint`` the
-  last, the model's in between;
+* the group's is the first checkpoint callback (when it keeps a file: the CLI's trainer has it
+  so from the start, :func:`checkpoint_order`), ``LastCheckpoint`` the last, the model's in
+  between;
 * a progress bar of the model's replaces the trainer's (Lightning draws one).
 
 Everything else follows Lightning's rule: a returned ``LastCheckpoint``,

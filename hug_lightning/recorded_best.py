@@ -19,18 +19,18 @@ States without a monitor keep their newest file as "best" and are never chosen b
 
 In process (``cli = main(["fit", ...])``, then ``cli.trainer.test(ckpt_path="best")``),
 Lightning takes the best file of ``trainer.checkpoint_callback``, its first ``ModelCheckpoint``:
-the CLI's trainer has the group's first (:func:`checkpoint_group_first`; not when it keeps no
-file), so both ways mean the same file.
+the CLI's trainer has the group's first (:func:`hug_lightning.model_callbacks.checkpoint_order`;
+not when it keeps no file), so both ways mean the same file.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hug_lightning.cli_errors import RunNotFoundError
 
@@ -119,25 +119,5 @@ def recorded_best_checkpoint(last: Path, key: str | None = None) -> Path | None:
     return chosen[0] if chosen is not None else None
 
 
-def checkpoint_group_first(callbacks: Sequence[Callback],
-                           group: Callback | None) -> list[Callback]:
-    """``callbacks`` with ``group`` (the ``checkpoint`` group's ``ModelCheckpoint``) moved just
-    before the first checkpoint callback, everything else in its order.
-
-    Lightning's ``trainer.checkpoint_callback`` (what ``trainer.test(ckpt_path="best")``
-    loads) is the first ``Checkpoint`` in ``trainer.callbacks``, and the CLI appends its groups
-    after the user's ``trainer.callbacks``: a ``ModelCheckpoint`` of the user's came first.
-    Lightning's own reordering (checkpoint callbacks last) keeps their relative order, and
-    ``LastCheckpoint`` stays the last one. A group that keeps no file (``save_top_k: 0``)
-    stays where it is: "best" is then another one's, as ``--ckpt_path best`` takes the only
-    other monitored one.
-    """
-    rest = [c for c in callbacks if c is not group]
-    if group is None or len(rest) == len(callbacks) or getattr(group, "save_top_k", 1) == 0:
-        return list(callbacks)  # no group, not in this trainer, or keeps no best file
-    at = next((i for i, c in enumerate(rest) if isinstance(c, Checkpoint)), len(rest))
-    return [*rest[:at], group, *rest[at:]]
-
-
-__all__ = ["AmbiguousBestError", "checkpoint_group_first", "checkpoint_state_key",
-           "choose_recorded_best", "recorded_best_checkpoint"]
+__all__ = ["AmbiguousBestError", "checkpoint_state_key", "choose_recorded_best",
+           "recorded_best_checkpoint"]
