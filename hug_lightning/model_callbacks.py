@@ -38,7 +38,7 @@ replaces the trainer's of its type.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, Checkpoint, ProgressBar
@@ -93,25 +93,42 @@ def merge_model_callbacks(before: Sequence[Callback], after: Sequence[Callback],
     return checkpoint_order(callbacks, group)
 
 
+class _AttachModelCallbacks:
+    """The trainer's ``_attach_model_callbacks`` as :func:`keep_template_callbacks` sets it: an
+    object of this module, not a closure, so that the trainer still pickles (``ddp_spawn``
+    sends it to its processes; ``torch.save`` of a module reaches it through the CLI's
+    factories). It calls the connector class's own method, never the instance attribute it
+    replaces (itself).
+
+    Args:
+        trainer: The trainer whose connector this replaces the method of.
+        group: The ``checkpoint`` group's ``ModelCheckpoint`` (None: none).
+    """
+
+    def __init__(self, trainer: Trainer, group: Callback | None) -> None:
+        self.trainer = trainer
+        self.group = group
+
+    def __call__(self) -> None:
+        trainer, group = self.trainer, self.group
+        connector = trainer._callback_connector
+        before = list(trainer.callbacks)
+        hidden = group if group is not None and _among(group, before) else None
+        trainer.callbacks = [c for c in before if c is not hidden]  # not replaced by type
+        try:
+            type(connector)._attach_model_callbacks(connector)
+        finally:
+            trainer.callbacks = merge_model_callbacks(before, trainer.callbacks, hidden)
+
+
 def keep_template_callbacks(trainer: Trainer, group: Callback | None) -> None:
     """Attach the model's ``configure_callbacks`` to ``trainer`` as the module docstring says,
     in every later ``fit`` / ``validate`` / ``test`` / ``predict`` of it. Nothing with another
     Lightning version (one without ``_attach_model_callbacks``)."""
     connector = getattr(trainer, "_callback_connector", None)
-    attach: Callable[[], Any] | None = getattr(connector, "_attach_model_callbacks", None)
-    if attach is None:
+    if not callable(getattr(type(connector), "_attach_model_callbacks", None)):
         return
-
-    def attach_model_callbacks() -> None:
-        before = list(trainer.callbacks)
-        hidden = group if group is not None and _among(group, before) else None
-        trainer.callbacks = [c for c in before if c is not hidden]  # not replaced by type
-        try:
-            attach()
-        finally:
-            trainer.callbacks = merge_model_callbacks(before, trainer.callbacks, hidden)
-
-    connector._attach_model_callbacks = attach_model_callbacks
+    connector._attach_model_callbacks = _AttachModelCallbacks(trainer, group)
 
 
 __all__ = ["checkpoint_order", "keep_template_callbacks", "merge_model_callbacks"]

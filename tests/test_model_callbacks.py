@@ -11,6 +11,10 @@ bars drawing.
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from lightning.pytorch.callbacks import (Callback, EarlyStopping, LearningRateMo
                                          ModelCheckpoint, ProgressBar, TQDMProgressBar)
 
 from _slurm_helpers import requeue_and_restore
+from conftest import REPO
 from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.cli import main
 from hug_lightning.interrupt import InterruptCheckpoint
@@ -118,6 +123,36 @@ def test_the_groups_settings_replace_it_and_the_order_is_kept():
     assert checkpoint_order([last, quiet, other, mine], quiet) == [other, mine, quiet, last]
     assert merge_model_callbacks([other, group, last], [other, group, last], None) == \
         [other, group, last]  # nothing returned, nothing hidden: unchanged
+
+
+
+def test_the_trainer_still_pickles(tmp_path):
+    """Found by a review: the attach wrapper was a closure, so the CLI's trainer no longer
+    pickled (``Can't pickle local object 'keep_template_callbacks.<locals>...'``): a
+    ``ddp_spawn`` fit failed before its processes started, and ``torch.save`` of the module
+    (its optimizer factory reaches the CLI) failed. A trainer sent to another process attaches
+    the model's callbacks as the original does."""
+    cli = main(["fit", *_args(tmp_path, 1)])
+    torch.save(cli.model, tmp_path / "module.pt")
+    sent = pickle.loads(pickle.dumps(cli.trainer))
+    sent._callback_connector._attach_model_callbacks()  # as a spawned process's fit does
+    assert [(type(c), c.monitor) for c in sent.checkpoint_callbacks] == \
+        [(ModelCheckpoint, "val/acc"), (ModelCheckpoint, "val/loss"), (LastCheckpoint, None)]
+
+
+@pytest.mark.slow
+def test_a_ddp_spawn_fit_runs(tmp_path):
+    """The same fit on 2 ``ddp_spawn`` processes (the trainer pickled to each) ends with the
+    checkpoint files of one process's fit."""
+    main(["fit", *_args(tmp_path / "one", 2)])
+    path = os.pathsep.join([str(Path(__file__).parent), str(REPO)])  # this file's models
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-m", "hug_lightning", "fit",
+                           *_args(tmp_path / "two", 2, "--trainer.devices", "2",
+                                  "--trainer.strategy", "ddp_spawn")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(tmp_path / "two") == _files(tmp_path / "one") != []
 
 
 MODEL = '''
