@@ -33,7 +33,8 @@ callbacks in ``trainer.callbacks`` do:
 
 Everything else follows Lightning's rule: a returned ``LastCheckpoint``,
 ``InterruptCheckpoint``, ``NeuralCollapseMonitor``, ``EarlyStopping``... (or a subclass)
-replaces the trainer's of its type.
+replaces the trainer's of its type, and a returned ``ModelCheckpoint`` replaces every
+``ModelCheckpoint`` of the user's ``trainer.callbacks`` (only the group's is kept aside).
 """
 
 from __future__ import annotations
