@@ -87,6 +87,7 @@ def merge_model_callbacks(before: Sequence[Callback], after: Sequence[Callback],
             rank_zero_info(f"configure_callbacks returned {type(same[0]).__name__} with the "
                            f"`checkpoint` group's settings ({group.state_key}): it replaces "
                            "the group's (its file is what --ckpt_path best loads).")
+            group = same[0]  # in the group's place: first (in-process ckpt_path="best")
         else:
             callbacks.append(group)
     if not added and group is None:

@@ -117,6 +117,10 @@ def test_the_groups_settings_replace_it_and_the_order_is_kept():
     same = ModelCheckpoint(monitor="val/acc", mode="max", filename="mine")
     assert merge_model_callbacks(before, [other, last, same], group) == [other, same, last]
     mine = ModelCheckpoint(monitor="val/loss")
+    # the replacement takes the group's place, first, also after one of the model's (it was
+    # left second: trainer.checkpoint_callback, in-process "best", was the val/loss one)
+    assert merge_model_callbacks(before, [other, last, mine, same], group) == [other, same, mine,
+                                                                               last]
     assert merge_model_callbacks(before, [other, last, mine], group) == [other, group, mine,
                                                                          last]
     quiet = ModelCheckpoint(monitor="val/acc", mode="max", save_top_k=0)
