@@ -62,6 +62,7 @@ from hug_lightning.model_callbacks import checkpoint_order, keep_template_callba
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
 from hug_lightning.predictions import PredictionWriter
+from hug_lightning.process_state import ProcessState
 from hug_lightning.progress import ThrottledProgressBar
 from hug_lightning.resumed_logs import ResumedLogCut
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
@@ -263,6 +264,13 @@ def release_process_group() -> None:
 def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
     """Run the command line (``args=None`` reads ``sys.argv``); returns the CLI object.
 
+    The process's deterministic-algorithms and cuDNN flags, float32 matmul precision and the
+    variables ``seed_everything`` and ``deterministic`` set (``PL_GLOBAL_SEED``,
+    ``PL_SEED_WORKERS``, ``CUBLAS_WORKSPACE_CONFIG``) are as before the call once it returns
+    or raises (:mod:`hug_lightning.process_state`): a later call gets what its own
+    configuration says. With ``run=False`` a call that returns keeps them, for the caller's
+    ``cli.trainer.fit(...)``.
+
     Args:
         args: Arguments as on the command line (list of strings) or a config dict.
         run: Run the subcommand; ``False`` only instantiates model, data and trainer.
@@ -272,6 +280,20 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     elif isinstance(args, (list, tuple)):
         args = resolve_config_args([str(a) for a in args])
+    found = ProcessState.capture()
+    try:
+        cli = _cli(args, run)
+    except BaseException:
+        found.restore()
+        raise
+    if run:
+        found.restore()
+    else:  # the caller runs cli.trainer: with what its configuration set
+        found.release()
+    return cli
+
+
+def _cli(args: ArgsType, run: bool) -> HUGLightningCLI:
     return HUGLightningCLI(
         LightningModule,
         LightningDataModule,
