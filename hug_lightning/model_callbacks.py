@@ -29,7 +29,8 @@ callbacks in ``trainer.callbacks`` do:
 * the group's is the first checkpoint callback (when it keeps a file: the CLI's trainer has it
   so from the start, :func:`checkpoint_order`), ``LastCheckpoint`` the last, the model's in
   between;
-* a progress bar of the model's replaces the trainer's (Lightning draws one).
+* a progress bar of the model's replaces the trainer's (Lightning draws one); with the
+  trainer's turned off (``enable_progress_bar=False``: it has none), there is none.
 
 Everything else follows Lightning's rule: a returned ``LastCheckpoint``,
 ``InterruptCheckpoint``, ``NeuralCollapseMonitor``, ``EarlyStopping``... (or a subclass)
@@ -80,7 +81,12 @@ def merge_model_callbacks(before: Sequence[Callback], after: Sequence[Callback],
     added = [c for c in after if not _among(c, before)]
     callbacks = list(after)
     if any(isinstance(c, ProgressBar) for c in added):  # one bar: the model's
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar) or _among(c, added)]
+        off = not any(isinstance(c, ProgressBar) for c in before)  # enable_progress_bar=False
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)
+                     or (_among(c, added) and not off)]
+        if off:
+            rank_zero_info("The progress bar from configure_callbacks is not used: the "
+                           "trainer's is off (enable_progress_bar=False).")
     if group is not None:
         same = [c for c in added if getattr(c, "state_key", None) == group.state_key]
         if same:

@@ -107,6 +107,17 @@ def test_the_models_progress_bar_replaces_the_clis(tmp_path):
     assert len(bars) == 1 and type(bars[0]) is TQDMProgressBar and bars[0].refresh_rate == 5
 
 
+def test_no_progress_bar_when_the_trainers_is_off(tmp_path, capsys):
+    """``--trainer.enable_progress_bar false``: no bar (the model's drew, found by an audit);
+    Lightning itself rejects a bar in ``trainer.callbacks`` with it."""
+    cli = main(["fit", *_args(tmp_path, 1, "--trainer.enable_progress_bar", "false",
+                              model="WithBar")])
+    assert not [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert cli.trainer.progress_bar_callback is None
+    drawn = capsys.readouterr()
+    assert "Epoch 0" not in drawn.out + drawn.err  # what TQDMProgressBar draws
+
+
 def test_the_groups_settings_replace_it_and_the_order_is_kept():
     """Without a fit: a ModelCheckpoint of the model's with the group's state key replaces it
     (one state per key); a group that keeps no file comes after the model's; LastCheckpoint
