@@ -14,7 +14,7 @@ its first training batch starts, so the folder reads as one uninterrupted run:
   TensorBoard hides the folder's earlier events at that step or later, scalars, images and
   histograms alike (the ``hp/*`` values and the NC figures included; the HPARAMS declaration,
   at step 0, stays);
-* CSV: the rows of ``metrics.csv`` at that step or later are removed.
+* CSV: the rows of ``metrics.csv`` at that step or later move to ``metrics.cut-<n>.csv``.
 
 The step is that of the resumed fit's first training batch: Lightning logs a batch's values at
 the training loop's ``_batches_that_stepped`` counter, which the batch then advances, and a
@@ -47,19 +47,28 @@ __all__ = ["ResumedLogCut", "cut_csv"]
 
 
 def cut_csv(path: Path, step: int) -> int:
-    """Remove the rows of a CSV logger's ``metrics.csv`` logged at ``step`` or later (a row
-    without a step stays), written back as the logger writes it; returns how many went."""
+    """Move the rows of a CSV logger's ``metrics.csv`` logged at ``step`` or later (a row
+    without a step stays) to ``metrics.cut-<n>.csv`` beside it (the first free ``n``: nothing
+    is lost, TensorBoard only hides its events too); ``metrics.csv`` is written back as the
+    logger writes it. Returns how many rows moved."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    kept = [row for row in rows if not (row.get("step") or "").isdigit()
-            or int(row["step"]) < step]
-    if len(kept) < len(rows):
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=reader.fieldnames or [])
-            writer.writeheader()
-            writer.writerows(kept)
-    return len(rows) - len(kept)
+
+    def later(row: dict[str, str]) -> bool:
+        return (row.get("step") or "").isdigit() and int(row["step"]) >= step
+
+    cut = [row for row in rows if later(row)]
+    if cut:
+        n = 1
+        while (aside := path.with_name(f"{path.stem}.cut-{n}{path.suffix}")).exists():
+            n += 1
+        for target, kept in ((aside, cut), (path, [row for row in rows if not later(row)])):
+            with open(target, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=reader.fieldnames or [])
+                writer.writeheader()
+                writer.writerows(kept)
+    return len(cut)
 
 
 class ResumedLogCut(Callback):

@@ -9,6 +9,7 @@ Its TensorBoard view (scalars, figures) and ``metrics.csv`` must be the uninterr
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -142,6 +143,7 @@ def test_a_resume_after_a_kill_logs_as_the_uninterrupted_run(tmp_path, cut):
     else:
         _fit(log, *extra, *_callback("KeepLast", **keep_at))
     shutil.copy(run.parent / "keep.ckpt", run / "checkpoints" / "last.ckpt")  # the kill
+    killed = _rows(run / "metrics.csv")
     _fit(log, *extra, "--ckpt_path", "last")
     reference, resumed = _shown(ref / "exp" / "version_0"), _shown(run)
     assert _written(run) > _written(ref / "exp" / "version_0")  # the killed run's logs are there
@@ -152,6 +154,17 @@ def test_a_resume_after_a_kill_logs_as_the_uninterrupted_run(tmp_path, cut):
     assert resumed["histograms"] == reference["histograms"]
     kept = (run / "metrics.csv").read_bytes()
     assert kept == (ref / "exp" / "version_0" / "metrics.csv").read_bytes()
+    # nothing lost: the killed fit's rows from the cut on are set aside, the rest kept
+    aside = _rows(run / "metrics.cut-1.csv")
+    first = min(int(row["step"]) for row in aside)
+    before = [row for row in _rows(run / "metrics.csv") if int(row["step"]) < first]
+    assert aside and sorted(map(str, before + aside)) == sorted(map(str, killed))
+    assert not (run / "metrics.cut-2.csv").exists()
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def test_training_means_are_checkpointed_and_older_checkpoints_load(tmp_path):
