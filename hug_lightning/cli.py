@@ -53,7 +53,8 @@ from hug_lightning.config_files import (CommandParser, free_config_name, package
 from hug_lightning.checkpointing import LastCheckpoint
 from hug_lightning.csv_history import keep_csv_history
 from hug_lightning.data.base import BadDataError, DataNotFoundError
-from hug_lightning.ddp_errors import PEER_MESSAGE, peer_failure, report, stop_children
+from hug_lightning.ddp_errors import (PEER_MESSAGE, peer_failure, release_process_group, report,
+                                     stop_children)
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_policy_for_processes
 from hug_lightning.interrupt import InterruptCheckpoint
@@ -246,21 +247,6 @@ def console_main() -> int:
     return 0
 
 
-def release_process_group() -> None:
-    """Destroy the ``torch.distributed`` process group of a finished command, on every rank.
-
-    Lightning destroys it at exit for NCCL only. A gloo group (DDP on CPUs) left to the
-    interpreter's teardown can abort the process after its work is done (SIGABRT, ``terminate
-    called without an active exception``: gloo's threads still hold work objects; about 1 run
-    in 17 of a 2-process ``predict`` here). Destroying is local to each process (no collective):
-    it cannot hang when another rank has failed.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
     """Run the command line (``args=None`` reads ``sys.argv``); returns the CLI object.
 
@@ -280,35 +266,24 @@ def main(args: ArgsType = None, run: bool = True) -> HUGLightningCLI:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     elif isinstance(args, (list, tuple)):
         args = resolve_config_args([str(a) for a in args])
-    found = ProcessState.capture()
-    try:
-        cli = _cli(args, run)
-    except BaseException:
-        found.restore()
-        raise
-    if run:
-        found.restore()
-    else:  # the caller runs cli.trainer: with what its configuration set
-        found.release()
-    return cli
-
-
-def _cli(args: ArgsType, run: bool) -> HUGLightningCLI:
-    return HUGLightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False, "version": __version__},  # --version: "<prog> 0.1.0"
-        parser_class=CommandParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
-        # the model builds its optimizer (parameter groups, head lr scale, schedule length):
-        # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    # run=False: the caller runs cli.trainer, with what its configuration set
+    with ProcessState.given_back(unless_returned=not run):
+        return HUGLightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            # --version: "<prog> 0.1.0"
+            parser_kwargs={"default_env": False, "version": __version__},
+            parser_class=CommandParser,  # dumps keep `limit_*_batches: 1` as 1 (one batch)
+            # the model builds its optimizer (parameter groups, head lr scale, schedule length):
+            # LightningCLI's --optimizer / --lr_scheduler would replace all of that silently
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
 
 
 __all__ = ["CHECKPOINT_DEFAULTS", "TRAINER_DEFAULTS", "ConfigError", "HUGLightningCLI",

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -91,6 +93,23 @@ class ProcessState:
         for key, value in self.env.items():
             _setenv(key, value)
         self.release()
+
+    @classmethod
+    @contextmanager
+    def given_back(cls, unless_returned: bool = False) -> Iterator[ProcessState]:
+        """:meth:`capture` on entry and :meth:`restore` on exit; with ``unless_returned``, a
+        block that returns (no exception) only :meth:`release`s: what it set stays for the
+        caller (``main(..., run=False)``, then ``cli.trainer.fit(...)``)."""
+        found = cls.capture()
+        try:
+            yield found
+        except BaseException:
+            found.restore()
+            raise
+        if unless_returned:
+            found.release()
+        else:
+            found.restore()
 
     def release(self) -> None:
         """Put back :data:`FOUND_KEY` only: the flags and variables the run set stay."""
