@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from hug_lightning.backbones import CifarResNet
 from hug_lightning.classifier_metrics import ClassifierMetrics
 from hug_lightning.compiling import HeadStep, check_compile_options
+from hug_lightning.factories import plain_factory
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits,
                                   check_policy_for_processes)
@@ -122,8 +123,10 @@ class ClassifierModule(ClassifierMetrics):
             raise ValueError("embedding_norm=true needs an embedding: set embedding_dim (the "
                              "width of the Linear that BatchNorm1d follows).")
         self.num_classes = int(num_classes)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        # the CLI's factories hold the CLI (trainer, data module): kept as plain partials, so
+        # that pickling the module (torch.save, ddp_spawn) does not take them along
+        self.optimizer_factory = plain_factory(optimizer)
+        self.scheduler_factory = plain_factory(scheduler)
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.no_weight_decay = check_kinds(no_weight_decay)
@@ -233,7 +236,10 @@ class ClassifierModule(ClassifierMetrics):
         factories reach: the CLI's factories hold the CLI, hence the trainer, the data module
         (its data), the loggers and the launcher. On rank 0 of a DDP fit started by Lightning's
         own launcher that launcher holds the other ranks' processes, which cannot be copied: the
-        fit failed with ``TypeError: cannot pickle '_thread.lock' object``.
+        fit failed with ``TypeError: cannot pickle '_thread.lock' object``. The module now keeps
+        the CLI's factories as plain partials (:func:`~hug_lightning.factories.plain_factory`);
+        the sharing still covers factories given otherwise (a partial of another layout, a
+        callable object holding state).
         """
         for factory in (self.optimizer_factory, self.scheduler_factory):
             memo.setdefault(id(factory), factory)  # stateless callables: shared
