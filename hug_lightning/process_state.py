@@ -22,7 +22,11 @@ new runs of the same script, with the environment of that moment: a script's lat
 in them would find the earlier run's ``PL_GLOBAL_SEED`` where the launching process finds its
 own (none): different seeds, hence different data shards, per process. The launching process
 therefore passes what it found in :data:`FOUND_KEY`, and a process started with it gives back
-those values. The launcher's ``MASTER_PORT``, ``LOCAL_RANK``, ``WORLD_SIZE``... stay: with
+those values once, at the end of its first run; that run also removes :data:`FOUND_KEY` (they
+are then the launching process's, and the same script changes both alike), so its later runs
+record their own values, as the launching process does (keeping it, a later run gave back the
+values of the launching run's start: a ``PL_GLOBAL_SEED`` the script set since was given back
+in the launching process and removed in the others). The launcher's ``MASTER_PORT``, ``LOCAL_RANK``, ``WORLD_SIZE``... stay: with
 them a later DDP run of the script reuses the processes it started, which run that script too.
 """
 
@@ -62,6 +66,7 @@ class ProcessState:
     matmul_precision: str | None
     env: dict[str, str | None]
     found: str | None  # FOUND_KEY's value before: put back as well
+    launched: bool = False  # env is FOUND_KEY's: restore removes FOUND_KEY (used up)
 
     @classmethod
     def capture(cls) -> "ProcessState":
@@ -76,10 +81,12 @@ class ProcessState:
                    warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
                    cudnn_deterministic=torch.backends.cudnn.deterministic,
                    cudnn_benchmark=torch.backends.cudnn.benchmark,
-                   matmul_precision=_matmul_precision(), env=env, found=found)
+                   matmul_precision=_matmul_precision(), env=env, found=found,
+                   launched=launched)
 
     def restore(self) -> None:
-        """Put back what :meth:`capture` recorded (only what differs)."""
+        """Put back what :meth:`capture` recorded (only what differs); in a process started
+        by Lightning's launcher, :data:`FOUND_KEY` is then removed: its values are given back."""
         if (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled()) != \
                 (self.deterministic, self.warn_only):
@@ -92,7 +99,10 @@ class ProcessState:
             torch.set_float32_matmul_precision(self.matmul_precision)
         for key, value in self.env.items():
             _setenv(key, value)
-        self.release()
+        if self.launched:  # given back: later runs record their own (as the launching process)
+            _setenv(FOUND_KEY, None)
+        else:
+            self.release()
 
     @classmethod
     @contextmanager

@@ -176,7 +176,8 @@ def test_a_process_started_by_lightnings_launcher_gives_back_the_launchers(monke
     monkeypatch.setenv(FOUND_KEY, json.dumps(launchers))
     ProcessState.capture().restore()
     assert {key: os.environ.get(key) for key in launchers} == launchers
-    assert json.loads(os.environ[FOUND_KEY]) == launchers  # for its later runs
+    assert FOUND_KEY not in os.environ  # given back: its later runs record their own
+    monkeypatch.setenv(FOUND_KEY, json.dumps(launchers))
     monkeypatch.setenv("LOCAL_RANK", "0")  # the launching process itself: its own values
     os.environ["PL_GLOBAL_SEED"] = "7"
     state = ProcessState.capture()
@@ -201,7 +202,9 @@ class Rec(Callback):
 
 sys.modules["rec"] = type(sys)("rec")
 sys.modules["rec"].Rec = Rec
-for tag, seed in (("A", "5"), ("B", "false")):
+for tag, seed in (("A", "5"), ("B", "false"), ("C", "false"), ("D", "false")):
+    if tag == "C":  # the script's own seed, set between runs: on every process alike
+        os.environ["PL_GLOBAL_SEED"] = "42"
     main(["fit", "--config", "ufm_hug", "--trainer.logger.init_args.save_dir", sys.argv[1],
           "--trainer.max_epochs", "1", "--data.init_args.samples_per_class", "5",
           "--data.init_args.steps_per_epoch", "2", "--model.init_args.backbone.init_args.dim",
@@ -217,7 +220,10 @@ def test_a_script_of_two_ddp_runs_gives_each_its_own_seed_on_every_process(tmp_p
     makes run B there too. Run B (``seed_everything: false``) has no ``PL_GLOBAL_SEED`` (the
     data seed of a fresh process, 0) on both processes: before, both had run A's 5; giving back
     each process's own found values gave process 1 run A's 5 and process 0 none (different
-    data seeds, so overlapping shards)."""
+    data seeds, so overlapping shards). The script then sets ``PL_GLOBAL_SEED`` 42 itself,
+    for runs C and D: both have it on both processes (before a review's fix, process 1 still
+    held run A's hand-off, gave back none after C where process 0 gave back 42, and D had
+    [None, 0] there)."""
     script = tmp_path / "two_runs.py"
     script.write_text(TWO_DDP_RUNS)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
@@ -228,4 +234,5 @@ def test_a_script_of_two_ddp_runs_gives_each_its_own_seed_on_every_process(tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
-    assert seen == {"A-0": ["5", 5], "A-1": ["5", 5], "B-0": [None, 0], "B-1": [None, 0]}
+    assert seen == {"A-0": ["5", 5], "A-1": ["5", 5], "B-0": [None, 0], "B-1": [None, 0],
+                    "C-0": ["42", 42], "C-1": ["42", 42], "D-0": ["42", 42], "D-1": ["42", 42]}
