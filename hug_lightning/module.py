@@ -53,6 +53,18 @@ from hug_lightning.plateau_steps import PlateauSteps
 from hug_lightning.step_log import StepLog
 
 
+def global_sum(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the DDP processes (a bare ``all_reduce`` on a copy)."""
+    return all_reduce_sync(tensor)[0]
+
+
+def global_max(tensor: Tensor) -> Tensor:
+    """``tensor``'s maximum over the DDP processes (an ``all_reduce`` on a copy)."""
+    out = tensor.detach().clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return out
+
+
 class ClassifierModule(ClassifierMetrics):
     """Image classifier: ``backbone(x) -> [embedding] -> head``, trained by the head's loss.
 
@@ -261,13 +273,12 @@ class ClassifierModule(ClassifierMetrics):
         if self.trainer.world_size > 1:
             if stage == "fit":
                 check_policy_for_processes(self.loss_guard.policy, self.trainer.world_size)
-            strategy = self.trainer.strategy
-            self.loss_guard.reduce_max = lambda t: strategy.reduce(t, reduce_op="max")
+            # module-level functions, not lambdas: the module still pickles after the fit
+            self.loss_guard.reduce_max = global_max
             if hasattr(self.head, "count_sync"):  # HUG: class balancing over the global batch;
                 # a bare all_reduce: Lightning's strategy.reduce adds a barrier, which blocks
                 # the host every step on GPUs
-                self.head.count_sync = CountSync(lambda t: all_reduce_sync(t)[0],
-                                                 self.trainer.world_size)
+                self.head.count_sync = CountSync(global_sum, self.trainer.world_size)
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(
