@@ -155,6 +155,7 @@ PEER_MESSAGE = ("stopped because another process of this DDP run failed: its err
                 "other message here (set HUG_LIGHTNING_TRACEBACK=1 for this process's "
                 "traceback).")
 
+
 def release_process_group() -> None:
     """Destroy the ``torch.distributed`` process group of a finished command, on every rank.
 
@@ -168,7 +169,6 @@ def release_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
 
 
 __all__ = ["PEER_MESSAGE", "PeerFailedError", "agreed", "peer_failure",

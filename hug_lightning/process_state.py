@@ -22,12 +22,13 @@ new runs of the same script, with the environment of that moment: a script's lat
 in them would find the earlier run's ``PL_GLOBAL_SEED`` where the launching process finds its
 own (none): different seeds, hence different data shards, per process. The launching process
 therefore passes what it found in :data:`FOUND_KEY`, and a process started with it gives back
-those values once, at the end of its first run; that run also removes :data:`FOUND_KEY` (they
-are then the launching process's, and the same script changes both alike), so its later runs
-record their own values, as the launching process does (keeping it, a later run gave back the
-values of the launching run's start: a ``PL_GLOBAL_SEED`` the script set since was given back
-in the launching process and removed in the others). The launcher's ``MASTER_PORT``, ``LOCAL_RANK``, ``WORLD_SIZE``... stay: with
-them a later DDP run of the script reuses the processes it started, which run that script too.
+those values, once: the first run there that gives back (not a ``run=False`` call) also
+removes :data:`FOUND_KEY`. Its values are then the launching process's, and the same script
+changes both alike, so its later runs record their own values, as the launching process does
+(keeping :data:`FOUND_KEY`, they gave back the values of the launching run's start: a
+``PL_GLOBAL_SEED`` the script set since was given back in the launching process and removed in
+the others). The launcher's ``MASTER_PORT``, ``LOCAL_RANK``, ``WORLD_SIZE``... stay: with them
+a later DDP run of the script reuses the processes it started, which run that script too.
 """
 
 from __future__ import annotations
