@@ -6,8 +6,8 @@ resuming in place lost every row the run had logged before. :func:`keep_csv_hist
 file back once the logger has opened its folder, with its header as the logger's columns: the
 resumed fit appends to it, and a column it adds rewrites the file with the wider header, rows
 kept (the logger's own handling of new columns). The rows of the steps the resumed fit runs
-again (a killed fit logged past its checkpoint) go when its training starts
-(:mod:`hug_lightning.resumed_logs`).
+again (a killed fit logged past its checkpoint) move to ``metrics.cut-<n>.csv`` when its
+training starts (:mod:`hug_lightning.resumed_logs`).
 """
 
 from __future__ import annotations
