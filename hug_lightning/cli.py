@@ -19,8 +19,9 @@ What it adds to a plain ``LightningCLI``:
   group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default) and an
   ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
   ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
-  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``) and ``predictions``
-  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder); a model's
+  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``), ``predictions``
+  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder) and ``init`` (a new fit
+  from another run's weights: :mod:`hug_lightning.init_weights`); a model's
   ``configure_callbacks`` adds to them (:mod:`hug_lightning.model_callbacks`);
 * ``--trainer.limit_train_batches 1`` (and the other batch limits) means one batch, as written
   (jsonargparse read it as ``1.0``, all batches: :mod:`hug_lightning.batch_limits`);
@@ -57,6 +58,7 @@ from hug_lightning.ddp_errors import (PEER_MESSAGE, peer_failure, release_proces
                                      stop_children)
 from hug_lightning.evaluation import CalibrationMonitor, RobustnessEvaluation
 from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_policy_for_processes
+from hug_lightning.init_weights import InitFileError, InitWeights
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
 from hug_lightning.model_callbacks import checkpoint_order, keep_template_callbacks
@@ -158,6 +160,7 @@ class HUGLightningCLI(LightningCLI):
         parser.add_lightning_class_args(CalibrationMonitor, "calibration")  # cheap: on
         parser.add_lightning_class_args(RobustnessEvaluation, "robust")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # predict only
+        parser.add_lightning_class_args(InitWeights, "init")  # fit only: no resume's weights
         parser.set_defaults({"robust.enabled": False})  # opt-in: PGD costs steps x fwd+bwd
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -210,10 +213,10 @@ def console_main() -> int:
     interrupted and saved ``last.ckpt`` (with ``--interrupt.enabled false`` Lightning handles
     signals and nothing is saved; Lightning alone would exit with 0), so shells and job
     schedulers can tell an interrupted run from a finished one; 2 for a rejected configuration
-    value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder or
-    unreadable or inconsistent data files (a corrupt image, a label out of range, found in this
-    process or a DataLoader worker) or a non-finite training loss: one message saying what to
-    do, no traceback. Under DDP the message names the process (``[rank 1/2]``), an error every
+    value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder,
+    an unreadable ``--init.path`` or unreadable or inconsistent data files (a corrupt image, a
+    label out of range, found in this process or a DataLoader worker) or a non-finite training
+    loss: one message saying what to do, no traceback. Under DDP the message names the process (``[rank 1/2]``), an error every
     process met is printed once, and a process stopped by another's failure says so in one line
     (exit status 1): :mod:`hug_lightning.ddp_errors`.
     """
@@ -231,7 +234,7 @@ def console_main() -> int:
                "HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")
         return 2
     except (DataNotFoundError, RunNotFoundError, LogFolderError, BadDataError,
-            NonFiniteLossError) as err:
+            NonFiniteLossError, InitFileError) as err:
         if os.environ.get("HUG_LIGHTNING_TRACEBACK"):
             raise
         report(f"{one_message(err)}\n(HUG_LIGHTNING_TRACEBACK=1 shows the traceback)")
