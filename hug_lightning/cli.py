@@ -216,9 +216,9 @@ def console_main() -> int:
     value and 1 for missing data, a missing run to resume/evaluate, an unwritable log folder,
     an unreadable ``--init.path`` or unreadable or inconsistent data files (a corrupt image, a
     label out of range, found in this process or a DataLoader worker) or a non-finite training
-    loss: one message saying what to do, no traceback. Under DDP the message names the process (``[rank 1/2]``), an error every
-    process met is printed once, and a process stopped by another's failure says so in one line
-    (exit status 1): :mod:`hug_lightning.ddp_errors`.
+    loss: one message saying what to do, no traceback. Under DDP the message names the process
+    (``[rank 1/2]``), an error every process met is printed once, and a process stopped by
+    another's failure says so in one line (exit status 1): :mod:`hug_lightning.ddp_errors`.
     """
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m hug_lightning` does: `class_path: my_module.MyHead` finds ./my_module.py

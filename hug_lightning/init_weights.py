@@ -1,8 +1,9 @@
 """Start a fit from another run's weights: the ``init`` group (transfer, fine-tuning).
 
 ``hug-lightning fit --config configs/cifar10_hug.yaml --init.path
-logs/cifar10_ce/version_0/checkpoints/last.ckpt --init.skip '[head]'`` trains a HUG head on the
-backbone a cross-entropy run learned. Unlike ``--ckpt_path`` (a resume: optimizer, schedule,
+logs/cifar10_ce/version_0/checkpoints/last.ckpt --init.skip '[head, embedding]'`` trains a HUG
+head (and the BN-linear embedding ``cifar10_ce`` lacks) on the backbone a cross-entropy run
+learned. Unlike ``--ckpt_path`` (a resume: optimizer, schedule,
 epoch and loops restored), only the model's tensors are copied: the optimizer, the schedule, the
 epoch and the step counters start afresh, and so do the metric states (``val_acc_best``).
 
@@ -110,7 +111,7 @@ class InitWeights(Callback):
             ``torch.save(model.state_dict())``; ``null`` (default): no initialisation.
         skip: Prefixes of the model's keys left at their fresh initialisation, by whole dotted
             components (``head`` is ``head.*``, not ``head_x``); the file's keys under them are
-            ignored. ``[head]`` moves a CE backbone under a HUG head; ``[head, embedding]``.
+            ignored: ``[head]`` puts a HUG head on a CE run's backbone (and embedding).
         strict: Every other model tensor must be in the file with the same shape, and every
             other file tensor in the model (an error lists the differences). ``false`` loads
             what matches and warns with the counts of what was left out.
