@@ -108,7 +108,7 @@ def test_not_strict_loads_what_fits_and_warns(ce_run, tmp_path):
     a = torch.load(ce_run, map_location="cpu", weights_only=True)["state_dict"]
     with pytest.warns(UserWarning, match="1 model tensors missing from the file and 0 of other "
                                          "shapes.*2 file tensors not in the model"):
-        cli, watch = _fit_watched(_args("ufm_hug", tmp_path, "--init.path", str(ce_run),
+        _, watch = _fit_watched(_args("ufm_hug", tmp_path, "--init.path", str(ce_run),
                                         "--init.strict", "false"))
     assert torch.equal(watch.state["backbone.weight"], a["backbone.weight"])
     fresh = main(_args("ufm_hug", tmp_path / "fresh")[1:], run=False).model
@@ -122,7 +122,7 @@ def test_a_bare_state_dict_with_wrapper_prefixes(ce_run, tmp_path):
     bare = tmp_path / "weights.pt"
     torch.save({f"module.{k.replace('backbone.', 'backbone._orig_mod.')}": v
                 for k, v in a.items()}, bare)
-    cli, watch = _fit_watched(_args("ufm_ce", tmp_path, "--init.path", str(bare)))
+    _, watch = _fit_watched(_args("ufm_ce", tmp_path, "--init.path", str(bare)))
     for key in ("backbone.weight", "head.fc.weight", "head.fc.bias"):
         assert torch.equal(watch.state[key], a[key]), key
 
@@ -182,3 +182,48 @@ def test_a_resumed_fit_does_not_read_the_file(ce_run, tmp_path):
         assert torch.equal(resumed.model.state_dict()[key], value), key
     run = Path(resumed.trainer.log_dir)
     main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last"])
+
+
+def test_slurm_auto_restore_does_not_read_the_file(ce_run, tmp_path, monkeypatch):
+    """Under SLURM, Lightning restores the newest ``hpc_ckpt_<n>.ckpt`` of its root folder by
+    itself (no ``--ckpt_path``): that fit is a resume too, and the moved file is not read."""
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "hug", "SLURM_NTASKS": "1",
+                       "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1",
+                       "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    init, job = tmp_path / "a.ckpt", tmp_path / "job"
+    shutil.copy(ce_run, init)
+    args = _args("ufm_hug", tmp_path / "logs", "--init.path", str(init), "--init.skip", "[head]",
+                 "--trainer.default_root_dir", str(job))
+    b = main(args)  # no hpc checkpoint yet: loads the file
+    b_state = torch.load(_last(b), map_location="cpu", weights_only=True)
+    job.mkdir(exist_ok=True)
+    shutil.copy(_last(b), job / "hpc_ckpt_1.ckpt")
+    init.rename(tmp_path / "moved.ckpt")
+    cli, watch = _fit_watched([*args, "--trainer.max_epochs", "2"])
+    assert cli.trainer.ckpt_path == str(job / "hpc_ckpt_1.ckpt")
+    assert watch.step == STEPS
+    for key, value in b_state["state_dict"].items():
+        assert torch.equal(watch.state[key], value), key
+
+
+def test_the_readme_command_on_generated_cifar(cifar10_tv_root, no_checksum, tmp_path):
+    """README's CE -> HUG example (cifar10_ce, then cifar10_hug, whose BN-linear embedding the
+    CE run does not have): ``[head]`` alone is an error naming the embedding, ``[head,
+    embedding]`` starts with the CE run's backbone (BatchNorm statistics included)."""
+    from conftest import tiny_args
+
+    ce = main(["fit", *tiny_args(cifar10_tv_root, tmp_path, "--trainer.max_epochs", "1")])
+    ckpt = _last(ce)
+    hug = tiny_args(cifar10_tv_root, tmp_path, "--init.path", str(ckpt), config="cifar10_hug")
+    with pytest.raises(ConfigError, match=r"(?s)embedding\.0\.weight.*--init.skip '\[embedding, "
+                                          r"head\]'") as err:
+        main(["fit", *hug, "--init.skip", "[head]"])
+    assert "head" not in str(err.value).split("\n")[1]  # skipped: neither missing nor unexpected
+    _, watch = _fit_watched(["fit", *hug, "--init.skip", "[head, embedding]"])
+    a = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    backbone = [k for k in a if k.startswith("backbone.")]
+    assert any(k.endswith("running_var") for k in backbone)
+    for key in backbone:
+        assert torch.equal(watch.state[key], a[key]), key
