@@ -104,7 +104,8 @@ class InitWeights(Callback):
     the epoch and step counters and the metric states start afresh: this is not a resume.
     ``validate``, ``test`` and ``predict`` ignore the group (their saved configs repeat it).
     Every DDP process reads the same file, before the model is wrapped; the file's metric
-    states (``val_acc_best``) are never copied.
+    states (``val_acc_best``) are never copied. In Python, every such ``trainer.fit`` with this
+    callback loads the file again (set ``path = None`` to continue from the trained weights).
 
     Args:
         path: A Lightning checkpoint (its ``state_dict``) or a file written by

@@ -227,3 +227,29 @@ def test_the_readme_command_on_generated_cifar(cifar10_tv_root, no_checksum, tmp
     assert any(k.endswith("running_var") for k in backbone)
     for key in backbone:
         assert torch.equal(watch.state[key], a[key]), key
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_start_as_one(ce_run, tmp_path):
+    """Each DDP process reads the file before the model is wrapped: the 2-process fit (gloo,
+    Lightning's launcher) ends with one process's weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def weights(name: str, *extra: str) -> dict:
+        args = [*_args("ufm_hug", tmp_path, "--init.path", str(ce_run), "--init.skip",
+                       "[head]", "--trainer.logger.init_args.name", name, *extra)]
+        proc = subprocess.run([sys.executable, "-m", "hug_lightning", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("tensors loaded, 1 left at their initialisation") == 1
+        ckpt = tmp_path / name / "version_0" / "checkpoints" / "last.ckpt"
+        return torch.load(ckpt, weights_only=True)["state_dict"]
+
+    one = weights("one")
+    ddp = weights("ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    for key in ("backbone.weight", "head.proxies"):
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)
