@@ -11,6 +11,7 @@ parses without instantiating anything) on top of ``configs/cifar10_hug.yaml``, w
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import io
 import re
@@ -228,3 +229,33 @@ def test_named_paths_exist():
     missing = [p for p in sorted(paths) if not list(REPO.glob(p))]
     assert not missing, f"README names paths that do not exist: {missing}"
 
+
+
+def _resolve(dotted: str) -> object:
+    """The object a dotted ``hug_lightning.module.Class.attr`` name names (longest module)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_named_python_objects_exist():
+    """``hug_lightning.x.Y`` names, ``ClassifierModule.attr`` and the hooks the README lists."""
+    # installed from configs/ by pyproject.toml's package-dir (not a folder of the source tree)
+    dotted = set(re.findall(r"\bhug_lightning(?:\.[A-Za-z_]\w*)+", README)) - {
+        "hug_lightning.configs"}
+    assert '"hug_lightning.configs" = "configs"' in (REPO / "pyproject.toml").read_text()
+    dotted |= {f"hug_lightning.module.{m}" for m in re.findall(r"`(ClassifierModule\.\w+)", README)}
+    hooks = re.search(r"overrides\s+one\s+hook\s+of\s+`ClassifierModule`\s+\((.*?);", README,
+                      flags=re.S)[1]
+    dotted |= {f"hug_lightning.module.ClassifierModule.{h}"
+               for h in re.findall(r"`(\w+)`", hooks)}
+    assert len(dotted) >= 15, dotted
+    for name in sorted(dotted):
+        _resolve(name)  # raises, naming what is missing
