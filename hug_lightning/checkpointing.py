@@ -92,9 +92,10 @@ def use_atomic_checkpoint_io(trainer: Trainer) -> None:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Write ``last.ckpt`` (overwritten) at every epoch end and optionally every N steps, and
-    when a data error ends a single-process ``fit`` between two training batches (see
-    :mod:`hug_lightning.data_error_save`).
+    """Keep ``last.ckpt``: at every epoch end, optionally every N steps, and on a data error.
+
+    The file is overwritten each time. A data error that ends a single-process ``fit`` between
+    two training batches writes it too (see :mod:`hug_lightning.data_error_save`).
 
     Args:
         every_n_train_steps: Also save every this many optimizer steps (0: epoch ends only),
