@@ -193,15 +193,12 @@ def test_other_programs_options_exist():
         assert f'add_argument("{flag}"' in (REPO / script).read_text(), (script, flag)
 
 
-def test_yaml_blocks_parse():
+def test_yaml_blocks_parse(tmp_path):
     """A ```yaml block in the README is a config fragment: it parses on top of cifar10_hug."""
     for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", README, flags=re.S)):
-        path = REPO / "tests" / f".readme_block_{i}.yaml"
-        try:
-            path.write_text(block)
-            code, _, err = _print_config(["fit", *BASE, "--config", str(path)])
-        finally:
-            path.unlink(missing_ok=True)
+        path = tmp_path / f"readme_block_{i}.yaml"
+        path.write_text(block)
+        code, _, err = _print_config(["fit", *BASE, "--config", str(path)])
         assert code == 0, f"README yaml block {i}:\n{block}\n{err[-2000:]}"
 
 
