@@ -256,3 +256,20 @@ def test_named_python_objects_exist():
     assert len(dotted) >= 15, dotted
     for name in sorted(dotted):
         _resolve(name)  # raises, naming what is missing
+
+
+def test_named_config_keys_exist():
+    """Keys the README names in running text (`data.init_args.batch_size`) are in the config."""
+    keys = set(re.findall(r"`((?:trainer|model|data|logger)(?:\.\w+)+)`", README))
+    keys.discard("trainer.callback_metrics")  # the Trainer's attribute, named as such
+    assert len(keys) >= 5, keys
+    # the num_classes link's target is left out of printed configs, but a given one parses
+    keys.discard(linked := "model.init_args.num_classes")
+    assert _print_config(["fit", *BASE, f"--{linked}", "10"])[0] == 0
+    code, out, _ = _print_config(["fit", *BASE])
+    printed = yaml.safe_load(out)
+    for key in sorted(keys):
+        node = printed["trainer"] if key.startswith("logger.") else printed
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"README names {key}: no {part!r}"
+            node = node[part]
