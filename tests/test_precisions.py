@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_args
 from datagen import write_cifar10_torchvision
-from hug_lightning.classifier_metrics import FloatMeanMetric
+from hug_lightning.classifier_metrics import FloatMaxMetric, FloatMeanMetric
 from hug_lightning.cli import main
 from test_nc_monitor import scalars
 
@@ -36,6 +36,17 @@ def test_float_mean_metric_sums_in_float32_after_a_half_cast(dtype):
         metric.update(torch.tensor(value), weight=64)
     assert metric.mean_value.dtype == torch.float32 and metric.dtype == torch.float32
     assert float(metric.compute()) == pytest.approx(sum(values) / len(values), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_best_accuracy_stays_float32_after_a_half_cast(dtype):
+    """``val_acc_best`` under ``bf16-true`` / ``16-true``: a cast ``MaxMetric`` kept 0.1748 for
+    an accuracy of 0.175 (bf16). The maximum must be the float32 value given."""
+    metric = FloatMaxMetric().to(dtype)
+    for value in (0.1, 0.175, 0.15):
+        metric.update(torch.tensor(value))
+    assert metric.max_value.dtype == torch.float32
+    assert float(metric.compute()) == float(torch.tensor(0.175, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
