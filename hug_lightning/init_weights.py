@@ -149,8 +149,14 @@ class InitWeights(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         connector = getattr(trainer, "_checkpoint_connector", None)
-        if connector is not None:  # a fit that failed before its restore
+        if connector is not None:
             connector.__dict__.pop("resume_start", None)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        # a fit that failed between setup and its restore (Lightning calls no teardown then):
+        # a later validate/test/predict of this trainer would otherwise load the file
+        self.teardown(trainer, pl_module, "fit")
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy the file's tensors into ``model`` (``skip`` and ``strict`` as configured)."""
