@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
@@ -95,6 +96,19 @@ def _named(keys: list[str], shapes: Mapping[str, Any] | None = None) -> str:
     return ", ".join(shown) + more
 
 
+def _into_averages(trainer: Trainer, loaded: Mapping[str, Tensor]) -> None:
+    """Load ``loaded`` into the model copies of the ``WeightAveraging`` callbacks too.
+
+    ``WeightAveraging`` (``EMAWeightAveraging``) copies the model in its ``setup``, before the
+    file is read, swaps the copy in for every validation and copies it into the model at the
+    end of ``fit``, updated or not: before its first update it must hold the weights the fit
+    starts from, as in a fit whose fresh initialisation were the file's.
+    """
+    for callback in trainer.callbacks:  # (StochasticWeightAveraging's first update copies)
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            callback._average_model.module.load_state_dict(loaded, strict=False)
+
+
 class InitWeights(Callback):
     """Initialise the model of a new ``fit`` from a checkpoint's or a state dict's weights.
 
@@ -142,7 +156,7 @@ class InitWeights(Callback):
                 rank_zero_info(f"--init.path {self.path} not read: this fit resumes from "
                                f"{checkpoint_path}, which holds the weights it started from.")
             else:
-                self.load_into(trainer.lightning_module)
+                _into_averages(trainer, self.load_into(trainer.lightning_module))
             method(checkpoint_path, weights_only=weights_only)
 
         connector.resume_start = resume_start
@@ -158,8 +172,12 @@ class InitWeights(Callback):
         # a later validate/test/predict of this trainer would otherwise load the file
         self.teardown(trainer, pl_module, "fit")
 
-    def load_into(self, model: torch.nn.Module) -> None:
-        """Copy the file's tensors into ``model`` (``skip`` and ``strict`` as configured)."""
+    def load_into(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """Copy the file's tensors into ``model`` (``skip`` and ``strict`` as configured).
+
+        Returns:
+            The tensors loaded, by the model's keys.
+        """
         assert self.path is not None
         stored = {_plain(k): v for k, v in read_state_dict(self.path).items()}
         metrics = [name for name, m in model.named_modules() if isinstance(m, Metric) and name]
@@ -190,6 +208,7 @@ class InitWeights(Callback):
                 f"from the file and {len(other)} of other shapes left at their initialisation"
                 f" ({_named(missing + other)}); {len(unexpected)} file tensors not in the "
                 f"model ignored ({_named(unexpected)}).")
+        return load
 
     def _mismatch(self, missing: list[str], unexpected: list[str], other: list[str],
                   used: Mapping[str, Any], kept: Mapping[str, str],

@@ -42,6 +42,32 @@ def ce_run(tmp_path_factory) -> Path:
     return Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
 
 
+class Validated(Callback):
+    """The free features each validation batch is scored with."""
+
+    def __init__(self) -> None:
+        self.features: list[torch.Tensor] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.features.append(pl_module.backbone.weight.detach().clone())
+
+
+def test_weight_averaging_starts_from_the_loaded_weights(ce_run, tmp_path):
+    """``EMAWeightAveraging`` copies the model in its ``setup``, before the file is read: its
+    copy (validated, and copied into the model at the end) held the fresh features."""
+    a = torch.load(ce_run, map_location="cpu", weights_only=True)["state_dict"]
+    b = main(_args("ufm_hug", tmp_path / "b", "--init.path", str(ce_run), "--init.skip",
+                   "[head]", "--trainer.check_val_every_n_epoch", "1", *EMA_LATER), run=False)
+    validated = Validated()
+    b.trainer.callbacks.append(validated)
+    b.trainer.fit(b.model, datamodule=b.datamodule)
+    assert b.trainer.global_step == STEPS and len(validated.features) == 1
+    assert torch.equal(validated.features[0], a["backbone.weight"])
+    assert torch.equal(b.model.backbone.weight.detach(), a["backbone.weight"])
+    fresh = main(_args("ufm_hug", tmp_path / "fresh"), run=False).model  # the skipped head
+    assert torch.equal(b.model.head.proxies.detach(), fresh.head.proxies.detach())
+
+
 class FailsInSetup(Callback):
     """A callback whose ``setup`` raises, after the init group's has hooked the restore."""
 
