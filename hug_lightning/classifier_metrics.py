@@ -23,8 +23,7 @@ from hug_lightning.train_accuracy import TrainAccuracy
 
 
 class KeepsDtype:
-    """Mixin for a torchmetrics ``Metric`` whose float states keep their dtype (float32) when
-    the module is cast.
+    """Mixin for a torchmetrics ``Metric``: float states keep their dtype under module casts.
 
     Lightning's ``bf16-true`` and ``16-true`` cast the whole module (``module.to(dtype)``) and
     torchmetrics casts float states with it: a bf16 running sum of the validation loss rounds

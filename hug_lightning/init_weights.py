@@ -44,9 +44,19 @@ class InitFileError(FileNotFoundError):
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
-    """The tensors of ``path``: a Lightning checkpoint's ``state_dict``, or a bare state dict
-    (``torch.save(model.state_dict(), path)``; a whole-model ``module.`` prefix, from a DDP
-    wrapper, is removed). Read on the CPU with ``weights_only=True``."""
+    """Read the tensors of a checkpoint or a bare state dict, on the CPU (``weights_only``).
+
+    Args:
+        path: A Lightning checkpoint (its ``state_dict`` is returned) or a file written by
+            ``torch.save(model.state_dict(), path)`` (a whole-model ``module.`` prefix, from a
+            DDP wrapper, is removed).
+
+    Returns:
+        The tensors by key.
+
+    Raises:
+        InitFileError: The file is missing, unreadable or holds neither.
+    """
     fs = get_filesystem(path)
     if not fs.isfile(path):
         raise InitFileError(
