@@ -35,6 +35,7 @@ from torch import Tensor
 from hug_lightning.epoch_end_restart import epoch_end_skipped_message, restart_skips_epoch_end
 from hug_lightning.hp_tab import HP_METRICS, data_hparams, resumed_in_place
 from hug_lightning.max_steps_resume import resume_as_epoch_training
+from hug_lightning.predictions import predict_outputs
 
 # Epoch values that are global already (summed over processes, synced torchmetrics values, or
 # the same on every rank): Lightning's advice to log them with `sync_dist=True` does not apply.
@@ -67,6 +68,8 @@ class ClassifierLoop(LightningModule):
     """Training, validation, test and predict steps around the hooks :meth:`unpack_batch`,
     :meth:`step`, :meth:`update_metrics` and :meth:`class_vector_geometry` (see the module
     docstring)."""
+
+    predict_features: bool = False  #: predict_step adds features (PredictionWriter sets it)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook call (about 50 times a
@@ -264,9 +267,10 @@ class ClassifierLoop(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int,
                      dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``pred``, ``logits``, ``label`` (if any), and ``features`` when ``predict_features``
+        is true (``--predictions.features``; :func:`hug_lightning.predictions.predict_outputs`)."""
         x, y = self.unpack_batch(batch)
-        logits = self(x)
-        result = {"pred": logits.argmax(-1), "logits": logits}
+        result = predict_outputs(self, x, self.predict_features)
         if y is not None:
             result["label"] = y
         return result

@@ -15,6 +15,13 @@ prediction set and saves
   is the position in the data module's prediction (by default test) set, whose order for class
   folders is a fixed shuffle (seed 0) of the sorted files (torchvision's CIFAR: its own order).
 
+With ``features`` on (``--predictions.features true``), ``predictions.pt`` also holds
+``features``: the ``N x d`` float32 features the head sees
+(:meth:`~hug_lightning.module.ClassifierModule.forward_features`, after the optional
+embedding), in the rows of ``index``, for offline neural-collapse analysis. The writer asks the
+module for them through its ``predict_features`` attribute (see :func:`predict_outputs`); the CSV
+never holds them.
+
 Under DDP every process writes its own shard, ``predictions-rank<r>.pt`` / ``.csv``; ``index``
 puts them back together (the evaluation samplers do not pad, so every sample appears once).
 """
@@ -23,27 +30,89 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hug_lightning.module import ClassifierModule
+
+
+def predict_outputs(module: ClassifierModule, images: Tensor, features: bool) -> dict[str, Tensor]:
+    """One batch's ``pred`` and ``logits``, and its ``features`` when asked: what
+    :meth:`~hug_lightning.loop.ClassifierLoop.predict_step` returns, labels aside.
+
+    Without features the logits are ``module(images)`` (a subclass's ``forward`` included). With
+    them the features are computed once, ``module.forward_features(images)``, and the logits are
+    ``module.head.logits(features)`` when ``forward`` is ``ClassifierModule``'s (which is exactly
+    that: the same logits); a subclass overriding ``forward`` keeps its logits, at the cost of a
+    second forward pass.
+
+    Args:
+        module: The module predicting (in eval mode, as ``predict`` puts it).
+        images: The batch's images, on the module's device.
+        features: Add ``features`` (``B x feature_dim``, in the forward's dtype).
+
+    Returns:
+        ``{"pred", "logits"}``, plus ``"features"`` when asked.
+    """
+    if not features:
+        logits = module(images)
+        return {"pred": logits.argmax(-1), "logits": logits}
+    from hug_lightning.module import ClassifierModule  # here: module.py imports the loop
+
+    found = module.forward_features(images)
+    if type(module).forward is ClassifierModule.forward:
+        logits = module.head.logits(found)
+    else:
+        logits = module(images)
+    return {"pred": logits.argmax(-1), "logits": logits, "features": found}
 
 
 class PredictionWriter(BasePredictionWriter):
     """Save the outputs of ``predict`` to the run folder (``trainer.log_dir``).
 
+    With ``features`` on, the writer sets the module's ``predict_features`` attribute to
+    ``True`` in its ``setup`` for ``predict`` and clears it in its ``teardown`` (and when the run
+    fails): :meth:`~hug_lightning.loop.ClassifierLoop.predict_step` returns ``features`` only
+    then (Lightning keeps every batch's outputs until the end). A subclass with a
+    ``predict_step`` of its own reads that attribute the same way.
+
     Args:
         enabled: Write ``predictions.pt`` and ``predictions.csv`` at the end of ``predict``.
         logits: Also keep the ``N x K`` logits in ``predictions.pt`` (large for big ``K``).
+        features: Also keep the ``N x d`` features the head sees (after the embedding), as
+            float32, in ``predictions.pt`` (not in the CSV). Memory: ``N x d x 4`` bytes held
+            on the host until the end of ``predict`` (ImageNet val, 50,000 x 2,048: 410 MB),
+            and briefly twice that while the file is written.
     """
 
-    def __init__(self, enabled: bool = True, logits: bool = True) -> None:
+    def __init__(self, enabled: bool = True, logits: bool = True, features: bool = False) -> None:
         super().__init__(write_interval="epoch")
         self.enabled = enabled
         self.logits = logits
+        self.features = features
         self.written: list[Path] = []
+        self._asked: tuple[LightningModule, Any] | None = None  # (module, its earlier flag)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict" and self.enabled and self.features and self._asked is None:
+            self._asked = (pl_module, getattr(pl_module, "predict_features", False))
+            pl_module.predict_features = True
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._asked is not None:  # puts back what the module had (False by default)
+            module, earlier = self._asked
+            module.predict_features = earlier
+            self._asked = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "predict")  # Lightning calls no teardown then
 
     @staticmethod
     def _flatten(nested: Sequence[Any]) -> list[Any]:
@@ -95,6 +164,19 @@ class PredictionWriter(BasePredictionWriter):
         found = listed() if callable(listed) else None
         return found[:n].tolist() if found is not None and len(found) >= n else None
 
+    @staticmethod
+    def _features(pl_module: LightningModule, outputs: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """``{"features": N x d float32}`` from the outputs, or ``{}`` with a warning when the
+        module's ``predict_step`` returned none."""
+        if "features" not in outputs[0]:
+            rank_zero_warn(
+                f"predict: --predictions.features is on, but {type(pl_module).__name__}."
+                "predict_step returned no `features`, so predictions.pt has none; a predict_step "
+                "of its own adds them when `self.predict_features` is true (see "
+                "hug_lightning.predictions.predict_outputs).")
+            return {}
+        return {"features": torch.cat([o["features"].detach().cpu().float() for o in outputs])}
+
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule,
                            predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # same call on every rank
@@ -104,6 +186,8 @@ class PredictionWriter(BasePredictionWriter):
         keys = [k for k in ("pred", "label", "logits") if k in outputs[0]
                 and (k != "logits" or self.logits)]
         table = {k: torch.cat([o[k].detach().cpu() for o in outputs]) for k in keys}
+        if self.features:
+            table.update(self._features(pl_module, outputs))
         indices = [i for batch in self._flatten(batch_indices) for i in (batch or [])]
         n = len(table["pred"])
         if len(indices) != n:  # a loader Lightning cannot track (the device-resident one)
@@ -142,4 +226,4 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"predict: {n} predictions written to {pt_path} and {csv_path.name}")
 
 
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "predict_outputs"]
