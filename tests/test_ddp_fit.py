@@ -57,7 +57,8 @@ def test_ddp_two_process_fit_logs_once(cifar10_folder_root, tmp_path, launcher):
 @pytest.mark.slow
 def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
     """2-process `predict`: each rank writes its shard; `index` puts them back together, every
-    test sample exactly once (unpadded), with the single-process predictions; also from the
+    test sample exactly once (unpadded), with the single-process predictions and features
+    (`--predictions.features true`: each shard holds its own rows'); also from the
     device-resident loader, which Lightning cannot track (its `index` was -1)."""
     import torch
 
@@ -75,7 +76,8 @@ def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
                                         ("2", "ddp", "true")):
         proc = run("predict", *ckpt_args, "--ckpt_path", "last", "--trainer.devices", devices,
                    "--trainer.strategy", strategy, "--trainer.accelerator", "cpu",
-                   "--data.init_args.device_resident", resident)
+                   "--data.init_args.device_resident", resident, "--predictions.features",
+                   "true")
         assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "cifar10_ce").glob("version_*"), key=lambda p: int(p.name[8:]))
     single = torch.load(runs[1] / "predictions.pt", weights_only=True)
@@ -88,6 +90,9 @@ def test_ddp_predict_shards_cover_the_set_once(cifar10_folder_root, tmp_path):
         for key in ("pred", "label"):
             merged = torch.cat([s[key] for s in shards])[order]
             torch.testing.assert_close(merged, single[key][single_order], msg=key)
+        merged = torch.cat([s["features"] for s in shards])[order]
+        assert merged.dtype == torch.float32 and merged.shape[0] == len(single["pred"])
+        torch.testing.assert_close(merged, single["features"][single_order])
 
 
 @pytest.mark.slow
