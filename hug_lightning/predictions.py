@@ -77,17 +77,18 @@ class PredictionWriter(BasePredictionWriter):
     """Save the outputs of ``predict`` to the run folder (``trainer.log_dir``).
 
     With ``features`` on, the writer sets the module's ``predict_features`` attribute to
-    ``True`` in its ``setup`` for ``predict`` and clears it in its ``teardown`` (and when the run
-    fails): :meth:`~hug_lightning.loop.ClassifierLoop.predict_step` returns ``features`` only
-    then (Lightning keeps every batch's outputs until the end). A subclass with a
-    ``predict_step`` of its own reads that attribute the same way.
+    ``True`` in its ``setup`` for ``predict`` and puts back the module's own value (``False``
+    by default) in its ``teardown`` and when the run fails:
+    :meth:`~hug_lightning.loop.ClassifierLoop.predict_step` returns ``features`` only then
+    (Lightning keeps every batch's outputs until the end). A subclass with a ``predict_step``
+    of its own reads that attribute the same way.
 
     Args:
         enabled: Write ``predictions.pt`` and ``predictions.csv`` at the end of ``predict``.
         logits: Also keep the ``N x K`` logits in ``predictions.pt`` (large for big ``K``).
         features: Also keep the ``N x d`` features the head sees (after the embedding), as
-            float32, in ``predictions.pt`` (not in the CSV). Memory: ``N x d x 4`` bytes held
-            on the host until the end of ``predict`` (ImageNet val, 50,000 x 2,048: 410 MB),
+            float32, in ``predictions.pt`` (not in the CSV). Memory: up to ``N x d x 4`` bytes
+            held on the host until the end of ``predict`` (ImageNet val, 50,000 x 2,048: 410 MB),
             and briefly twice that while the file is written.
     """
 
