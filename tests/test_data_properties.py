@@ -136,6 +136,15 @@ def test_stratified_split_reads_a_whole_float_as_a_count():
         stratified_split(labels, 1.5, seed=0)
 
 
+def test_stratified_split_rounds_half_to_even():  # kills LT-half (round half up)
+    """The long-tail docstring's rule: ``round(val_split * n_c)`` rounding half to even. At 0.5
+    the products are exact: 5 -> 2.5 -> 2, 9 -> 4.5 -> 4, 7 -> 3.5 -> 4 (half up: 3, 5, 4)."""
+    labels = torch.tensor([0] * 5 + [1] * 9 + [2] * 7)
+    train, val = stratified_split(labels, 0.5, seed=0)
+    assert torch.bincount(labels[val], minlength=3).tolist() == [2, 4, 4]
+    assert torch.bincount(labels[train], minlength=3).tolist() == [3, 5, 3]
+
+
 # ------------------------------------------------------------------------ ImageNet subsets
 def test_fraction_keeps_at_least_one_image_per_class(inet_root):  # kills IN6
     dm = _inet(inet_root, fraction=0.05)  # round(0.05 * 6) = 0 -> at least 1
