@@ -45,9 +45,39 @@ def test_warmup_cosine_follows_its_formula():
         assert b == pytest.approx(0.1 * factor(t), rel=1e-12)
 
 
-def test_one_cycle_explicit_max_lr_keeps_group_ratios():
-    """An explicit max_lr is the first group's peak; the head's group keeps its scale."""
-    total, pct, div, final = 20, 0.25, 25.0, 1e4
+def test_warmup_fraction_is_rounded_to_the_nearest_step():
+    """``warmup=0.1`` of 19 steps is 1.9: two warm-up steps (rounded), not one (floored)."""
+    total, start = 19, 0.01
+    sched = WarmupCosineLR(_opt((1.0,)), warmup=0.1, total_steps=total, start_factor=start)
+    assert sched.warmup_steps == 2
+    expected = [start, start + (1 - start) / 2] + [
+        0.5 * (1 + math.cos(math.pi * (t - 2) / (total - 2))) for t in range(2, total)]
+    assert [lr for (lr,) in _run(sched, total)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_zero_is_a_cosine_from_the_first_step():
+    """No warm-up: the first step already uses the full learning rate, then the cosine."""
+    total, low = 10, 0.1
+    sched = WarmupCosineLR(_opt((1.0,)), warmup=0, total_steps=total, min_factor=low)
+    expected = [low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert [lr for (lr,) in _run(sched, total)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_cosine_stays_at_min_factor_past_total_steps():
+    """A run longer than ``total_steps`` (an explicit value shorter than the run) stays at
+    ``min_factor * lr``; the cosine must not rise again after its end."""
+    total, low = 10, 0.1
+    sched = WarmupCosineLR(_opt((1.0,)), warmup=2, total_steps=total, min_factor=low)
+    lrs = [lr for (lr,) in _run(sched, total + 5)]
+    assert lrs[total:] == pytest.approx([low] * 5, rel=1e-12)
+
+
+@pytest.mark.parametrize("pct, div, final", [(0.25, 25.0, 1e4), (0.4, 10.0, 100.0)])
+def test_one_cycle_explicit_max_lr_keeps_group_ratios(pct, div, final):
+    """An explicit max_lr is the first group's peak; the head's group keeps its scale. Also at
+    non-default factors: with only the defaults, ignoring ``final_div_factor`` went unnoticed
+    (mutation testing)."""
+    total = 20
     sched = OneCycleLR(_opt((0.2, 0.1)), max_lr=1.0, total_steps=total, pct_start=pct,
                        div_factor=div, final_div_factor=final)
     up = pct * total - 1  # torch's phase boundary (steps)
