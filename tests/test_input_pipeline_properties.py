@@ -117,7 +117,7 @@ def test_keyed_crop_flip_without_flip_never_flips():
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-@pytest.mark.parametrize("n, world", [(50, 2), (53, 3)])
+@pytest.mark.parametrize("n, world", [(50, 2), (53, 3), (2, 5)])  # (2, 5): padding > n
 def test_device_batches_equal_a_dataloader_over_distributed_sampler(n, world, drop_last):
     """Batch boundaries (incl. drop_last / the partial last batch) are DataLoader's over
     DistributedSampler's shard (seed ``1000003 * seed``; the constant is the documented rule)."""
@@ -186,6 +186,22 @@ def test_device_resident_train_loader_honours_drop_last(cifar10_folder_root):
                                drop_last=drop_last)
         dm.setup("fit")
         assert [len(y) for _, y in dm.train_dataloader()] == sizes
+
+
+def test_device_resident_eval_loaders_keep_the_last_batch(cifar10_folder_root):
+    """``drop_last`` is a training option: with it, the device path's validation and test
+    loaders still yield every sample, in the CPU path's batches."""
+    def eval_labels(device_resident: bool) -> list[list[list[int]]]:
+        dm = CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0.2,
+                               batch_size=48, eval_batch_size=16, num_workers=0,
+                               drop_last=True, device_resident=device_resident)
+        dm.setup("fit")
+        dm.setup("test")
+        return [[y.tolist() for _, y in loader]
+                for loader in (dm.val_dataloader(), dm.test_dataloader())]
+    cpu, device = eval_labels(False), eval_labels(True)
+    assert [len(b) for b in cpu[0]] == [16, 16, 8]  # 40 validation images, 8 in the last batch
+    assert device == cpu
 
 
 @pytest.mark.parametrize("bad", [-1, -5, 10, 11])
