@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hug_lightning.metrics import NCFeatureStats, compute_nc_metrics, feature_states, log_energy
-from hug_lightning.metrics.functional_states import init_states, rebase_states, update_states
+from hug_lightning.metrics.functional_states import (init_states, ncc_predict, rebase_states,
+                                                     update_states)
 
 F64 = torch.float64
 
@@ -217,3 +218,30 @@ def test_weighted_feature_states_pivot_on_the_weighted_means():
     assert out["nc1_cdnv"].item() == pytest.approx(cdnv(x), rel=1e-8)
     unit = x / x.norm(dim=1, keepdim=True)
     assert out["nc1_cdnv_sph"].item() == pytest.approx(cdnv(unit), rel=1e-6)
+
+
+def test_nc1_family_is_nan_with_one_present_class():
+    """One present class has no between-class structure (its centred mean is 0): every NC1
+    value is nan, as compute_nc_metrics documents, not ``tr Sigma_W / 0 = inf``."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 4, generator=g, dtype=F64), torch.zeros(10, dtype=torch.long)
+    names = ["k_eff", "nc1_pinv", "nc1_trace_ratio", "nc1_cdnv", "nc1_trace_ratio_sph",
+             "nc1_cdnv_sph", "nc1_pinv_sph"]
+    out = compute_nc_metrics(feature_states(x, y, 3), metrics=names)
+    assert out.pop("k_eff").item() == 1.0
+    assert set(out) == set(names) - {"k_eff"}
+    assert all(math.isnan(v.item()) for v in out.values()), out
+
+
+def test_ncc_predict_in_float32_far_from_the_origin():
+    """ncc_predict centres the reference means before the scores (``|r'_c|^2 - 2 <x - rbar,
+    r'_c>``): in float32 (the states' dtype on MPS) features 1000 away from the origin keep
+    their nearest mean, where ``|r_c|^2 - 2 <x, r_c>`` (about 3e6, rounding steps of 0.25)
+    swaps close classes. Reference: exact differences in float64 of the same float32 values."""
+    g = torch.Generator().manual_seed(4)
+    ref = (1e3 + torch.randn(6, 3, generator=g, dtype=F64)
+           * torch.linspace(0.2, 2.0, 6)[:, None]).float()
+    x = (1e3 + 1.5 * torch.randn(400, 3, generator=g, dtype=F64)).float()
+    expected = torch.cdist(x.double(), ref.double(),
+                           compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+    assert torch.equal(ncc_predict(x, ref), expected)
