@@ -74,9 +74,8 @@ def test_warmup_cosine_stays_at_min_factor_past_total_steps():
 
 @pytest.mark.parametrize("pct, div, final", [(0.25, 25.0, 1e4), (0.4, 10.0, 100.0)])
 def test_one_cycle_explicit_max_lr_keeps_group_ratios(pct, div, final):
-    """An explicit max_lr is the first group's peak; the head's group keeps its scale. Also at
-    non-default factors: with only the defaults, ignoring ``final_div_factor`` went unnoticed
-    (mutation testing)."""
+    """An explicit max_lr is the first group's peak; the head's group keeps its scale (also at
+    non-default factors: ignoring ``final_div_factor`` went unnoticed)."""
     total = 20
     sched = OneCycleLR(_opt((0.2, 0.1)), max_lr=1.0, total_steps=total, pct_start=pct,
                        div_factor=div, final_div_factor=final)
@@ -90,6 +89,26 @@ def test_one_cycle_explicit_max_lr_keeps_group_ratios(pct, div, final):
     for t, (a, b) in enumerate(_run(sched, total)):
         assert a == pytest.approx(lr(t, 1.0), rel=1e-9)
         assert b == pytest.approx(lr(t, 0.5), rel=1e-9)
+
+
+@pytest.mark.parametrize("anneal, three_phase", [("linear", False), ("cos", True)])
+def test_one_cycle_anneal_strategy_and_three_phase(anneal, three_phase):
+    """The options reach the schedule: linear interpolation; fastai's three phases (up to the
+    peak, down to the initial rate in as many steps, then to the final rate)."""
+    total, pct, peak, div, final = 20, 0.25, 0.2, 25.0, 1e4
+    sched = OneCycleLR(_opt((peak,)), total_steps=total, pct_start=pct, anneal_strategy=anneal,
+                       three_phase=three_phase)
+    init, low, up = peak / div, peak / div / final, pct * total - 1  # torch's boundaries
+    phases = ([(up, init, peak), (2 * up, peak, init), (total - 1, init, low)] if three_phase
+              else [(up, init, peak), (total - 1, peak, low)])
+    expected = []
+    for t in range(total):  # the first phase whose end is not before t, from the last end
+        i = next(i for i, (end, _, _) in enumerate(phases) if t <= end)
+        (end, a, b), start = phases[i], phases[i - 1][0] if i else 0.0
+        x = (t - start) / (end - start)
+        expected.append(a + (b - a) * x if anneal == "linear"
+                        else b + (a - b) / 2 * (math.cos(math.pi * x) + 1))
+    assert [lr for (lr,) in _run(sched, total)] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("cls", [WarmupCosineLR, OneCycleLR])
