@@ -66,6 +66,17 @@ def test_zero_class_vector_counts_as_cosine_zero():
     assert out["gnc2_log_energy_mean"].item() == pytest.approx(-math.log(2) / 3)
 
 
+def test_coincident_class_directions_have_cosine_one_and_angle_zero():
+    """Cosines are clamped to [-1, 1] before the arccos: two equal rows (1, 1, 1) normalise to
+    a cosine of 1 + 2e-16 in float64, which unclamped gives max_cos > 1 and a nan angle."""
+    from hug_lightning.metrics.functional_geometry import cosine_stats
+
+    v = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, -1.0, 0.0]], dtype=F64)
+    stats = cosine_stats(v)
+    assert stats["max_cos"].item() == 1.0
+    assert stats["min_angle"].item() == 0.0
+
+
 def test_coincident_class_directions_give_a_finite_log_energy():
     """Distances are clamped below by the smallest normal float before the log (nc-metrics.md
     3.4: "clamp |Delta| >= tiny"): two classes with the same direction give a large finite
@@ -245,3 +256,22 @@ def test_ncc_predict_in_float32_far_from_the_origin():
     expected = torch.cdist(x.double(), ref.double(),
                            compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
     assert torch.equal(ncc_predict(x, ref), expected)
+
+
+def test_collector_means_add_the_pivots_back():
+    """``means()`` (next epoch's pivots and NCC reference) are ``p_c + s_c / n_c``, also when
+    the sums were accumulated around non-zero pivots: against the plain per-class mean of the
+    features (raw and of x / |x|), after a compute and from synced_means()."""
+    g = torch.Generator().manual_seed(5)
+    k, d = 3, 4
+    y = torch.arange(60) % k
+    x = 5.0 + torch.randn(60, d, generator=g, dtype=F64) + y[:, None].to(F64)
+    pivots = torch.randn(k, d, generator=g, dtype=F64) + 4.0  # rough previous-epoch means
+    m = NCFeatureStats(k, d)
+    m.set_reference(pivots)
+    m.update(x, y)
+    m.compute()
+    unit = x / x.norm(dim=1, keepdim=True)
+    for got, feats in ((m.means(), x), (m.synced_means(), x), (m.means(spherical=True), unit)):
+        want = torch.stack([feats[y == c].mean(0) for c in range(k)])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
