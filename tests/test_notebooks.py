@@ -25,9 +25,9 @@ def python3_kernel(tmp_path_factory) -> Path:
     return jupyter_path
 
 
-def test_three_notebooks_saved_without_outputs():
+def test_four_notebooks_saved_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_compare_runs.ipynb",
-                                            "03_extend.ipynb"]
+                                            "03_extend.ipynb", "04_transfer_and_features.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -56,3 +56,11 @@ def test_notebook_runs(path, python3_kernel, tmp_path, monkeypatch):
     if path.stem.startswith("02"):  # it compared two runs it trained itself
         assert {p.parent.parent.name for p in (tmp_path / "logs").rglob("events.*")} == {
             "ufm_ce", "ufm_hug"}
+    if path.stem.startswith("04"):  # predicted the features of the three HUG fits it trained
+        import torch
+
+        saved = [torch.load(p, weights_only=True) for p in (tmp_path / "logs").rglob(
+            "predictions.pt")]
+        assert len(saved) == 3
+        assert all(s["features"].shape == (100, 32) and s["features"].dtype == torch.float32
+                   for s in saved)  # FAST: 10 classes x 10 samples, d = 32
