@@ -101,7 +101,7 @@ def test_accumulated_hug_gradient_against_the_closed_forms():
 def test_ufm_with_accumulation_against_the_doubled_batch(tmp_path, reduction):
     """UFM (no BatchNorm), 2 epochs: batches of 10 with ``accumulate_grad_batches: 2`` take the
     same optimizer steps on the same samples as batches of 20 (the sampler's order cut in
-    two). ``per_sample``: the same weights; ``class_balanced``: other features (measured 12 %
+    two). ``per_sample``: the same weights; ``class_balanced``: other features (measured 10 %
     apart). Either way the training accuracy and the NC collectors of the train batches count
     each micro-batch once: the same values as the doubled batch where the weights agree, and
     in the first epoch (a free feature moves only with its own sample's loss term, and weight

@@ -53,7 +53,7 @@ class HUGHead(Head):
     ``1 / (|C| n_{y_i})``: the classes are balanced per micro-batch, as per rank with
     ``sync_class_counts=False``, which equals the full batch only when every micro-batch holds
     its classes in the same proportions (measured on the UFM, 40 samples, 4 steps: batches of
-    10 accumulated by 2 end 12 % away from batches of 20 on the features; tested against the
+    10 accumulated by 2 end 10 % away from batches of 20 on the features; tested against the
     closed forms). ``sync_class_counts`` balances each micro-step over the ranks, not over the
     window. The inter term's gradient is exact (it depends on the proxies only, unchanged
     within the window). The logged ``loss``, ``inter`` and ``intra`` of a step are the window's
