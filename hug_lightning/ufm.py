@@ -33,7 +33,14 @@ def feature_seed(seed: int) -> int:
     """The seed of :class:`FreeFeatures`' own generator for ``seed``: a hash of it, so that the
     features are not drawn from the stream the heads draw their class vectors from after
     ``seed_everything(seed)`` (the same seed gave feature row i a cosine of about -0.35 with
-    class vector i for the first K rows)."""
+    class vector i for the first K rows).
+
+    Args:
+        seed: The run's seed (``FreeFeatures``' ``seed``, or the ``seed_everything`` one).
+
+    Returns:
+        A seed in ``[0, 2**63)`` for ``torch.Generator.manual_seed``, the same on every process.
+    """
     digest = hashlib.sha256(f"hug_lightning.FreeFeatures:{int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % 2**63
 
