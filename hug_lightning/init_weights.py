@@ -191,8 +191,8 @@ class InitWeights(Callback):
         assert self.path is not None
         stored = {_plain(k): v for k, v in read_state_dict(self.path).items()}
         metrics = [name for name, m in model.named_modules() if isinstance(m, Metric) and name]
-        own = {_plain(k): k for k in model.state_dict() if not _under(k, metrics)}
         shapes = {k: _shape(v) for k, v in model.state_dict().items()}
+        own = {_plain(k): k for k in shapes if not _under(k, metrics)}
         unknown = [p for p in self.skip if not any(_under(k, [p]) for k in [*own, *stored])]
         if unknown:
             tops = sorted({k.split(".")[0] for k in own})
@@ -232,9 +232,8 @@ class InitWeights(Callback):
             lines.append(f"  file tensors not in the model ({len(unexpected)}): "
                          + _named(unexpected, {k: _shape(used[k]) for k in unexpected}))
         if other:
-            lines.append(f"  other shapes ({len(other)}): " + ", ".join(
-                f"{k} file {_shape(used[k])} model {shapes[kept[k]]}" for k in other[:SHOWN])
-                + (f", ... ({len(other) - SHOWN} more)" if len(other) > SHOWN else ""))
+            lines.append(f"  other shapes ({len(other)}): " + _named(
+                other, {k: f"file {_shape(used[k])} model {shapes[kept[k]]}" for k in other}))
         tops = sorted({k.split(".")[0] for k in [*missing, *unexpected, *other]} | {*self.skip})
         lines.append(f"Leave them at their initialisation with --init.skip '[{', '.join(tops)}]'"
                      " (whole dotted prefixes of the model's keys, e.g. head or backbone.fc), "
