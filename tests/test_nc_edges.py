@@ -275,3 +275,26 @@ def test_collector_means_add_the_pivots_back():
     for got, feats in ((m.means(), x), (m.synced_means(), x), (m.means(spherical=True), unit)):
         want = torch.stack([feats[y == c].mean(0) for c in range(k)])
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, exact", [(torch.float32, True), (torch.float64, False),
+                                          (torch.bfloat16, True)])
+def test_eval_pass_memory_cap_counts_the_features_dtype(dtype, exact, monkeypatch):
+    """The exact-NCC sweep keeps ``N x d`` features in the forward's dtype: 8 bytes each under
+    64-true. The cap counted 4 whatever the dtype, so a float64 pass could keep twice the cap.
+    Here the cap holds the features at 4 bytes each but not at 8."""
+    from types import SimpleNamespace
+
+    from hug_lightning.metrics import eval_pass
+
+    n, dim = 30, 16
+    monkeypatch.setattr(eval_pass, "EXACT_NCC_MAX_BYTES", n * dim * 4)
+    module = torch.nn.Linear(dim, 3).to(dtype)
+    trainer = SimpleNamespace(world_size=1, lightning_module=module)
+    loader = SimpleNamespace(dataset=list(range(n)))
+    collector = SimpleNamespace(ncc=True, dim=dim)
+    if exact:
+        assert eval_pass.keeps_features(trainer, collector, loader)
+    else:
+        with pytest.warns(UserWarning, match=r"0\.00 GiB of features per process"):
+            assert not eval_pass.keeps_features(trainer, collector, loader)

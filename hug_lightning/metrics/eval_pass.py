@@ -16,7 +16,7 @@ second graph for it once. Other precisions (``32-true``, ``bf16-true``...) keep 
 NC4 and the NCC accuracies of this pass are exact: scored against the pass's own class means
 (Papyan's value, nc-metrics.md section 3.3), by a second sweep over the features kept on the
 device during the pass (``N x d`` numbers per process: 100 MB for CIFAR-10 at d = 512 in
-float32). Above :data:`EXACT_NCC_MAX_BYTES` per process the pass scores them against the
+float32, twice that under ``64-true``). Above :data:`EXACT_NCC_MAX_BYTES` per process the pass scores them against the
 previous pass's means instead (lagged, as the ``train`` collector does) and says so once.
 """
 
@@ -54,18 +54,27 @@ def check_eval_pass_data(trainer: Trainer) -> None:
 EXACT_NCC_MAX_BYTES = 4 * 2**30
 
 
+def feature_bytes(pl_module: LightningModule) -> int:
+    """Bytes per kept feature value: the module's floating parameters' (8 under ``64-true``),
+    at least 4 (float32: the pass's features under autocast precisions; half-precision
+    parameters count as 4, an upper bound)."""
+    first = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+    return max(4, 0 if first is None else first.element_size())
+
+
 def keeps_features(trainer: Trainer, collector: NCFeatureStats, loader: Any) -> bool:
     """Whether the pass scores NCC exactly: the collector keeps NCC counters and this process's
-    share of the loader's data set, as float32 features, fits :data:`EXACT_NCC_MAX_BYTES`. The
-    same answer on every rank (it depends on the set's length only): the sweep's all-reduce
-    runs on all of them or on none."""
+    share of the loader's data set, at :func:`feature_bytes` per value, fits
+    :data:`EXACT_NCC_MAX_BYTES`. The same answer on every rank (it depends on the set's length
+    and the parameters' dtype only): the sweep's all-reduce runs on all of them or on none."""
     if not collector.ncc:
         return False
     try:  # a DataLoader's data set, or a loader that states its set's size (device-resident)
         n = len(loader.dataset) if hasattr(loader, "dataset") else int(loader.dataset_len)
     except (AttributeError, TypeError):  # no length (an iterable data set): size unknown
         n = None
-    size = None if n is None else math.ceil(n / max(trainer.world_size, 1)) * collector.dim * 4
+    size = None if n is None else math.ceil(n / max(trainer.world_size, 1)) * collector.dim * \
+        feature_bytes(trainer.lightning_module)
     if size is not None and size <= EXACT_NCC_MAX_BYTES:
         return True
     rank_zero_warn(
@@ -138,5 +147,5 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             collector.update_ncc(features, labels, predictions)
 
 
-__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "forward_context", "keeps_features",
-           "run_eval_pass"]
+__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "feature_bytes", "forward_context",
+           "keeps_features", "run_eval_pass"]
