@@ -16,7 +16,8 @@ What it adds to a plain ``LightningCLI``:
   so ``class_path: my_module.MyHead`` finds ``./my_module.py``;
 * a ``checkpoint`` group (``ModelCheckpoint``: the best on ``val/acc``), a ``last`` group
   (``last.ckpt`` every epoch, ``--last.every_n_train_steps N`` for more), an ``nc``
-  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default) and an
+  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default), a
+  ``layer_nc`` group (NC1 of intermediate layers, off: :mod:`hug_lightning.metrics.layers`), an
   ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
   ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
   (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``), ``predictions``
@@ -61,6 +62,7 @@ from hug_lightning.guards import FiniteLossGuard, NonFiniteLossError, check_poli
 from hug_lightning.init_weights import InitFileError, InitWeights
 from hug_lightning.interrupt import InterruptCheckpoint
 from hug_lightning.metrics.callback import NeuralCollapseMonitor
+from hug_lightning.metrics.layers import LayerNCMonitor, drop_idle_layer_nc
 from hug_lightning.model_callbacks import checkpoint_order, keep_template_callbacks
 from hug_lightning.model_options import (flat, warn_replaced_by_checkpoint,
                                          warn_replaced_num_classes)
@@ -120,7 +122,8 @@ class HUGLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, **ones)
         # trainer.checkpoint_callback (in-process ckpt_path="best") is the group's, as on the CLI
         group = self._get(self.config_init, "checkpoint", default=None)
-        trainer.callbacks = checkpoint_order(trainer.callbacks, group)
+        # an idle layer_nc (no layers) is left out: Lightning calls every callback every step
+        trainer.callbacks = checkpoint_order(drop_idle_layer_nc(trainer.callbacks), group)
         keep_template_callbacks(trainer, group)  # a model's configure_callbacks adds to them
         share_version(trainer.loggers)  # a list's loggers of one experiment: one folder
         return trainer
@@ -155,6 +158,7 @@ class HUGLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(NeuralCollapseMonitor, "nc")
+        parser.add_lightning_class_args(LayerNCMonitor, "layer_nc")  # off: no layers
         parser.add_lightning_class_args(LastCheckpoint, "last")
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.add_lightning_class_args(CalibrationMonitor, "calibration")  # cheap: on
