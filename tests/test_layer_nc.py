@@ -101,6 +101,10 @@ def test_values_equal_the_reference_of_the_validation_features(cifar10_folder_ro
         for name, want in nc1_reference(feats[layer], labels).items():
             got = float(logged[f"nc_layers/val/{layer}/{name}"])
             assert got == pytest.approx(want, rel=1e-6), (layer, name, got, want)
+    for stage, name in itertools.product(("val", "train"), ("nc1_pinv", "nc1_trace_ratio")):
+        # the backbone's output is what the NC monitor collects: its values, train-mode too
+        assert float(logged[f"nc_layers/{stage}/backbone/{name}"]) == pytest.approx(
+            float(logged[f"nc/{stage}/{name}"]), rel=1e-6), (stage, name)
 
 
 def test_pooling_and_bad_outputs():
