@@ -16,6 +16,9 @@ feeds one :class:`~hug_lightning.metrics.collapse.NCFeatureStats` per layer and 
   cast to float32 before pooling; the sums are float64. A tuple, dict or other shape is an
   error naming the layer;
 * labels come from the batch through the module's ``unpack_batch`` (as its steps read them);
+* under ``--model.init_args.compile true`` a hooked module ends a compiled graph while its
+  hooks are on (they run eagerly: :func:`torch.compiler.disable`), so the backbone runs as a few
+  graphs during those stages (checked on a CPU: the same values, no recompilation per epoch);
 * stages: ``val`` (validation batches: eval-mode features of the forward the validation step
   runs anyway, no extra forward) and ``train`` (training batches: train-mode features,
   BatchNorm batch statistics, augmented images; under DDP it also counts the duplicates the
@@ -155,6 +158,7 @@ class LayerNCMonitor(Callback):
                               f"{type(pl_module).__name__} has {k!r}.")
         self._num_classes = k
 
+    @torch.compiler.disable  # a compiled backbone runs it eagerly, untraced (a graph break)
     def _record(self, stage: str, layer: str, module: Any, args: Any, output: Any) -> None:
         labels = self._labels[stage]
         if labels is None or layer in self._seen[stage]:
