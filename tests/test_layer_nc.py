@@ -91,7 +91,7 @@ def test_values_equal_the_reference_of_the_validation_features(cifar10_folder_ro
                                   "--layer_nc.stages", "[val, train]",
                                   "--trainer.limit_val_batches", "1.0",
                                   "--trainer.num_sanity_val_steps", "1",
-                                  "--nc.eval_pass", "true")])
+                                  "--nc.eval_pass", "true", "--trainer.max_epochs", "2")])
     logged = cli.trainer.callback_metrics
     assert no_hooks(cli.model)
     feats, labels = reference_features(cli.model, cli.datamodule.val_dataloader())
@@ -103,6 +103,23 @@ def test_values_equal_the_reference_of_the_validation_features(cifar10_folder_ro
             assert got == pytest.approx(want, rel=1e-6), (layer, name, got, want)
     for stage, name in itertools.product(("val", "train"), ("nc1_pinv", "nc1_trace_ratio")):
         # the backbone's output is what the NC monitor collects: its values, train-mode too
+        assert float(logged[f"nc_layers/{stage}/backbone/{name}"]) == pytest.approx(
+            float(logged[f"nc/{stage}/{name}"]), rel=1e-6), (stage, name)
+
+
+def test_ufm_features_equal_the_nc_monitors(tmp_path):
+    """The UFM's batches of (sample index, label), its backbone's (B, d) output: the NC
+    monitor's values in both stages, over 3 epochs (class-mean pivots from the second on)."""
+    cli = main(["fit", "--config", str(REPO / "configs" / "ufm_ce.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--model.init_args.backbone.init_args.dim", "16",
+                "--data.init_args.samples_per_class", "6", "--trainer.max_epochs", "3",
+                "--trainer.check_val_every_n_epoch", "1", "--nc.train", "true",
+                "--layer_nc.layers", "[backbone]", "--layer_nc.stages", "[train, val]",
+                "--layer_nc.metrics", "[nc1_pinv, nc1_trace_ratio, nc2_etf_dist_means]"])
+    logged = cli.trainer.callback_metrics
+    for stage, name in itertools.product(("val", "train"),
+                                         ("nc1_pinv", "nc1_trace_ratio", "nc2_etf_dist_means")):
         assert float(logged[f"nc_layers/{stage}/backbone/{name}"]) == pytest.approx(
             float(logged[f"nc/{stage}/{name}"]), rel=1e-6), (stage, name)
 
