@@ -157,6 +157,7 @@ class LayerNCMonitor(Callback):
             raise ConfigError(f"--layer_nc needs a module with an integer num_classes (>= 2), "
                               f"{type(pl_module).__name__} has {k!r}.")
         self._num_classes = k
+        self.collectors = {s: {} for s in self.stages}  # a new fit's model: new widths
 
     @torch.compiler.disable  # a compiled backbone runs it eagerly, untraced (a graph break)
     def _record(self, stage: str, layer: str, module: Any, args: Any, output: Any) -> None:
