@@ -37,7 +37,6 @@ is checkpointed: the sums restart every epoch, so a fit resumed in the middle of
 
 from __future__ import annotations
 
-import difflib
 import functools
 import warnings
 from typing import Any, Sequence
@@ -53,59 +52,12 @@ from hug_lightning.loop import unpack_batch_of
 from hug_lightning.metrics.collapse import NCFeatureStats
 from hug_lightning.metrics.direct_log import log_direct
 from hug_lightning.metrics.functional import MEANS_NAMES, NC1_NAMES, SPH_NAMES
+from hug_lightning.metrics.layer_hooks import pool_output, resolve_layers
 
 #: metrics of the features alone (no classifier, no logits), which this callback can log
 FEATURE_ONLY_NAMES = ("k_eff",) + NC1_NAMES + SPH_NAMES + MEANS_NAMES
 DEFAULT_LAYER_METRICS = ("nc1_pinv", "nc1_trace_ratio", "nc1_cdnv")
 LAYER_STAGES = ("val", "train")
-_LIST_HINT = ("list them in Python: `[n for n, _ in main(ARGS, run=False).model.named_modules()]` "
-              "(`from hug_lightning.cli import main`, ARGS: the command's arguments after the "
-              "subcommand)")
-
-
-def pool_output(layer: str, output: Any) -> Tensor:
-    """A hooked module's output as ``(B, C)`` detached features (see the module docstring).
-
-    Raises:
-        TypeError: The output is not a floating-point tensor.
-        ValueError: The output is not 2-, 3- or 4-dimensional.
-    """
-    if not isinstance(output, Tensor) or not output.is_floating_point():
-        kind = type(output).__name__ if not isinstance(output, Tensor) else f"{output.dtype}"
-        raise TypeError(f"--layer_nc: the output of layer {layer!r} is a {kind}, not a "
-                        "floating-point tensor: choose a module that returns one tensor (a "
-                        f"submodule of it, or the next one); {_LIST_HINT}.")
-    x = output.detach()
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if x.dim() == 4:  # (B, C, H, W): global average pooling
-        return x.mean(dim=(2, 3))
-    if x.dim() == 3:  # (B, T, C): mean over the tokens
-        return x.mean(dim=1)
-    if x.dim() == 2:
-        return x
-    raise ValueError(f"--layer_nc: the output of layer {layer!r} has shape {tuple(x.shape)}; "
-                     "expected (B, C), (B, T, C) or (B, C, H, W): choose another module.")
-
-
-def resolve_layers(pl_module: LightningModule, layers: Sequence[str]) -> dict[str, Any]:
-    """``{name: module}`` for ``layers``; a :class:`ConfigError` naming the close matches for a
-    name that is not one of ``pl_module.named_modules()``."""
-    modules = dict(pl_module.named_modules())
-    missing = [name for name in layers if name not in modules]
-    if missing:
-        names = [n for n in modules if n]
-        hints = []
-        for name in missing:
-            close = [n for n in names if n.endswith("." + name)]
-            close += difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-            close = list(dict.fromkeys(close))[:5]
-            hints.append(f"{name!r} (close: {', '.join(close)})" if close else repr(name))
-        raise ConfigError(f"--layer_nc.layers: not modules of {type(pl_module).__name__}: "
-                          f"{'; '.join(hints)}. {_LIST_HINT[0].upper()}{_LIST_HINT[1:]}.")
-    return {name: modules[name] for name in layers}
-
-
 def drop_idle_layer_nc(callbacks: Sequence[Callback]) -> list[Callback]:
     """``callbacks`` without the :class:`LayerNCMonitor` instances that have no layers: a
     registered callback costs Lightning's hook dispatch on every step even when it does
@@ -279,4 +231,4 @@ class LayerNCMonitor(Callback):
 
 
 __all__ = ["DEFAULT_LAYER_METRICS", "FEATURE_ONLY_NAMES", "LAYER_STAGES", "LayerNCMonitor",
-           "drop_idle_layer_nc", "pool_output", "resolve_layers"]
+           "drop_idle_layer_nc", "pool_output", "resolve_layers"]  # the last two: re-exported
