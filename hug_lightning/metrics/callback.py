@@ -104,6 +104,12 @@ class NeuralCollapseMonitor(StageCollectors):
         self._val_norms: list[Tensor] = []
         self._val_sample = FeatureSample()
 
+    @property
+    def runs_eval_pass(self) -> bool:
+        """Whether this monitor runs the eval pass (asked by
+        :func:`~hug_lightning.metrics.eval_pass_listeners.runs_eval_pass`)."""
+        return bool(self.enabled and self.stages["train_eval"])
+
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self.enabled or self.collectors:

@@ -4,7 +4,9 @@ The canonical neural-collapse protocol of Papyan et al., run by
 :class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor` (``eval_pass=True``) at the end of
 a training epoch: the training images with the evaluation transform (the data module's
 ``train_eval_dataloader()``), the model in eval mode, features and logits fed to the
-``train_eval`` collector in a few large updates.
+``train_eval`` collector in a few large updates. The trainer's callbacks that implement
+:class:`~hug_lightning.metrics.eval_pass_listeners.EvalPassListener` record during the same
+forwards (e.g. the layer-NC monitor's ``train_eval`` stage): no second pass.
 
 Features are float32 (``fp32``, the default): under an autocast precision (``bf16-mixed``,
 ``16-mixed``) the pass runs with autocast off, as nc-metrics.md section 3.4 asks: bf16 features
@@ -16,14 +18,15 @@ second graph for it once. Other precisions (``32-true``, ``bf16-true``...) keep 
 NC4 and the NCC accuracies of this pass are exact: scored against the pass's own class means
 (Papyan's value, nc-metrics.md section 3.3), by a second sweep over the features kept on the
 device during the pass (``N x d`` numbers per process: 100 MB for CIFAR-10 at d = 512 in
-float32, twice that under ``64-true``). Above :data:`EXACT_NCC_MAX_BYTES` per process the pass scores them against the
-previous pass's means instead (lagged, as the ``train`` collector does) and says so once.
+float32, twice that under ``64-true``). Above :data:`EXACT_NCC_MAX_BYTES` per process the pass
+scores them against the previous pass's means instead (lagged, as the ``train`` collector does)
+and says so once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -34,6 +37,7 @@ from torch import Tensor
 from hug_lightning.cli_errors import ConfigError
 from hug_lightning.loop import unpack_batch_of
 from hug_lightning.metrics.collapse import NCFeatureStats
+from hug_lightning.metrics.eval_pass_listeners import EvalPassListener
 
 
 def check_eval_pass_data(trainer: Trainer) -> None:
@@ -95,7 +99,8 @@ def forward_context(trainer: Trainer, fp32: bool) -> Any:
 
 @torch.no_grad()
 def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFeatureStats,
-                  buffer_batches: int, fp32: bool = True) -> None:
+                  buffer_batches: int, fp32: bool = True,
+                  listeners: Sequence[EvalPassListener] = ()) -> None:
     """Feed ``collector`` the eval-mode features and logits of every training-eval batch; then,
     when :func:`keeps_features`, count NCC against this pass's own means.
 
@@ -106,6 +111,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
         collector: The ``train_eval`` collector.
         buffer_batches: Batches concatenated before one collector update.
         fp32: Float32 features under an autocast precision (see the module docstring).
+        listeners: Told the pass's start, each batch's labels before its forward, and its end
+            (:mod:`~hug_lightning.metrics.eval_pass_listeners`).
     """
     loader_fn = getattr(trainer.datamodule, "train_eval_dataloader", None)
     if loader_fn is None:
@@ -115,6 +122,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
     exact = keeps_features(trainer, collector, loader)
     was_training = pl_module.training
     pl_module.eval()
+    for listener in listeners:
+        listener.eval_pass_start(trainer, pl_module)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
     kept: list[tuple[Tensor, Tensor, Tensor]] = []  # features, labels, predictions
 
@@ -131,6 +140,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             batch = trainer.precision_plugin.convert_input(batch)
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             images, labels = unpack_batch_of(pl_module, batch, "The NC eval pass")
+            for listener in listeners:
+                listener.eval_pass_batch(labels)
             with forward_context(trainer, fp32):
                 features = pl_module.forward_features(images)
                 logits = pl_module.head.logits(features)
@@ -141,6 +152,8 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             flush()
     finally:
         pl_module.train(was_training)
+    for listener in listeners:
+        listener.eval_pass_end(trainer, pl_module)
     if exact:  # the second sweep: NCC against the means of the features just seen
         collector.set_reference(collector.synced_means(), pivot=False, ncc=True)
         for features, labels, predictions in kept:

@@ -19,6 +19,7 @@ from torch import Tensor
 from hug_lightning.metrics.collapse import NCFeatureStats, all_reduce_sync
 from hug_lightning.metrics.direct_log import log_direct
 from hug_lightning.metrics.eval_pass import run_eval_pass
+from hug_lightning.metrics.eval_pass_listeners import eval_pass_listeners
 
 
 class StageCollectors(Callback):
@@ -149,7 +150,8 @@ class StageCollectors(Callback):
         if ("train_eval" in self.collectors
                 and (trainer.current_epoch + 1) % self.eval_pass_every == 0):
             run_eval_pass(trainer, pl_module, self.collectors["train_eval"],
-                          self.buffer_batches, self.eval_pass_fp32)
+                          self.buffer_batches, self.eval_pass_fp32,
+                          listeners=eval_pass_listeners(trainer))
             reference = self._finish("train_eval", pl_module)
         if reference is not None and "val" in self.collectors:
             self.collectors["val"].set_reference(reference)
