@@ -23,7 +23,9 @@ _LIST_HINT = ("list them in Python: `[n for n, _ in main(ARGS, run=False).model.
 
 
 def pool_output(layer: str, output: Any) -> Tensor:
-    """A hooked module's output as ``(B, C)`` detached features (see :mod:`.layers`).
+    """A hooked module's output as ``(B, C)`` detached features (see :mod:`.layers`), in new
+    memory: never a view of the output, which a later in-place op (``ReLU(inplace=True)``)
+    would change while the features wait in the monitor's buffer.
 
     Raises:
         TypeError: The output is not a floating-point tensor.
@@ -42,7 +44,7 @@ def pool_output(layer: str, output: Any) -> Tensor:
     if x.dim() == 3:  # (B, T, C): mean over the tokens
         return x.mean(dim=1)
     if x.dim() == 2:
-        return x
+        return x.clone() if x.dtype == output.dtype else x  # (a cast made a copy already)
     raise ValueError(f"--layer_nc: the output of layer {layer!r} has shape {tuple(x.shape)}; "
                      "expected (B, C), (B, T, C) or (B, C, H, W): choose another module.")
 

@@ -10,7 +10,9 @@ feeds one :class:`~hug_lightning.metrics.collapse.NCFeatureStats` per layer and 
   ``teardown`` and ``on_exception``); they record only while a batch of that stage runs, and
   only the **first** call of each module in that batch (an extra forward in the same batch,
   e.g. ``RobustnessEvaluation``'s attacks, is not counted; a module called twice in one
-  forward counts its first call);
+  forward counts its first call). The pooled features of ``buffer_batches`` batches are
+  concatenated into one collector update per layer (the update is about 20 small kernels
+  whatever the batch size), the rest before each stage's results;
 * outputs ``(B, C, H, W)`` are averaged over ``H, W`` (global average pooling), ``(B, T, C)``
   over ``T`` (tokens), ``(B, C)`` are taken as they are; half-precision outputs (autocast) are
   cast to float32 before pooling; the sums are float64. A tuple, dict or other shape is an
@@ -22,15 +24,19 @@ feeds one :class:`~hug_lightning.metrics.collapse.NCFeatureStats` per layer and 
 * stages: ``val`` (validation batches: eval-mode features of the forward the validation step
   runs anyway, no extra forward) and ``train`` (training batches: train-mode features,
   BatchNorm batch statistics, augmented images; under DDP it also counts the duplicates the
-  training sampler pads an epoch with). The NC monitor's eval pass (``train_eval``) is not
-  hooked: it runs ``forward_features`` outside any batch, so its features are not seen;
+  training sampler pads an epoch with) and ``train_eval``: the NC monitor's eval pass
+  (``--nc.eval_pass true``, every ``--nc.eval_pass_every`` epochs: training images, evaluation
+  transform, eval mode, float32 under ``--nc.eval_pass_fp32 true``), recorded during that pass's
+  own forwards through the :mod:`~hug_lightning.metrics.eval_pass_listeners` protocol (no second
+  pass; logged when the pass ends). Asked for in a fit without the pass, it is a ConfigError;
 * only metrics that need no classifier (NC1 family, class-mean geometry): the NCC accuracy
   needs the model's logits in the collector, which an intermediate layer has none of.
 
 Values go straight to the loggers and ``trainer.callback_metrics``
 (:func:`~hug_lightning.metrics.direct_log.log_direct`) as
 ``nc_layers/<stage>/<layer>/<metric>``; they are computed after one all-reduce per state, so
-under DDP every rank logs the single-process numbers (validation shards are unpadded). Nothing
+under DDP every rank logs the single-process numbers (validation and eval-pass shards are
+unpadded). Nothing
 is checkpointed: the sums restart every epoch, so a fit resumed in the middle of an epoch logs
 ``train`` values over the batches after the resume only for that epoch.
 """
@@ -51,13 +57,16 @@ from hug_lightning.cli_errors import ConfigError
 from hug_lightning.loop import unpack_batch_of
 from hug_lightning.metrics.collapse import NCFeatureStats
 from hug_lightning.metrics.direct_log import log_direct
+from hug_lightning.metrics.eval_pass_listeners import runs_eval_pass
 from hug_lightning.metrics.functional import MEANS_NAMES, NC1_NAMES, SPH_NAMES
 from hug_lightning.metrics.layer_hooks import pool_output, resolve_layers
 
 #: metrics of the features alone (no classifier, no logits), which this callback can log
 FEATURE_ONLY_NAMES = ("k_eff",) + NC1_NAMES + SPH_NAMES + MEANS_NAMES
 DEFAULT_LAYER_METRICS = ("nc1_pinv", "nc1_trace_ratio", "nc1_cdnv")
-LAYER_STAGES = ("val", "train")
+LAYER_STAGES = ("val", "train", "train_eval")
+
+
 def drop_idle_layer_nc(callbacks: Sequence[Callback]) -> list[Callback]:
     """``callbacks`` without the :class:`LayerNCMonitor` instances that have no layers: a
     registered callback costs Lightning's hook dispatch on every step even when it does
@@ -72,20 +81,27 @@ class LayerNCMonitor(Callback):
         layers: Module names as in ``pl_module.named_modules()`` (e.g.
             ``[backbone.layer1, backbone.layer4]``); empty: off (the CLI then leaves the
             callback out of the trainer: no cost per step).
-        stages: ``val`` (validation batches, eval-mode features, no extra forward) and/or
-            ``train`` (training batches, train-mode features).
+        stages: Among ``val`` (validation batches, eval-mode features, no extra forward),
+            ``train`` (training batches, train-mode features) and ``train_eval`` (the NC
+            monitor's eval pass: training images, evaluation transform, eval mode; needs
+            ``--nc.eval_pass true``).
         metrics: Names to log per layer, among ``FEATURE_ONLY_NAMES`` (NC1: ``nc1_pinv``,
             ``nc1_trace_ratio``, ``nc1_cdnv``... and the class-mean geometry ``*_means``).
+        buffer_batches: Batches whose pooled features are concatenated before one collector
+            update per layer (fewer, larger kernels; flushed before each stage's results).
     """
 
     def __init__(self, layers: Sequence[str] = (), stages: Sequence[str] = ("val",),
-                 metrics: Sequence[str] = DEFAULT_LAYER_METRICS) -> None:
+                 metrics: Sequence[str] = DEFAULT_LAYER_METRICS, buffer_batches: int = 8) -> None:
         super().__init__()
         self.layers, self.stages, self.metrics = list(layers), list(stages), list(metrics)
         bad = [s for s in self.stages if s not in LAYER_STAGES]
-        if bad or not self.stages:
-            raise ValueError(f"--layer_nc.stages {self.stages}: choose among {list(LAYER_STAGES)} "
-                             "(the NC monitor's eval pass, train_eval, is not hooked).")
+        if bad or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"--layer_nc.stages {self.stages}: choose among {list(LAYER_STAGES)}, "
+                             "each once.")
+        if buffer_batches < 1:
+            raise ValueError(f"--layer_nc.buffer_batches {buffer_batches}: must be >= 1.")
+        self.buffer_batches = buffer_batches
         bad = [m for m in self.metrics if m not in FEATURE_ONLY_NAMES]
         if bad or not self.metrics:
             raise ValueError(f"--layer_nc.metrics {bad or self.metrics}: choose among the "
@@ -98,6 +114,8 @@ class LayerNCMonitor(Callback):
         self._handles: dict[str, list[Any]] = {s: [] for s in self.stages}
         self._labels: dict[str, Tensor | None] = {s: None for s in self.stages}
         self._seen: dict[str, set[str]] = {s: set() for s in self.stages}
+        self._buffers: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = \
+            {s: {} for s in self.stages}
 
     # ------------------------------------------------------------------ hooks on the model
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -110,6 +128,10 @@ class LayerNCMonitor(Callback):
                               f"{type(pl_module).__name__} has {k!r}.")
         self._num_classes = k
         self.collectors = {s: {} for s in self.stages}  # a new fit's model: new widths
+        if stage == "fit" and "train_eval" in self.stages and not runs_eval_pass(trainer):
+            raise ConfigError("--layer_nc.stages train_eval records the NC monitor's eval pass, "
+                              "which is off: set --nc.eval_pass true (and --nc.enabled true), "
+                              "or leave train_eval out of --layer_nc.stages.")
 
     @torch.compiler.disable  # a compiled backbone runs it eagerly, untraced (a graph break)
     def _record(self, stage: str, layer: str, module: Any, args: Any, output: Any) -> None:
@@ -117,7 +139,17 @@ class LayerNCMonitor(Callback):
         if labels is None or layer in self._seen[stage]:
             return
         self._seen[stage].add(layer)
-        features = pool_output(layer, output)
+        buffer = self._buffers[stage].setdefault(layer, [])
+        buffer.append((pool_output(layer, output), labels))
+        if len(buffer) >= self.buffer_batches:
+            self._flush(stage, layer)
+
+    def _flush(self, stage: str, layer: str) -> None:
+        """Apply ``layer``'s buffered batches of ``stage`` to its collector in one update."""
+        buffer = self._buffers[stage].pop(layer, [])
+        if not buffer:
+            return
+        features, labels = (torch.cat(t) for t in zip(*buffer))
         col = self.collectors[stage].get(layer)
         if col is None:
             col = self._new_collector(stage, layer, features.shape[-1], features.device)
@@ -137,6 +169,7 @@ class LayerNCMonitor(Callback):
             self._handles[stage].append(module.register_forward_hook(hook))
         for col in self.collectors[stage].values():
             col.reset()
+        self._buffers[stage] = {}  # left by a stage that failed
 
     def _detach(self, stage: str) -> None:
         for handle in self._handles.get(stage, []):
@@ -187,6 +220,22 @@ class LayerNCMonitor(Callback):
             self._detach("val")
             self._finish(trainer, "val")
 
+    # ------------------------------------------------------------------ the NC eval pass
+    def eval_pass_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The NC monitor's eval pass starts (:mod:`.eval_pass_listeners`): hook ``train_eval``."""
+        self._attach("train_eval")
+
+    def eval_pass_batch(self, labels: Tensor) -> None:
+        """The eval pass's next forward is a batch with these labels."""
+        if self._handles.get("train_eval"):
+            self._labels["train_eval"], self._seen["train_eval"] = labels, set()
+
+    def eval_pass_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The eval pass is over (on every process): unhook, log ``train_eval``."""
+        if self._handles.get("train_eval"):
+            self._detach("train_eval")
+            self._finish(trainer, "train_eval")
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
         for stage in self.stages:
@@ -212,6 +261,8 @@ class LayerNCMonitor(Callback):
     def _finish(self, trainer: Trainer, stage: str) -> None:
         values: dict[str, Tensor] = {}
         device = trainer.lightning_module.device
+        for layer in list(self._buffers[stage]):
+            self._flush(stage, layer)
         for layer, dim in zip(self.layers, self._dims(stage)):
             if dim == 0:
                 rank_zero_warn(f"--layer_nc: layer {layer!r} never ran during the {stage} "
