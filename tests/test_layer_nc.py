@@ -1,5 +1,7 @@
-"""LayerNCMonitor (``--layer_nc``): NC1 of intermediate layers against a reference in the test,
-1 vs 2 DDP processes, the CLI group, bad names and outputs, hook removal."""
+"""LayerNCMonitor (``--layer_nc``): NC1 of intermediate layers against a reference in the test
+(validation and eval-pass features), buffered vs unbuffered updates, 1 vs 2 DDP processes (here
+for ``val``; ``train_eval`` in tests/test_nc_monitor.py's DDP run), the CLI group, bad names,
+stages and outputs, hook removal."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, tiny_args
 from hug_lightning.cli import main
 from hug_lightning.cli_errors import ConfigError
+from hug_lightning.metrics import layers as layers_module
+from hug_lightning.metrics.collapse import NCFeatureStats
 from hug_lightning.metrics.layers import LayerNCMonitor, pool_output
 from hug_lightning.module import ClassifierModule
 
@@ -74,9 +78,11 @@ def no_hooks(model: torch.nn.Module) -> bool:
 
 def test_values_equal_the_reference_of_the_validation_features(cifar10_folder_root, tmp_path,
                                                                monkeypatch):
-    """A fit with both stages on, a sanity check, the NC eval pass and a second forward in
+    """A fit with all three stages on, a sanity check, the NC eval pass and a second forward in
     every validation step (as an attack would): the validation values are those of the
-    validation images through the final weights, pooled, the first forward of each batch only.
+    validation images through the final weights, pooled, the first forward of each batch only;
+    the ``train_eval`` ones those of the training images with the evaluation transform through
+    the final weights in eval mode (the last eval pass runs after the last training batch).
     (The reference pools in float32, as the callback does: pooled in float64, nc1_pinv of the
     first layer, nearly collapsed, Tr Sw / Tr Sb = 3e-4, differs by 8e-6 relative.)"""
     step = ClassifierModule.validation_step
@@ -88,20 +94,24 @@ def test_values_equal_the_reference_of_the_validation_features(cifar10_folder_ro
 
     monkeypatch.setattr(ClassifierModule, "validation_step", two_forwards)
     cli = main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--layer_nc.layers", FLAG,
-                                  "--layer_nc.stages", "[val, train]",
+                                  "--layer_nc.stages", "[val, train, train_eval]",
                                   "--trainer.limit_val_batches", "1.0",
                                   "--trainer.num_sanity_val_steps", "1",
                                   "--nc.eval_pass", "true", "--trainer.max_epochs", "2")])
     logged = cli.trainer.callback_metrics
     assert no_hooks(cli.model)
-    feats, labels = reference_features(cli.model, cli.datamodule.val_dataloader())
-    assert len(labels) == 40 and len(labels.unique()) >= 2
+    for stage, loader, n in (("val", cli.datamodule.val_dataloader(), 40),
+                             ("train_eval", cli.datamodule.train_eval_dataloader(), 160)):
+        feats, labels = reference_features(cli.model, loader)
+        assert len(labels) == n and len(labels.unique()) >= 2
+        for layer in LAYERS:
+            for name, want in nc1_reference(feats[layer], labels).items():
+                got = float(logged[f"nc_layers/{stage}/{layer}/{name}"])
+                assert got == pytest.approx(want, rel=1e-6), (stage, layer, name, got, want)
     for layer in LAYERS:
         assert f"nc_layers/train/{layer}/nc1_pinv" in logged  # train-mode: logged, not checked
-        for name, want in nc1_reference(feats[layer], labels).items():
-            got = float(logged[f"nc_layers/val/{layer}/{name}"])
-            assert got == pytest.approx(want, rel=1e-6), (layer, name, got, want)
-    for stage, name in itertools.product(("val", "train"), ("nc1_pinv", "nc1_trace_ratio")):
+    for stage, name in itertools.product(("val", "train", "train_eval"),
+                                         ("nc1_pinv", "nc1_trace_ratio")):
         # the backbone's output is what the NC monitor collects: its values, train-mode too
         assert float(logged[f"nc_layers/{stage}/backbone/{name}"]) == pytest.approx(
             float(logged[f"nc/{stage}/{name}"]), rel=1e-6), (stage, name)
@@ -137,6 +147,53 @@ def test_pooling_and_bad_outputs():
         pool_output("c", {"out": x})
     with pytest.raises(ValueError, match=r"layer 'd' has shape \(3, 4, 5, 6, 1\)"):
         pool_output("d", x[..., None])
+    flat = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
+    kept = pool_output("e", flat)
+    flat.relu_()  # the next module's in-place op: the buffered features keep their values
+    assert torch.equal(kept, torch.tensor([[1.0, -2.0], [-3.0, 4.0]]))
+
+
+def layer_fit(root, log_dir, monkeypatch, *extra: str) -> tuple[list[dict], list[int]]:
+    """A 2-epoch fit with the ``train`` stage only (5 batches of 32 per epoch, the NC monitor
+    off): the float64 values the monitor logs at each epoch, and the batch size of each
+    collector update."""
+    logged, sizes = [], []
+    log, update = layers_module.log_direct, NCFeatureStats.update
+
+    def keep(trainer, values):  # noqa: ANN001
+        logged.append({k: v.double().clone() for k, v in values.items()})
+        log(trainer, values)
+
+    def count(self, features, labels, **kwargs):  # noqa: ANN001
+        sizes.append(len(labels))
+        return update(self, features, labels, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(layers_module, "log_direct", keep)
+        patch.setattr(NCFeatureStats, "update", count)
+        main(["fit", *tiny_args(root, log_dir, "--layer_nc.layers", FLAG, "--nc.enabled", "false",
+                                "--layer_nc.stages", "[train]", "--trainer.max_epochs", "2",
+                                *extra)])
+    return logged, sizes
+
+
+def test_buffered_updates_equal_unbuffered_ones(cifar10_folder_root, tmp_path, monkeypatch):
+    """buffer_batches 3 (5 batches: one update of 96, the epoch end's of 64 per layer) and 100
+    (the epoch end's update only) log the values of one update per batch, to float64 rounding,
+    at both epochs (the second around the first's class means)."""
+    runs = {b: layer_fit(cifar10_folder_root, tmp_path / b, monkeypatch,
+                         "--layer_nc.buffer_batches", b) for b in ("1", "3", "100")}
+    assert runs["1"][1] == [32] * 5 * 2 * len(LAYERS)
+    assert runs["3"][1] == ([96] * len(LAYERS) + [64] * len(LAYERS)) * 2
+    assert runs["100"][1] == [160] * 2 * len(LAYERS)
+    single = runs["1"][0]
+    assert len(single) == 2 and len(single[0]) == 3 * len(LAYERS)
+    for b in ("3", "100"):
+        for epoch, (want, got) in enumerate(zip(single, runs[b][0])):
+            assert want.keys() == got.keys()
+            for key in want:
+                assert torch.allclose(got[key], want[key], rtol=1e-12, atol=0), \
+                    (b, epoch, key, float(got[key]), float(want[key]))
 
 
 def test_bad_name_lists_close_matches(cifar10_folder_root, tmp_path):
@@ -144,9 +201,11 @@ def test_bad_name_lists_close_matches(cifar10_folder_root, tmp_path):
                                           r"\.3.*'layer4'.*named_modules"):
         main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--layer_nc.layers",
                                 "[backbone.feature.3, layer4]")])
-    with pytest.raises(ConfigError, match="stages"):
-        main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--layer_nc.layers", FLAG,
-                                "--layer_nc.stages", "[train_eval]")])
+    for off in (["--nc.eval_pass", "false"], ["--nc.eval_pass", "true", "--nc.enabled", "false"]):
+        with pytest.raises(ConfigError, match="train_eval records the NC monitor's eval pass, "
+                                              "which is off: set --nc.eval_pass true"):
+            main(["fit", *tiny_args(cifar10_folder_root, tmp_path, "--layer_nc.layers", FLAG,
+                                    "--layer_nc.stages", "[val, train_eval]", *off)])
 
 
 def test_hooks_removed_after_a_failure(cifar10_folder_root, tmp_path, monkeypatch):

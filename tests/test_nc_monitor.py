@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -144,14 +145,16 @@ def test_ddp_logs_the_single_process_numbers(tmp_path):
     accuracies. 100 classes of 3 samples (uneven per rank): top-5 accuracy is on; the HPARAMS
     tab's metrics, the fitted temperature and ECE are the 1-process ones, written as often (not
     once per rank); the figures of every epoch reach rank 0's events (no hang: rank 0 alone
-    collects and draws them)."""
+    collects and draws them). The layer-NC monitor on the backbone's output, all three stages
+    (``train_eval`` recorded during the eval pass): the 1-process values, the NC monitor's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--trainer.max_epochs", "2", "--nc.train", "true",
               "--model.init_args.optimizer.init_args.lr", "0.0",
               "--model.init_args.optimizer.init_args.weight_decay", "0.0",
               "--trainer.check_val_every_n_epoch", "1", "--nc.figures_every", "1",
               "--data.init_args.num_classes", "100", "--data.init_args.samples_per_class", "3",
-              "--calibration.enabled", "true"]  # off in the UFM configs; fixed features here
+              "--calibration.enabled", "true",  # off in the UFM configs; fixed features here
+              "--layer_nc.layers", "[backbone]", "--layer_nc.stages", "[train, val, train_eval]"]
     runs, figures = {}, {}
     for devices, strategy in (("1", "auto"), ("2", "ddp")):
         args = ufm_args(tmp_path / devices, *common, "--trainer.devices", devices,
@@ -172,7 +175,13 @@ def test_ddp_logs_the_single_process_numbers(tmp_path):
     single, ddp = runs["1"], runs["2"]
     tags = [t for t in single if t.startswith("nc/")]
     assert len(tags) > 30 and set(tags) == {t for t in ddp if t.startswith("nc/")}
-    tags += ["train/acc", "val/acc"]  # train/acc: per-rank counts summed (not rank 0's twice)
+    layer_tags = [t for t in single if t.startswith("nc_layers/")]
+    assert len(layer_tags) == 3 * 3 and set(layer_tags) == {t for t in ddp if "nc_layers/" in t}
+    for run, stage, name in itertools.product((single, ddp), ("train", "val", "train_eval"),
+                                              ("nc1_pinv", "nc1_trace_ratio")):
+        assert torch.allclose(torch.tensor(run[f"nc_layers/{stage}/backbone/{name}"]),
+                              torch.tensor(run[f"nc/{stage}/{name}"]), rtol=1e-5), (stage, name)
+    tags += layer_tags + ["train/acc", "val/acc"]  # train/acc: per-rank counts summed (not rank 0's twice)
     tags += ["val/acc_top5", "hp/val_acc_best", "hp/nc1_pinv", "val/temperature", "val/ece",
              "val/nll"]
     for tag in tags:
