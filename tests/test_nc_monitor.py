@@ -181,7 +181,8 @@ def test_ddp_logs_the_single_process_numbers(tmp_path):
                                               ("nc1_pinv", "nc1_trace_ratio")):
         assert torch.allclose(torch.tensor(run[f"nc_layers/{stage}/backbone/{name}"]),
                               torch.tensor(run[f"nc/{stage}/{name}"]), rtol=1e-5), (stage, name)
-    tags += layer_tags + ["train/acc", "val/acc"]  # train/acc: per-rank counts summed (not rank 0's twice)
+    # train/acc: per-rank counts summed (not rank 0's twice)
+    tags += layer_tags + ["train/acc", "val/acc"]
     tags += ["val/acc_top5", "hp/val_acc_best", "hp/nc1_pinv", "val/temperature", "val/ece",
              "val/nll"]
     for tag in tags:
