@@ -24,6 +24,8 @@ import functools
 import inspect
 from typing import Any, Callable
 
+import torch
+
 try:  # private names: without them (another jsonargparse layout) factories stay as they are
     from jsonargparse._instantiation import (ClassInstantiator, call_without_instantiate_context,
                                              default_class_instantiator)
@@ -82,3 +84,41 @@ def plain_factory(factory: Any) -> Any:
     if not inspect.isclass(cls) or not _calls_class_as_is(instantiator, cls):
         return factory
     return functools.partial(cls, *rest, **keywords)
+
+
+def _factory_name(factory: Any) -> str:
+    """The class (or function) a factory builds, for messages: ``SGD`` for
+    ``partial(torch.optim.SGD, lr=...)``, also behind jsonargparse's instantiator."""
+    func, args = factory, ()
+    if type(factory) is functools.partial:
+        func, args, _ = _flattened(factory)
+        if func is call_without_instantiate_context and len(args) >= 2:
+            func = args[1]
+    return getattr(func, "__qualname__", type(func).__name__)
+
+
+def check_optimizer(factory: Any) -> None:
+    """Build the optimizer ``factory`` once over a dummy parameter, so that a value it rejects
+    (``lr: -1``, ``momentum: -0.5``, ``betas: [1.5, 0.9]``) is a ``ValueError`` of the model's
+    constructor (the command's one-line ``invalid configuration`` error, exit status 2, before
+    any data are read) instead of a traceback from ``configure_optimizers`` once the fit has
+    started. Only the optimizer's own ``ValueError`` is turned into that message; anything
+    else a dummy parameter on the CPU may cause (a ``fused`` or device-only option) is left
+    for the real build in ``configure_optimizers``.
+
+    Args:
+        factory: The optimizer factory, called with a list of parameter groups.
+
+    Raises:
+        ValueError: The optimizer rejected one of its arguments; names the class and the
+            flag prefix to fix it with.
+    """
+    if factory is None:
+        return
+    try:
+        factory([{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    except ValueError as err:
+        raise ValueError(f"optimizer {_factory_name(factory)}: {err} (set its arguments with "
+                         "--model.init_args.optimizer.init_args.<name>)") from err
+    except Exception:  # noqa: BLE001 - not a rejected value: the real build will say
+        return

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from hug_lightning.backbones import CifarResNet
 from hug_lightning.classifier_metrics import ClassifierMetrics
 from hug_lightning.compiling import HeadStep, check_compile_options
-from hug_lightning.factories import plain_factory
+from hug_lightning.factories import check_optimizer, plain_factory
 from hug_lightning.guards import (FiniteLossGuard, RunningStatsSnapshot, check_backbone_width,
                                   check_features, check_labels, check_logits,
                                   check_policy_for_processes)
@@ -138,6 +138,7 @@ class ClassifierModule(ClassifierMetrics):
         # the CLI's factories hold the CLI (trainer, data module): kept as plain partials, so
         # that pickling the module (torch.save, ddp_spawn) does not take them along
         self.optimizer_factory = plain_factory(optimizer)
+        check_optimizer(self.optimizer_factory)  # lr: -1 is a configuration error, now
         self.scheduler_factory = plain_factory(scheduler)
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor

@@ -341,3 +341,32 @@ def test_partially_extracted_folder_says_so(tmp_path):
 def test_balanced_folders_do_not_warn(cifar10_folder_root, recwarn):
     CIFAR10DataModule(root=str(cifar10_folder_root), download=False, val_split=0).setup("fit")
     assert not [w for w in recwarn if "unequal" in str(w.message)]
+
+
+@pytest.mark.parametrize("flag, value, reason", [
+    ("lr", "-1", "Invalid learning rate: -1.0"),  # torch.optim.SGD's own messages
+    ("momentum", "-0.5", "Invalid momentum value: -0.5"),
+])
+def test_a_value_the_optimizer_rejects_is_one_line_before_any_work(
+        tmp_path, no_checksum, monkeypatch, capsys, flag, value, reason):
+    """The optimizer checks its arguments only when it is built, in configure_optimizers: the
+    data were read and the run folder made by then, and the command ended with a traceback
+    (exit status 1). The model's constructor now builds it once: exit status 2, one line."""
+    import functools
+
+    from hug_lightning import cli
+
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    root = write_cifar10_torchvision(tmp_path / "data", train_per_class=2, test_per_class=1)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", *tiny_args(
+        root, tmp_path / "logs", f"--model.init_args.optimizer.init_args.{flag}", value)])
+    assert cli.console_main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hug-lightning: error: invalid configuration: optimizer SGD: {reason} "
+                          "(set its arguments with --model.init_args.optimizer.init_args."), err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "logs").rglob("version_*"))  # nothing started
+    options = {"lr": 0.1, flag: float(value)}
+    with pytest.raises(ValueError, match=reason):  # Python: the constructor's error
+        ClassifierModule(backbone=SmallConvNet(width=4),
+                         optimizer=functools.partial(torch.optim.SGD, **options))
