@@ -146,7 +146,7 @@ class HUGLightningCLI(LightningCLI):
             keep_csv_history(self.trainer.loggers)  # Lightning's CSVLogger deletes it
             self.trainer.callbacks.insert(0, ResumedLogCut())  # what a killed fit logged later
         try:
-            with evaluation_warnings(subcommand):
+            with evaluation_warnings(subcommand, getattr(self, "_resumes_in_place", False)):
                 super()._run_subcommand(subcommand)
         except BaseException as err:
             stop_children(self.trainer, err)  # they would wait in a collective (NCCL: 30 min)

@@ -214,12 +214,18 @@ def never_into_a_run_folder(logger: Any, subcommand: str, others: list[Any] = ()
 
 
 @contextlib.contextmanager
-def evaluation_warnings(subcommand: str) -> Iterator[None]:
-    """Run ``subcommand`` without Lightning's warning that a checkpoint's ``ModelCheckpoint``
-    state is not reloaded because its folder changed, when the command is not ``fit``: an
-    evaluation logs into a new version folder (:func:`never_into_a_run_folder`) and saves no
-    checkpoint, so the note only alarms."""
+def evaluation_warnings(subcommand: str, resumes_in_place: bool = False) -> Iterator[None]:
+    """Run ``subcommand`` without two notes of Lightning's that only alarm here: when the
+    command is not ``fit``, that a checkpoint's ``ModelCheckpoint`` state is not reloaded
+    because its folder changed (an evaluation logs into a new version folder,
+    :func:`never_into_a_run_folder`, and saves no checkpoint); and, for a fit resumed into its
+    own run folder (``resumes_in_place``: ``--ckpt_path last``, the grid runner's resume), that
+    the checkpoint folder "exists and is not empty": it holds the checkpoint being resumed and
+    the run's best, as it should. A new fit into a folder with checkpoints still warns."""
     with warnings.catch_warnings():
         if subcommand != "fit":
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        elif resumes_in_place:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is "
+                                                      r"not empty")
         yield
