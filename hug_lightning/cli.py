@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ from hug_lightning.resumed_logs import ResumedLogCut
 from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evaluation_warnings,
                                        loggers_init_args, never_into_a_run_folder,
                                        resolve_evaluated, resolve_last, run_folder, share_version)
+
+# Lightning 2.6.6's pytree copy builds torch's deprecated LeafSpec (torch 2.14 warns): not ours
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {

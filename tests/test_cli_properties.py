@@ -631,3 +631,21 @@ def test_class_help_reads_without_the_docstring_around_it(capsys, flags, header)
     out = capsys.readouterr().out
     assert header in out
     assert " above" not in out and "_LongTailCIFAR" not in out
+
+
+def test_a_command_does_not_show_lightnings_leafspec_deprecation(tmp_path):
+    """Lightning 2.6.6's pytree copy builds torch's deprecated ``LeafSpec``: every command
+    printed a FutureWarning about `isinstance(treespec, LeafSpec)` that no user can act on.
+    Run as a user runs it (pytest's own warning filters would hide the command's)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    proc = subprocess.run(
+        [sys.executable, "-m", "hug_lightning", "fit", "--config", "ufm_hug",
+         "--trainer.max_epochs", "1", "--nc.enabled", "false",
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Trainer.fit` stopped" in proc.stderr  # the fit ran (its log is on stderr)
+    assert "LeafSpec" not in proc.stderr + proc.stdout
