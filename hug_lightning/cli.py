@@ -45,12 +45,12 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from hug_lightning import __version__, interrupt, module, ufm
 from hug_lightning.batch_limits import restore_integer_ones
 from hug_lightning.cli_errors import (ConfigError, LogFolderError, RunNotFoundError, _reasons,
-                                      _user_frame, data_num_classes, one_message)
+                                      _user_frame, accelerator_hint, data_num_classes, one_message)
 from hug_lightning.config_files import (CommandParser, free_config_name, packaged_config,
                                         resolve_config_args, resumed_config_name)
 from hug_lightning.checkpointing import LastCheckpoint
@@ -75,7 +75,7 @@ from hug_lightning.run_folders import (check_writable, describe_ckpt_path, evalu
                                        loggers_init_args, never_into_a_run_folder,
                                        resolve_evaluated, resolve_last, run_folder, share_version)
 
-# Lightning 2.6.6's pytree copy builds torch's deprecated LeafSpec (torch 2.14 warns): not ours
+# Lightning 2.6.6's pytree copy makes torch 2.14 warn that LeafSpec is deprecated: not ours
 warnings.filterwarnings("ignore", category=FutureWarning,
                         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -105,9 +105,9 @@ class HUGLightningCLI(LightningCLI):
         """Build everything; a rejected value raises :class:`ConfigError` with the reason only."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
-            where = _user_frame(err)
-            raise ConfigError(f"invalid configuration: {_reasons(err)}"
+        except (ValueError, TypeError, MisconfigurationException) as err:  # the last: the
+            where = _user_frame(err)  # Trainer's (accelerator, devices, strategy, precision)
+            raise ConfigError(f"invalid configuration: {_reasons(err)}{accelerator_hint(err)}"
                               + (f" (raised in {where})" if where else "")) from err
         warn_replaced_num_classes(self.config, self.model, self.datamodule)
 

@@ -37,6 +37,18 @@ def data_num_classes(data: Any) -> int:
     return k
 
 
+def accelerator_hint(err: BaseException) -> str:
+    """What to do when the Trainer finds no device of the configured accelerator (``gpu.yaml``
+    or ``ddp.yaml`` on a machine without a GPU): Lightning's message says only ``No supported
+    gpu backend found!`` (``gpu``) or lists the available ones (``cuda``, ``mps``); empty for
+    any other error."""
+    text = str(err)
+    if "gpu backend found" in text or "can not run on your system" in text:
+        return (" Without that device, leave out --config gpu.yaml / ddp.yaml or set "
+                "--trainer.accelerator cpu (auto takes what there is).")
+    return ""
+
+
 def _user_frame(err: BaseException) -> str:
     """``file:line`` of the innermost frame outside the installed libraries and this package,
     where a failing constructor is the user's own code (empty when there is none)."""

@@ -649,3 +649,24 @@ def test_a_command_does_not_show_lightnings_leafspec_deprecation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Trainer.fit` stopped" in proc.stderr  # the fit ran (its log is on stderr)
     assert "LeafSpec" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_gpu_preset_without_a_gpu_is_one_line_that_says_what_to_do(tmp_path, monkeypatch,
+                                                                        capsys):
+    """`--config gpu.yaml` (the README's second command) on a laptop: Lightning's Trainer
+    raised `MisconfigurationException: No supported gpu backend found!` with a traceback
+    (exit status 1). Now the command's configuration error: exit status 2, one message naming
+    the flag, nothing started."""
+    monkeypatch.delenv("HUG_LIGHTNING_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["hug-lightning", "fit", "--config", "ufm_hug", "--config",
+                                     "gpu", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.console_main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hug-lightning: error: invalid configuration: No supported gpu backend "
+                          "found!"), err
+    assert "--trainer.accelerator cpu" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("version_*"))
+    with pytest.raises(cli.ConfigError, match="can not run on your system.*accelerator cpu"):
+        cli.main(["fit", "--config", "ufm_hug", "--trainer.accelerator", "cuda",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path)])  # Python: an exception
