@@ -16,6 +16,9 @@ fit) or deep-copied, or failed when one of them could not be pickled.
 registered instantiators (LightningCLI registers one for the LightningModule and one for the
 LightningDataModule) claims the class. Anything else, including a partial of a layout it does
 not recognise (another jsonargparse version), is returned unchanged.
+
+:func:`check_optimizer` builds the optimizer once, over a dummy parameter, when the model is
+constructed: a value it rejects (``lr: -1``) is a configuration error before any work.
 """
 
 from __future__ import annotations
