@@ -101,7 +101,7 @@ def _factory_name(factory: Any) -> str:
 
 
 def check_optimizer(factory: Any) -> None:
-    """Build the optimizer ``factory`` once over a dummy parameter, so that a value it rejects
+    """Build the optimizer ``factory`` once over a dummy 2 x 2 parameter, so that a value it rejects
     (``lr: -1``, ``momentum: -0.5``, ``betas: [1.5, 0.9]``) is a ``ValueError`` of the model's
     constructor (the command's one-line ``invalid configuration`` error, exit status 2, before
     any data are read) instead of a traceback from ``configure_optimizers`` once the fit has
@@ -118,8 +118,8 @@ def check_optimizer(factory: Any) -> None:
     """
     if factory is None:
         return
-    try:
-        factory([{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    try:  # a matrix: torch.optim.Muon rejects any other shape (a ValueError of its own)
+        factory([{"params": [torch.nn.Parameter(torch.zeros(2, 2))]}])
     except ValueError as err:
         raise ValueError(f"optimizer {_factory_name(factory)}: {err} (set its arguments with "
                          "--model.init_args.optimizer.init_args.<name>)") from err

@@ -370,3 +370,18 @@ def test_a_value_the_optimizer_rejects_is_one_line_before_any_work(
     with pytest.raises(ValueError, match=reason):  # Python: the constructor's error
         ClassifierModule(backbone=SmallConvNet(width=4),
                          optimizer=functools.partial(torch.optim.SGD, **options))
+
+
+def test_the_optimizer_check_accepts_an_optimizer_of_matrices_only():
+    """The constructor's check builds the optimizer over a dummy parameter: a 1-element vector
+    made torch.optim.Muon (2-D parameters only) a false 'invalid configuration'."""
+    import functools
+
+    from hug_lightning.factories import check_optimizer
+
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        pytest.skip("this torch has no torch.optim.Muon")
+    check_optimizer(functools.partial(muon, lr=0.02))  # no error
+    with pytest.raises(ValueError, match="optimizer Muon: Learning rate should be >= 0"):
+        check_optimizer(functools.partial(muon, lr=-1.0))
