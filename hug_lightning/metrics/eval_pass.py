@@ -6,7 +6,8 @@ a training epoch: the training images with the evaluation transform (the data mo
 ``train_eval_dataloader()``), the model in eval mode, features and logits fed to the
 ``train_eval`` collector in a few large updates. The trainer's callbacks that implement
 :class:`~hug_lightning.metrics.eval_pass_listeners.EvalPassListener` record during the same
-forwards (e.g. the layer-NC monitor's ``train_eval`` stage): no second pass.
+forwards (e.g. the layer-NC monitor's ``train_eval`` stage): no second pass. The pass reads as
+many batches as ``--trainer.limit_train_batches`` lets the training loop read (:func:`batch_limit`).
 
 Features are float32 (``fp32``, the default): under an autocast precision (``bf16-mixed``,
 ``16-mixed``) the pass runs with autocast off, as nc-metrics.md section 3.4 asks: bf16 features
@@ -25,6 +26,7 @@ and says so once.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -88,6 +90,22 @@ def keeps_features(trainer: Trainer, collector: NCFeatureStats, loader: Any) -> 
     return False
 
 
+def batch_limit(trainer: Trainer, loader: Any) -> int | None:
+    """How many of ``loader``'s batches the pass reads: ``--trainer.limit_train_batches`` applied
+    to it as Lightning applies it to the training loop (an integer caps the batches, a fraction
+    takes that share of them, at least one), so that a quick check (``debug.yaml``: 5 batches)
+    does not run the pass over the whole training set. ``None``: all of them."""
+    limit = getattr(trainer, "limit_train_batches", 1.0)
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return None
+    if isinstance(limit, int):
+        return limit
+    try:
+        return max(1, int(len(loader) * limit))
+    except TypeError:  # no length (an iterable data set): the whole pass
+        return None
+
+
 def forward_context(trainer: Trainer, fp32: bool) -> Any:
     """The pass's precision context: autocast off under an autocast precision when ``fp32``,
     else the trainer's own (see the module docstring)."""
@@ -135,7 +153,7 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
         pending.clear()
 
     try:
-        for batch in loader:
+        for batch in itertools.islice(loader, batch_limit(trainer, loader)):
             # as Lightning's loops do: the precision's input dtype (bf16-true, 64-true)
             batch = trainer.precision_plugin.convert_input(batch)
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
@@ -160,5 +178,5 @@ def run_eval_pass(trainer: Trainer, pl_module: LightningModule, collector: NCFea
             collector.update_ncc(features, labels, predictions)
 
 
-__all__ = ["EXACT_NCC_MAX_BYTES", "check_eval_pass_data", "feature_bytes", "forward_context",
-           "keeps_features", "run_eval_pass"]
+__all__ = ["EXACT_NCC_MAX_BYTES", "batch_limit", "check_eval_pass_data", "feature_bytes",
+           "forward_context", "keeps_features", "run_eval_pass"]
