@@ -14,16 +14,12 @@ What it adds to a plain ``LightningCLI``:
   arguments (``--model.init_args.optimizer``) build them, with its parameter groups;
 * the ``hug-lightning`` script puts the working folder on ``sys.path`` (as ``python -m`` does),
   so ``class_path: my_module.MyHead`` finds ``./my_module.py``;
-* a ``checkpoint`` group (``ModelCheckpoint``: the best on ``val/acc``), a ``last`` group
-  (``last.ckpt`` every epoch, ``--last.every_n_train_steps N`` for more), an ``nc``
-  group (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on by default), a
-  ``layer_nc`` group (NC1 of intermediate layers, off: :mod:`hug_lightning.metrics.layers`), an
-  ``interrupt`` group (SIGTERM / Ctrl-C write ``last.ckpt``; ``fit --ckpt_path last`` resumes),
-  ``calibration`` (ECE with a temperature fitted on validation data, on) and ``robust``
-  (FGSM/PGD and corruptions at test time, off: ``--robust.enabled true``), ``predictions``
-  (``predict`` writes ``predictions.pt`` / ``.csv`` to the run folder) and ``init`` (a new fit
-  from another run's weights: :mod:`hug_lightning.init_weights`); a model's
-  ``configure_callbacks`` adds to them (:mod:`hug_lightning.model_callbacks`);
+* groups ``checkpoint`` (the best on ``val/acc``), ``last`` (``last.ckpt`` every epoch),
+  ``nc`` (:class:`~hug_lightning.metrics.callback.NeuralCollapseMonitor`, on), ``layer_nc``
+  (NC1 of intermediate layers, off), ``interrupt`` (SIGTERM / Ctrl-C write ``last.ckpt``),
+  ``calibration`` (ECE, on), ``robust`` (FGSM/PGD and corruptions at test time, off),
+  ``predictions`` (``predict``'s files) and ``init`` (a new fit from another run's weights);
+  a model's ``configure_callbacks`` adds to them (:mod:`hug_lightning.model_callbacks`);
 * ``--trainer.limit_train_batches 1`` (and the other batch limits) means one batch, as written
   (jsonargparse read it as ``1.0``, all batches: :mod:`hug_lightning.batch_limits`);
 * an unwritable log folder is an error before any work;
