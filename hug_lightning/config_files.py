@@ -98,7 +98,16 @@ def resumed_config_name(folder: Path) -> str:
 
 class CommandParser(IntegerOnesParser):
     """The parser of ``hug-lightning`` and its subcommands: an error for a missing model or
-    data (no ``--config`` given) also says how to give them (:func:`with_config_hint`)."""
+    data (no ``--config`` given) also says how to give them (:func:`with_config_hint`), after
+    a one-line usage (:meth:`print_usage`)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # noqa: D102
         super().error(with_config_hint(message), ex)
+
+    def print_usage(self, file: Any = None) -> None:
+        """One line: argparse's usage lists every option (about 110 lines for ``fit``), which
+        buried the error line under it; ``--help`` still prints them all."""
+        action = getattr(self, "_subcommands_action", None)  # the top-level parser's
+        names = "{" + ",".join(action.choices) + "} " if action is not None else ""
+        self._print_message(f"usage: {self.prog} {names}[--config CONFIG] [--<key> VALUE ...]\n",
+                            file)

@@ -385,3 +385,23 @@ def test_the_optimizer_check_accepts_an_optimizer_of_matrices_only():
     check_optimizer(functools.partial(muon, lr=0.02))  # no error
     with pytest.raises(ValueError, match="optimizer Muon: Learning rate should be >= 0"):
         check_optimizer(functools.partial(muon, lr=-1.0))
+
+
+@pytest.mark.parametrize("argv, names, usage", [
+    (["fit", "--config", "ufm_hug", "--model.init_args.lrr", "3"], ["'lrr' is not accepted"],
+     "usage: hug-lightning [options] fit [--config CONFIG] [--<key> VALUE ...]"),
+    (["fitt"], ["invalid choice: 'fitt'"],
+     "usage: hug-lightning {fit,validate,test,predict} [--config CONFIG] [--<key> VALUE ...]")])
+def test_a_parse_error_is_a_short_usage_then_the_error(argv, names, usage, monkeypatch, capsys):
+    """argparse printed the usage of every option before the error (about 110 lines for fit):
+    the error line came after a screen of options. One usage line, the --help tip, the error."""
+    monkeypatch.setattr("sys.argv", ["hug-lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == usage
+    assert lines[1].startswith("tip: For details of accepted options run: hug-lightning")
+    assert lines[2].startswith("error: ")
+    assert all(any(name in line for line in lines) for name in names)
+    assert len(lines) < 15
