@@ -37,7 +37,7 @@ VALUES = {
     "--trainer.accumulate_grad_batches": "2", "--checkpoint.dirpath": "checkpoints",
     "--init.path": "last.ckpt", "--init.skip": "[head]",
     "--layer_nc.metrics": "[nc1_pinv, nc1_cdnv]", "--layer_nc.buffer_batches": "8",
-    "--nc.eval_pass_every": "2",
+    "--nc.eval_pass_every": "2", "--trainer.limit_train_batches": "5",
     "--checkpoint.*": None,  # a wildcard: one option of the group stands for it
     "--trainer.callbacks": "lightning.pytorch.callbacks.LearningRateMonitor",
     "--model.init_args.optimizer": '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}',
