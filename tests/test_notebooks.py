@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+# notebook 05 reads real CIFAR-10 images (as test_real_data.py does)
+TARBALL = Path(os.environ.get("HUG_CIFAR10_JPG",
+                              REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"))
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +29,10 @@ def python3_kernel(tmp_path_factory) -> Path:
     return jupyter_path
 
 
-def test_four_notebooks_saved_without_outputs():
+def test_five_notebooks_saved_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_compare_runs.ipynb",
-                                            "03_extend.ipynb", "04_transfer_and_features.ipynb"]
+                                            "03_extend.ipynb", "04_transfer_and_features.ipynb",
+                                            "05_layerwise_collapse.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -45,6 +50,10 @@ def test_notebook_runs(path, python3_kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     monkeypatch.delenv("RUNS_DIR", raising=False)
+    if path.stem.startswith("05"):  # real CIFAR-10 images: a subset of the JPEG tarball
+        if not TARBALL.is_file():
+            pytest.skip(f"real CIFAR-10 tarball not found at {TARBALL} (set HUG_CIFAR10_JPG)")
+        monkeypatch.setenv("HUG_CIFAR10_JPG", str(TARBALL))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(REPO)}})
@@ -64,3 +73,12 @@ def test_notebook_runs(path, python3_kernel, tmp_path, monkeypatch):
         assert len(saved) == 3
         assert all(s["features"].shape == (100, 32) and s["features"].dtype == torch.float32
                    for s in saved)  # FAST: 10 classes x 10 samples, d = 32
+    if path.stem.startswith("05"):  # every hooked layer logged once per epoch, both stages
+        from hug_lightning.experiments import read_scalars
+
+        for head, layers in (("ce", 3), ("hug", 4)):  # FAST: 3 blocks; HUG adds its embedding
+            (run,) = (tmp_path / "logs" / f"layers_{head}").iterdir()
+            scalars = read_scalars(run)
+            tags = [t for t in scalars if t.startswith("nc_layers/")]
+            assert len(tags) == layers * 2 * 3, (head, tags)  # x stages x metrics
+            assert all(len(scalars[t]) == 2 for t in tags)  # FAST: 2 epochs
