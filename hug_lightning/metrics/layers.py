@@ -36,9 +36,8 @@ Values go straight to the loggers and ``trainer.callback_metrics``
 (:func:`~hug_lightning.metrics.direct_log.log_direct`) as
 ``nc_layers/<stage>/<layer>/<metric>``; they are computed after one all-reduce per state, so
 under DDP every rank logs the single-process numbers (validation and eval-pass shards are
-unpadded). Nothing
-is checkpointed: the sums restart every epoch, so a fit resumed in the middle of an epoch logs
-``train`` values over the batches after the resume only for that epoch.
+unpadded). Nothing is checkpointed: the sums restart every epoch, so a fit resumed in the
+middle of an epoch logs ``train`` values over the batches after the resume only for that epoch.
 """
 
 from __future__ import annotations
