@@ -80,5 +80,9 @@ def test_notebook_runs(path, python3_kernel, tmp_path, monkeypatch):
             (run,) = (tmp_path / "logs" / f"layers_{head}").iterdir()
             scalars = read_scalars(run)
             tags = [t for t in scalars if t.startswith("nc_layers/")]
-            assert len(tags) == layers * 2 * 3, (head, tags)  # x stages x metrics
+            per_stage = {stage: sum(t.split("/")[1] == stage for t in tags)
+                         for stage in ("train_eval", "val")}  # the eval pass and the test images
+            assert per_stage == {"train_eval": layers * 3, "val": layers * 3}, (head, tags)
+            assert len(tags) == layers * 2 * 3, (head, tags)  # no other stage (train: not logged)
             assert all(len(scalars[t]) == 2 for t in tags)  # FAST: 2 epochs
+            assert len(scalars["nc/train_eval/nc1_pinv"]) == 2  # the NC monitor's eval pass ran
