@@ -177,10 +177,19 @@ class LayerNCMonitor(Callback):
             self._handles[stage] = []
             self._labels[stage] = None
 
-    def _arm(self, stage: str, pl_module: LightningModule, batch: Any) -> None:
+    def _arm(self, stage: str, labels: Tensor) -> None:
+        """The stage's next forward is a batch with these labels (its first call counts)."""
+        self._labels[stage], self._seen[stage] = labels, set()
+
+    def _arm_batch(self, stage: str, pl_module: LightningModule, batch: Any) -> None:
+        if self._handles.get(stage):  # the batch is unpacked only for a hooked stage
+            self._arm(stage, unpack_batch_of(pl_module, batch, "--layer_nc")[1])
+
+    def _end(self, trainer: Trainer, stage: str) -> None:
+        """The stage is over (on every process): unhook, log its values."""
         if self._handles.get(stage):
-            self._labels[stage] = unpack_batch_of(pl_module, batch, "--layer_nc")[1]
-            self._seen[stage] = set()
+            self._detach(stage)
+            self._finish(trainer, stage)
 
     def _disarm(self, stage: str) -> None:
         if stage in self._labels:
@@ -191,16 +200,14 @@ class LayerNCMonitor(Callback):
         self._attach("train")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self._arm("train", pl_module, batch)
+        self._arm_batch("train", pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch,  # noqa: ANN001
                            batch_idx) -> None:
         self._disarm("train")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._handles.get("train"):
-            self._detach("train")
-            self._finish(trainer, "train")
+        self._end(trainer, "train")
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -208,16 +215,14 @@ class LayerNCMonitor(Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,  # noqa: ANN001
                                   dataloader_idx: int = 0) -> None:
-        self._arm("val", pl_module, batch)
+        self._arm_batch("val", pl_module, batch)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
                                 dataloader_idx: int = 0) -> None:
         self._disarm("val")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._handles.get("val"):
-            self._detach("val")
-            self._finish(trainer, "val")
+        self._end(trainer, "val")
 
     # ------------------------------------------------------------------ the NC eval pass
     def eval_pass_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -227,13 +232,11 @@ class LayerNCMonitor(Callback):
     def eval_pass_batch(self, labels: Tensor) -> None:
         """The eval pass's next forward is a batch with these labels."""
         if self._handles.get("train_eval"):
-            self._labels["train_eval"], self._seen["train_eval"] = labels, set()
+            self._arm("train_eval", labels)
 
     def eval_pass_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The eval pass is over (on every process): unhook, log ``train_eval``."""
-        if self._handles.get("train_eval"):
-            self._detach("train_eval")
-            self._finish(trainer, "train_eval")
+        self._end(trainer, "train_eval")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
